@@ -1,0 +1,10 @@
+"""Attention: the exact torch reference and the middle-attention methods (DESIGN.md §2-§3)."""
+
+from magicpig.attention.reference import (
+    candidate_mask,
+    dense_attention,
+    merge_by_lse,
+    sampled_attention,
+)
+
+__all__ = ["candidate_mask", "dense_attention", "merge_by_lse", "sampled_attention"]

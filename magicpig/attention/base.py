@@ -1,0 +1,114 @@
+"""One interface for every way of attending over the offloaded middle of the context.
+
+DESIGN.md §3: the methods compared by the evaluation (dense, magicpig, topk, quest,
+oracle_sampling, streaming, retrieval) differ only in which middle keys a decode query reads
+and how it weights them. Sinks, the local window and the merge by log-sum-exp are the same for
+all of them and live in the model runtime. A method holds the middle K/V of one attention
+layer for many sequences and answers "given q, return (out, lse) over the keys you chose".
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable
+
+import torch
+
+from magicpig.config import MagicPIGConfig
+
+
+class PendingAttention:
+    """Result of :meth:`MiddleAttention.attend_async`; ``wait()`` returns attend's tuple."""
+
+    def __init__(self, fn: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
+        self._fn = fn
+
+    def wait(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self._fn()
+
+
+class MiddleAttention(ABC):
+    """Attention over the middle keys ``[S, n - W)`` of one layer, for many sequences.
+
+    Keys passed in are already centred (``k - mu``). Tensors may live on any device; results
+    come back on the device of the queries.
+    """
+
+    def __init__(self, config: MagicPIGConfig, layer: int, num_kv_heads: int, head_dim: int):
+        self.config = config
+        self.layer = layer
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+
+    @abstractmethod
+    def add_sequence(self) -> int:
+        """Register an empty sequence and return its id."""
+
+    @abstractmethod
+    def remove_sequence(self, seq_id: int) -> None:
+        """Forget a sequence and free its memory."""
+
+    @abstractmethod
+    def append(self, seq_id: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Add middle tokens. keys, values: [Hkv, t, d] (keys centred)."""
+
+    @abstractmethod
+    def length(self, seq_id: int) -> int:
+        """Number of middle tokens held for ``seq_id``."""
+
+    @abstractmethod
+    def attend(
+        self, seq_ids: list[int], queries: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Attend one decode query per head.
+
+        queries: [B, Hq, d]. Returns out [B, Hq, d] float32, lse [B, Hq] float32 (-inf and
+        out = 0 where no key was chosen) and num_read [B, Hq] int32, the number of middle keys
+        whose K/V were read (the computation cost is num_read / length).
+        """
+
+    def attend_async(self, seq_ids: list[int], queries: torch.Tensor) -> PendingAttention:
+        """Start :meth:`attend`; methods with a CPU backend overlap it with device work."""
+        result = self.attend(seq_ids, queries)
+        return PendingAttention(lambda: result)
+
+    def nbytes(self, seq_id: int | None = None) -> int:
+        """Bytes held (for one sequence, or all)."""
+        return 0
+
+
+_METHODS: dict[str, Callable[..., MiddleAttention]] = {}
+
+
+def register_method(name: str) -> Callable[[type], type]:
+    """Class decorator: make a MiddleAttention available as ``MagicPIGConfig(method=name)``."""
+
+    def deco(cls: type) -> type:
+        _METHODS[name] = cls
+        return cls
+
+    return deco
+
+
+def make_method(
+    config: MagicPIGConfig, layer: int, num_kv_heads: int, head_dim: int
+) -> MiddleAttention:
+    """Build the middle attention named by ``config.method`` for one layer."""
+    _load_builtin_methods()
+    if config.method not in _METHODS:
+        raise ValueError(
+            f"method={config.method!r} has no implementation; available: {sorted(_METHODS)}"
+        )
+    return _METHODS[config.method](config, layer, num_kv_heads, head_dim)
+
+
+def _load_builtin_methods() -> None:
+    # Imported lazily: the modules register themselves and import this one.
+    import importlib
+
+    for module in ("magicpig.attention.sampled", "magicpig.attention.baselines"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as err:  # a module not written yet
+            if err.name != module:
+                raise

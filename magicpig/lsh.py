@@ -1,0 +1,118 @@
+"""SimHash projections, hash codes and collision probabilities (DESIGN.md §2).
+
+Table ``l`` maps a vector ``x`` to the K-bit integer whose bit ``b`` is
+``[x . projection[:, l*K + b] > 0]``; this bit order is part of the public API because the
+CPU store, the Triton kernels and saved tables all depend on it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from magicpig.config import MAX_K, MAX_L
+
+# log u_i is clamped from below so that a candidate whose collision probability underflows
+# still gets a finite (huge) importance weight instead of +inf. The C++ store uses the same.
+LOG_U_FLOOR = -69.0
+
+
+def _check_kl(head_dim: int, K: int, L: int) -> None:
+    for name, value, low, high in (("head_dim", head_dim, 1, None), ("K", K, 1, MAX_K), ("L", L, 1, MAX_L)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or (high and value > high):
+            bound = f"[{low}, {high}]" if high else f">= {low}"
+            raise ValueError(f"{name}={value!r}: expected an integer in {bound}")
+
+
+def head_seed(seed: int, layer: int, kv_head: int) -> int:
+    """The seed of the projection of one (layer, KV head), derived from ``config.seed``."""
+    state = np.random.SeedSequence([int(seed), int(layer), int(kv_head)]).generate_state(2, np.uint32)
+    return int(state[0]) << 32 | int(state[1])
+
+
+def gaussian_projection(head_dim: int, K: int, L: int, seed: int) -> torch.Tensor:
+    """float32 [head_dim, K*L] with i.i.d. N(0, 1) entries, the same for a seed on every machine.
+
+    numpy's PCG64 stream is used (not torch's generator) because its output for a seed is
+    specified independently of the platform and of the torch version.
+    """
+    _check_kl(head_dim, K, L)
+    rng = np.random.Generator(np.random.PCG64(int(seed)))
+    return torch.from_numpy(rng.standard_normal((head_dim, K * L)).astype(np.float32))
+
+
+def hash_codes(x: torch.Tensor, projection: torch.Tensor, K: int) -> torch.Tensor:
+    """SimHash codes of ``x``.
+
+    x: [..., d] any float dtype. projection: float32 [d, K*L], or [H, d, K*L] broadcast
+    against x's leading dims (e.g. x [B, H, n, d]). Returns int32 [..., L].
+    """
+    if projection.shape[-1] % K != 0:
+        raise ValueError(f"projection last dim {projection.shape[-1]} is not a multiple of K={K}")
+    if x.shape[-1] != projection.shape[-2]:
+        raise ValueError(f"x last dim {x.shape[-1]} != projection head_dim {projection.shape[-2]}")
+    proj = projection.to(device=x.device, dtype=torch.float32)
+    bits = (torch.matmul(x.float(), proj) > 0).to(torch.int32)
+    bits = bits.view(*bits.shape[:-1], -1, K)
+    weights = torch.ones(K, dtype=torch.int32, device=x.device) << torch.arange(K, device=x.device, dtype=torch.int32)
+    return (bits * weights).sum(-1, dtype=torch.int32)
+
+
+class SimHash:
+    """L tables of K random hyperplanes each over vectors of size ``head_dim``."""
+
+    def __init__(self, head_dim: int, K: int, L: int, seed: int = 0):
+        self.head_dim, self.K, self.L, self.seed = head_dim, K, L, seed
+        self.projection = gaussian_projection(head_dim, K, L, seed)
+
+    def hash(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., head_dim] -> int32 codes [..., L] in [0, 2^K)."""
+        return hash_codes(x, self.projection, self.K)
+
+
+def layer_projection(seed: int, layer: int, num_kv_heads: int, head_dim: int, K: int, L: int) -> torch.Tensor:
+    """float32 [num_kv_heads, head_dim, K*L]: the projections of every KV head of one layer."""
+    return torch.stack(
+        [gaussian_projection(head_dim, K, L, head_seed(seed, layer, h)) for h in range(num_kv_heads)]
+    )
+
+
+def _log_binomial_terms(logp: torch.Tensor, logq: torch.Tensor, L: int, js: torch.Tensor) -> torch.Tensor:
+    """log[C(L, j) p^j q^(L-j)] for every element and every j in js: [..., len(js)]."""
+    js = js.to(torch.float64)
+    log_choose = torch.lgamma(torch.tensor(L + 1.0, dtype=torch.float64)) - torch.lgamma(js + 1) - torch.lgamma(L - js + 1)
+    lp, lq = logp.unsqueeze(-1), logq.unsqueeze(-1)
+    # 0 * log 0 = 0: a zero exponent contributes nothing even when p or q is 0.
+    jlp = torch.where(js > 0, js * lp, torch.zeros_like(lp))
+    jlq = torch.where(L - js > 0, (L - js) * lq, torch.zeros_like(lq))
+    return log_choose.to(logp.device) + jlp + jlq
+
+
+def log_collision_probability(cos_sim: torch.Tensor, K: int, L: int, min_collisions: int) -> torch.Tensor:
+    """log P[Binomial(L, p) >= m] with p = (1 - arccos(cos)/pi)^K, in float64.
+
+    Stable at both ends: when the lower tail P[X < m] is below 1/2 the answer is
+    log1p(-lower); otherwise the upper tail is summed directly in log space, so tiny
+    probabilities (p -> 0, where 1 - lower would cancel) keep their relative precision.
+    """
+    _check_kl(1, K, L)
+    if isinstance(min_collisions, bool) or not isinstance(min_collisions, int) or not 1 <= min_collisions <= L:
+        raise ValueError(f"min_collisions={min_collisions!r}: expected an integer in [1, L={L}]")
+    cos = torch.as_tensor(cos_sim, dtype=torch.float64).clamp(-1.0, 1.0)
+    logp = K * torch.log1p(-torch.arccos(cos) / math.pi)
+    logq = torch.log(-torch.expm1(logp))
+    device = cos.device
+    lower = torch.logsumexp(_log_binomial_terms(logp, logq, L, torch.arange(min_collisions, device=device)), -1)
+    out = torch.log(-torch.expm1(lower))
+    small = lower > -math.log(2.0)
+    if small.any():
+        upper_js = torch.arange(min_collisions, L + 1, device=device)
+        out[small] = torch.logsumexp(_log_binomial_terms(logp[small], logq[small], L, upper_js), -1)
+    return out
+
+
+def collision_probability(cos_sim: torch.Tensor, K: int, L: int, min_collisions: int) -> torch.Tensor:
+    """P[at least ``min_collisions`` of L K-bit tables collide] for keys at cosine ``cos_sim``."""
+    return torch.exp(log_collision_probability(cos_sim, K, L, min_collisions))
