@@ -1,0 +1,64 @@
+import re
+
+import pytest
+
+from magicpig import MagicPIGConfig
+
+
+def test_defaults_follow_the_design():
+    cfg = MagicPIGConfig()
+    assert (cfg.K, cfg.L, cfg.min_collisions) == (10, 150, 2)
+    assert (cfg.sink_tokens, cfg.window_tokens) == (4, 64)
+    assert cfg.resolve_dense_layers(30) == (0, 15)
+    assert cfg.resolve_dense_layers(1) == (0,)
+
+
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("K", 0, r"\[1, 20\]"),
+        ("K", 21, r"\[1, 20\]"),
+        ("K", 2.5, "integer"),
+        ("L", 0, r"\[1, 1024\]"),
+        ("L", 1025, r"\[1, 1024\]"),
+        ("min_collisions", 0, r"\[1, 150\]"),
+        ("min_collisions", 151, r"\[1, 150\]"),
+        ("sink_tokens", -1, ">= 0"),
+        ("window_tokens", 0, ">= 1"),
+        ("kv_dtype", "int8", "bf16"),
+        ("method", "flash", "magicpig"),
+        ("cpu_threads", 0, ">= 1"),
+        ("cpu_backend", "cuda", "numba"),
+        ("budget", 0.0, r"\(0, 1\]"),
+        ("budget", 1.5, r"\(0, 1\]"),
+        ("dense_layers", (0, -1), "non-negative"),
+        ("dense_layers", "0,1", "non-negative"),
+        ("seed", -3, r"\[0, "),
+    ],
+)
+def test_bad_values_name_the_field_value_and_range(field, value, expected):
+    with pytest.raises(ValueError, match=field) as err:
+        MagicPIGConfig(**{field: value})
+    assert repr(value) in str(err.value)
+    assert re.search(expected, str(err.value))
+
+
+def test_min_collisions_range_follows_L():
+    assert MagicPIGConfig(L=3, min_collisions=3).min_collisions == 3
+    with pytest.raises(ValueError, match=r"min_collisions=4.*\[1, 3\]"):
+        MagicPIGConfig(L=3, min_collisions=4)
+
+
+def test_dense_layers_are_normalised_and_checked_against_the_model():
+    cfg = MagicPIGConfig(dense_layers=[5, 0, 5])
+    assert cfg.dense_layers == (0, 5)
+    assert cfg.resolve_dense_layers(6) == (0, 5)
+    with pytest.raises(ValueError, match=r"dense_layers.*\[5\].*\[0, 4\]"):
+        cfg.resolve_dense_layers(5)
+
+
+def test_replace_validates_again():
+    cfg = MagicPIGConfig()
+    assert cfg.replace(K=8).K == 8
+    with pytest.raises(ValueError, match="K"):
+        cfg.replace(K=99)

@@ -1,0 +1,156 @@
+import math
+
+import mpmath
+import numpy as np
+import pytest
+import torch
+
+from magicpig.lsh import (
+    SimHash,
+    collision_probability,
+    hash_codes,
+    head_seed,
+    layer_projection,
+    log_collision_probability,
+)
+
+
+def test_projection_is_a_deterministic_gaussian():
+    a, b, c = SimHash(64, 10, 150, seed=7), SimHash(64, 10, 150, seed=7), SimHash(64, 10, 150, seed=8)
+    assert a.projection.dtype == torch.float32 and a.projection.shape == (64, 1500)
+    assert torch.equal(a.projection, b.projection)
+    assert not torch.equal(a.projection, c.projection)
+    # Golden values: numpy's PCG64 + standard_normal stream is platform independent, so a
+    # change here means saved tables and other machines would disagree with this one.
+    np.testing.assert_allclose(
+        SimHash(4, 1, 2, seed=0).projection.flatten()[:4].numpy(),
+        [0.12573022, -0.13210486, 0.64042264, 0.10490011],
+        rtol=1e-6,
+    )
+    p = a.projection.double()
+    assert abs(p.mean().item()) < 0.01 and abs(p.std().item() - 1.0) < 0.01
+
+
+def test_head_seeds_differ_per_layer_and_head():
+    seeds = {head_seed(0, layer, h) for layer in range(4) for h in range(8)}
+    assert len(seeds) == 32
+    proj = layer_projection(3, 2, 4, 16, 5, 7)
+    assert proj.shape == (4, 16, 35)
+    assert torch.equal(proj[1], SimHash(16, 5, 7, head_seed(3, 2, 1)).projection)
+
+
+def test_hash_bit_order_is_table_major():
+    h = SimHash(32, 6, 9, seed=1)
+    x = torch.randn(5, 32)
+    codes = h.hash(x)
+    assert codes.dtype == torch.int32 and codes.shape == (5, 9)
+    dots = x @ h.projection
+    for i in range(5):
+        for table in range(9):
+            expected = sum(int(dots[i, table * 6 + b] > 0) << b for b in range(6))
+            assert codes[i, table].item() == expected
+    assert int(codes.min()) >= 0 and int(codes.max()) < 2**6
+
+
+def test_hash_codes_broadcast_a_projection_per_head():
+    proj = layer_projection(0, 0, 3, 16, 4, 5)
+    x = torch.randn(2, 3, 7, 16, dtype=torch.bfloat16)
+    codes = hash_codes(x, proj, 4)
+    assert codes.shape == (2, 3, 7, 5)
+    for h in range(3):
+        assert torch.equal(codes[:, h], hash_codes(x[:, h], proj[h], 4))
+
+
+def _pair_at_angle(theta: float, d: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    a, b = torch.randn(2, d, generator=gen, dtype=torch.float64)
+    a = a / a.norm()
+    b = b - (b @ a) * a
+    b = b / b.norm()
+    return a, math.cos(theta) * a + math.sin(theta) * b
+
+
+@pytest.mark.parametrize("K", [1, 3])
+@pytest.mark.parametrize("theta", [0.3, math.pi / 2, 2.5])
+def test_per_table_collision_rate_is_one_minus_theta_over_pi_to_the_K(K, theta):
+    gen = torch.Generator().manual_seed(0)
+    x, y = _pair_at_angle(theta, 32, gen)
+    hits, total = 0, 0
+    for seed in range(40):
+        h = SimHash(32, K, 256, seed=seed)
+        hits += int((h.hash(x.float()) == h.hash(y.float())).sum())
+        total += 256
+    p = (1 - theta / math.pi) ** K
+    sigma = math.sqrt(p * (1 - p) / total)
+    # 5 sigma: a wrong formula (e.g. cos instead of 1 - theta/pi) misses by far more.
+    assert abs(hits / total - p) < 5 * sigma + 1e-9
+
+
+@pytest.mark.parametrize("K, L, m", [(1, 1, 1), (4, 10, 2), (6, 20, 1), (8, 75, 3), (10, 150, 2)])
+def test_collision_probability_matches_monte_carlo(K, L, m):
+    rng = np.random.default_rng(K * 1000 + L)
+    cos = np.array([-0.5, 0.0, 0.3, 0.6, 0.8, 0.95])
+    p = (1 - np.arccos(cos) / np.pi) ** K
+    draws = 200_000
+    freq = (rng.binomial(L, p[:, None], size=(len(cos), draws)) >= m).mean(1)
+    pred = collision_probability(torch.tensor(cos), K, L, m).numpy()
+    sigma = np.sqrt(pred * (1 - pred) / draws)
+    assert np.all(np.abs(freq - pred) <= 5 * sigma + 2e-5), (freq, pred)
+
+
+def test_collision_probability_matches_real_simhash_tables():
+    K, L, m, d = 3, 12, 2, 16
+    gen = torch.Generator().manual_seed(1)
+    x, y = _pair_at_angle(1.0, d, gen)
+    trials = 3000
+    hits = 0
+    for seed in range(trials):
+        h = SimHash(d, K, L, seed=seed)
+        hits += int((h.hash(x.float()) == h.hash(y.float())).sum() >= m)
+    pred = collision_probability(torch.tensor(math.cos(1.0)), K, L, m).item()
+    assert abs(hits / trials - pred) < 5 * math.sqrt(pred * (1 - pred) / trials)
+
+
+def _exact_log_upper_tail(cos: float, K: int, L: int, m: int) -> float:
+    mpmath.mp.dps = 60
+    p = (1 - mpmath.acos(mpmath.mpf(cos)) / mpmath.pi) ** K
+    total = mpmath.fsum(mpmath.binomial(L, j) * p**j * (1 - p) ** (L - j) for j in range(m, L + 1))
+    return float(mpmath.log(total))
+
+
+@pytest.mark.parametrize(
+    "cos, K, L, m",
+    [(-0.9, 20, 1024, 2), (0.0, 16, 512, 3), (0.2, 10, 150, 2), (0.999999, 10, 150, 2),
+     (0.9, 2, 1024, 1000), (0.5, 10, 1024, 1), (1.0, 20, 1024, 1024), (0.7, 1, 1, 1)],
+)
+def test_log_collision_probability_is_precise_at_the_extremes(cos, K, L, m):
+    got = log_collision_probability(torch.tensor([cos], dtype=torch.float64), K, L, m).item()
+    want = _exact_log_upper_tail(cos, K, L, m)
+    assert math.isfinite(got)
+    assert abs(got - want) <= 1e-9 * max(1.0, abs(want)), (got, want)
+
+
+def test_probability_is_monotone_in_similarity_and_tables():
+    cos = torch.linspace(-0.99, 0.99, 200, dtype=torch.float64)
+    u = collision_probability(cos, 10, 150, 2)
+    assert torch.all(u[1:] >= u[:-1]) and torch.all((u >= 0) & (u <= 1))
+    assert torch.all(collision_probability(cos, 10, 300, 2) >= u)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(K=0, L=10, min_collisions=1), "K=0"), (dict(K=21, L=10, min_collisions=1), "K=21"),
+    (dict(K=4, L=0, min_collisions=1), "L=0"), (dict(K=4, L=1025, min_collisions=1), "L=1025"),
+    (dict(K=4, L=10, min_collisions=0), "min_collisions=0"),
+    (dict(K=4, L=10, min_collisions=11), "min_collisions=11"),
+])
+def test_bad_arguments_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        collision_probability(torch.tensor([0.5]), **kwargs)
+
+
+def test_bad_simhash_arguments_raise():
+    with pytest.raises(ValueError, match="head_dim"):
+        SimHash(0, 4, 4)
+    with pytest.raises(ValueError, match="K=25"):
+        SimHash(8, 25, 4)
+    with pytest.raises(ValueError, match="last dim 7"):
+        SimHash(8, 4, 4).hash(torch.randn(3, 7))
