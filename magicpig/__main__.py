@@ -1,0 +1,5 @@
+import sys
+
+from magicpig.cli import main
+
+sys.exit(main())
