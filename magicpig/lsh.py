@@ -54,6 +54,11 @@ def hash_codes(x: torch.Tensor, projection: torch.Tensor, K: int) -> torch.Tenso
     if x.shape[-1] != projection.shape[-2]:
         raise ValueError(f"x last dim {x.shape[-1]} != projection head_dim {projection.shape[-2]}")
     proj = projection.to(device=x.device, dtype=torch.float32)
+    if x.is_cuda and proj.dim() == 2:
+        # On a GPU the fused Triton kernel avoids writing the [..., K*L] projections out.
+        from magicpig.kernels.simhash import simhash_codes
+
+        return simhash_codes(x, proj, K)
     bits = (torch.matmul(x.float(), proj) > 0).to(torch.int32)
     bits = bits.view(*bits.shape[:-1], -1, K)
     weights = torch.ones(K, dtype=torch.int32, device=x.device) << torch.arange(K, device=x.device, dtype=torch.int32)

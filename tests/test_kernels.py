@@ -1,0 +1,49 @@
+"""Triton kernels against the torch reference, run by Triton's interpreter on the CPU."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+_CHECK = textwrap.dedent(
+    """
+    import torch
+    from magicpig.kernels.simhash import simhash_codes
+    from magicpig.lsh import SimHash, hash_codes
+
+    torch.manual_seed(0)
+    for d, K, L, n, dtype in [(64, 10, 20, 37, torch.float32), (128, 4, 3, 5, torch.bfloat16),
+                              (24, 1, 1, 1, torch.float16), (64, 16, 40, 64, torch.float32)]:
+        h = SimHash(d, K, L, seed=d + K)
+        x = torch.randn(n, d).to(dtype)
+        got, want = simhash_codes(x, h.projection, K), hash_codes(x, h.projection, K)
+        assert got.dtype == torch.int32 and got.shape == (n, L)
+        # A dot product within rounding of 0 may flip a bit; count them, demand near-equality.
+        assert (got != want).float().mean().item() < 1e-3, (d, K, L, (got != want).sum())
+        assert int(got.max()) < 2**K and int(got.min()) >= 0
+    # Adversarial: zero vectors (every bit 0, since x.P > 0 is false) and batched leading dims.
+    h = SimHash(32, 8, 5, seed=1)
+    assert torch.all(simhash_codes(torch.zeros(3, 32), h.projection, 8) == 0)
+    x = torch.randn(2, 3, 4, 32)
+    assert torch.equal(simhash_codes(x, h.projection, 8), hash_codes(x, h.projection, 8))
+    assert simhash_codes(torch.randn(0, 32), h.projection, 8).shape == (0, 5)
+    for bad, match in [((torch.randn(3, 31), h.projection, 8), "last dim 32"),
+                       ((torch.randn(3, 32), h.projection, 7), "K=7")]:
+        try:
+            simhash_codes(*bad)
+        except ValueError as err:
+            assert match in str(err), err
+        else:
+            raise AssertionError("no error for " + match)
+    print("OK")
+    """
+)
+
+
+def test_simhash_kernel_matches_reference_under_the_interpreter():
+    # TRITON_INTERPRET must be set before triton is imported, hence the subprocess.
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", _CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
