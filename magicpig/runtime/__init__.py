@@ -1,0 +1,1 @@
+"""Prefill, decode sessions with per-layer attention routing, and the generation loop."""

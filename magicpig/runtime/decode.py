@@ -1,0 +1,210 @@
+"""Decode: one token per sequence per step, attention routed per layer (DESIGN.md §2, §4).
+
+A :class:`DecodeSession` starts from a read-only :class:`PrefillState` and a
+:class:`MagicPIGConfig`:
+
+* ``method="dense"``: every layer keeps the full K/V in a static device cache (exact).
+* any other method: layers in ``config.resolve_dense_layers`` stay dense; every other layer
+  keeps the sinks ``[0, S)`` and the window (keys centred by ``mu``, the mean middle key per
+  sequence and KV head) in a device cache, and hands the centred middle to the layer's
+  :class:`~magicpig.attention.base.MiddleAttention` (``make_method``). A step starts the
+  middle attention (``attend_async``; the CPU store runs it off the GIL), computes the exact
+  sinks+window attention with its LSE on the device meanwhile, waits, and merges by LSE.
+  When a window buffer fills up, its oldest ``spill`` tokens move into the middle, so decode
+  length is unbounded.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from magicpig.attention.base import MiddleAttention, make_method
+from magicpig.attention.reference import merge_by_lse
+from magicpig.config import MagicPIGConfig
+from magicpig.model.llama import LlamaModel, attention_with_lse, decode_attention
+from magicpig.runtime.prefill import PrefillState
+from magicpig.store.device_cache import StaticKVCache
+
+
+class _SparseLayer:
+    """Device sinks+window cache, centring offsets and middle attention of one layer."""
+
+    def __init__(self, cache: StaticKVCache, mu: torch.Tensor, method: MiddleAttention, seq_ids: list[int]):
+        self.cache = cache
+        self.mu = mu  # [B, Hkv, d] model dtype
+        self.method = method
+        self.seq_ids = seq_ids
+
+
+class DecodeSession:
+    """Incremental decode of a batch from a prefill state with one attention configuration.
+
+    ``step(tokens)`` feeds one token per sequence and returns the next-token logits. The
+    session owns its caches; the prefill state is never modified. Call :meth:`close` (or use
+    it as a context manager) to release the middle K/V held by the methods.
+    """
+
+    def __init__(
+        self,
+        model: LlamaModel,
+        state: PrefillState,
+        config: MagicPIGConfig,
+        max_new_tokens: int = 256,
+    ):
+        a = model.args
+        self.model = model
+        self.config = config
+        self.batch = state.batch_size
+        self.lengths = state.lengths  # tokens per sequence so far (prompt + fed)
+        device, dtype = model.device, model.dtype
+        if config.method == "dense":
+            self.dense_layers = tuple(range(a.num_layers))
+        else:
+            self.dense_layers = config.resolve_dense_layers(a.num_layers)
+        capacity = max(self.lengths) + max(1, max_new_tokens)
+        self.dense: dict[int, StaticKVCache] = {}
+        for layer in self.dense_layers:
+            cache = StaticKVCache(self.batch, a.num_kv_heads, capacity, a.head_dim, device, dtype)
+            for b in range(self.batch):
+                cache.fill(b, state.keys[b][layer], state.values[b][layer])
+            self.dense[layer] = cache
+        self.sparse: dict[int, _SparseLayer] = {}
+        S, W = config.sink_tokens, config.window_tokens
+        # The window buffer holds W..W+spill tokens; spilling in blocks amortises hashing.
+        self.spill = W
+        self.device_capacity = S + W + self.spill
+        self.fill = [min(n, S + W) for n in self.lengths]  # tokens in each sinks+window buffer
+        self.middle = [max(0, n - S - W) for n in self.lengths]  # tokens in each middle
+        for layer in range(a.num_layers):
+            if layer not in self.dense:
+                self.sparse[layer] = self._offload(layer, state)
+        self.cost_sum = torch.zeros(self.batch, dtype=torch.float64, device=device)
+        self.cost_count = torch.zeros(self.batch, dtype=torch.float64, device=device)
+
+    # ---------------------------------------------------------------- prefill -> caches
+    def _offload(self, layer: int, state: PrefillState) -> _SparseLayer:
+        a, m = self.model.args, self.model
+        S, W = self.config.sink_tokens, self.config.window_tokens
+        cache = StaticKVCache(self.batch, a.num_kv_heads, self.device_capacity, a.head_dim, m.device, m.dtype)
+        mu = torch.zeros(self.batch, a.num_kv_heads, a.head_dim, device=m.device, dtype=m.dtype)
+        method = make_method(self.config, layer, a.num_kv_heads, a.head_dim)
+        seq_ids = []
+        for b in range(self.batch):
+            k, v = state.keys[b][layer], state.values[b][layer]
+            n = k.shape[1]
+            seq_ids.append(method.add_sequence())
+            if self.middle[b] > 0:
+                lo, hi = S, n - W
+                # Centre by the mean middle key (fp32 mean): softmax is shift-invariant, and
+                # centred keys spread over the hash buckets far better.
+                mu[b] = k[:, lo:hi].float().mean(dim=1).to(m.dtype)
+                kc = k - mu[b][:, None, :]
+                method.append(seq_ids[-1], kc[:, lo:hi], v[:, lo:hi])
+                cache.fill(b, kc[:, :S], v[:, :S])
+                cache.fill(b, kc[:, hi:], v[:, hi:], start=S)
+            else:
+                cache.fill(b, k, v)
+        return _SparseLayer(cache, mu, method, seq_ids)
+
+    # ---------------------------------------------------------------------- decode
+    def _spill_full_windows(self) -> None:
+        S = self.config.sink_tokens
+        for b in range(self.batch):
+            if self.fill[b] < self.device_capacity:
+                continue
+            for sp in self.sparse.values():
+                k, v = sp.cache.evict(b, S, self.spill, self.fill[b])
+                sp.method.append(sp.seq_ids[b], k, v)
+            self.fill[b] -= self.spill
+            self.middle[b] += self.spill
+
+    def _ensure_dense_capacity(self) -> None:
+        need = max(self.lengths) + 1
+        for cache in self.dense.values():
+            if need > cache.capacity:
+                cache.grow(max(need, 2 * cache.capacity))
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed tokens int64 [B] (one per sequence); returns float32 logits [B, vocab]."""
+        m = self.model
+        device = m.device
+        if self.sparse:
+            self._spill_full_windows()
+        self._ensure_dense_capacity()
+        pos = torch.tensor(self.lengths, dtype=torch.int64, device=device)
+        cos, sin = m.rope(pos)
+        n_dense = max(self.lengths) + 1
+        same = min(self.lengths) == max(self.lengths)
+        dense_valid = None if same else torch.arange(n_dense, device=device)[None, :] <= pos[:, None]
+        if self.sparse:
+            slots = torch.tensor(self.fill, dtype=torch.int64, device=device)
+            n_dev = max(self.fill) + 1
+            dev_valid = None
+            if min(self.fill) != max(self.fill):
+                dev_valid = torch.arange(n_dev, device=device)[None, :] <= slots[:, None]
+            middle = torch.tensor(self.middle, dtype=torch.float64, device=device)
+            has_middle = (middle > 0).double()
+        x = m.embed(tokens.to(device))
+        for layer in range(m.args.num_layers):
+            q, k, v = m.attention_input(layer, x, cos, sin)
+            if layer in self.dense:
+                cache = self.dense[layer]
+                cache.write(pos, k, v)
+                attn = decode_attention(
+                    q, cache.keys[:, :, :n_dense], cache.values[:, :, :n_dense], dense_valid, m.scale
+                )
+            else:
+                sp = self.sparse[layer]
+                sp.cache.write(slots, k - sp.mu, v)
+                pending = sp.method.attend_async(sp.seq_ids, q)
+                o_dev, lse_dev = attention_with_lse(
+                    q, sp.cache.keys[:, :, :n_dev], sp.cache.values[:, :, :n_dev], dev_valid, m.scale
+                )
+                o_mid, lse_mid, num_read = pending.wait()
+                attn, _ = merge_by_lse(o_dev, lse_dev, o_mid.to(device), lse_mid.to(device))
+                frac = num_read.to(device).double().mean(dim=-1) / middle.clamp_min(1.0)
+                self.cost_sum += frac * has_middle
+                self.cost_count += has_middle
+            x = m.attention_output(layer, x, attn)
+            x = m.mlp(layer, x)
+        self.lengths = [n + 1 for n in self.lengths]
+        if self.sparse:
+            self.fill = [f + 1 for f in self.fill]
+        return m.logits(x)
+
+    # ----------------------------------------------------------------------- stats
+    def computation_cost(self) -> list[float]:
+        """Per sequence: mean fraction of middle keys read, over sparse layers, KV-read heads
+        and decode steps (1.0 in dense mode, 0.0 when nothing was ever in the middle)."""
+        if len(self.dense_layers) == self.model.args.num_layers:
+            return [1.0] * self.batch
+        counts = self.cost_count.clamp_min(1.0)
+        return (self.cost_sum / counts).tolist()
+
+    def device_bytes(self) -> list[int]:
+        """Per sequence: bytes of its K/V in device caches (tokens held, not buffer slack)."""
+        out = []
+        for b in range(self.batch):
+            total = sum(c.bytes_per_token() * self.lengths[b] for c in self.dense.values())
+            total += sum(sp.cache.bytes_per_token() * self.fill[b] for sp in self.sparse.values())
+            out.append(total)
+        return out
+
+    def cpu_bytes(self) -> list[int]:
+        """Per sequence: bytes the middle-attention methods hold (the CPU store)."""
+        return [sum(sp.method.nbytes(sp.seq_ids[b]) for sp in self.sparse.values()) for b in range(self.batch)]
+
+    def close(self) -> None:
+        for sp in self.sparse.values():
+            for sid in sp.seq_ids:
+                sp.method.remove_sequence(sid)
+            sp.seq_ids = []
+        self.sparse = {}
+        self.dense = {}
+
+    def __enter__(self) -> "DecodeSession":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
