@@ -1,0 +1,78 @@
+// The ISA-independent interface of the hot kernels (one table per SIMD level, see dispatch.h).
+#pragma once
+
+#include <cstdint>
+
+namespace magicpig {
+
+enum class KvDtype : int { bf16 = 0, fp16 = 1, fp32 = 2 };
+
+inline int kv_itemsize(KvDtype t) { return t == KvDtype::fp32 ? 4 : 2; }
+
+// One block of up to 65536 consecutive middle tokens of one (sequence, KV head).
+// Tokens [0, csr_len) are indexed by per-table bucket lists (CSR); tokens [csr_len, len) are a
+// short unsorted tail whose codes are scanned directly (recent appends, merged in batches).
+struct BlockView {
+  int32_t len = 0;
+  int32_t csr_len = 0;
+  const void* keys = nullptr;           // [len, d] of the store's kv dtype
+  const void* values = nullptr;         // [len, d]
+  const float* norms = nullptr;         // [len] |k_i| in fp32 (from the stored, rounded keys)
+  const uint32_t* offsets = nullptr;    // [L][nbuckets + 1], bucket = code & (nbuckets - 1)
+  const uint16_t* ids = nullptr;        // [L][csr_len], ascending within a bucket
+  const uint8_t* hi = nullptr;          // [L][csr_len] code >> low_bits, or null when K <= low_bits
+  const int32_t* tail_codes = nullptr;  // [len - csr_len][L]
+};
+
+// The query heads of one GQA group (at most kMaxGroup; larger groups are split by the caller).
+constexpr int kMaxGroup = 8;
+struct QueryGroup {
+  int G = 0;
+  const float* q = nullptr;        // [G][d]
+  const int32_t* codes = nullptr;  // [G][L]
+  const float* qnorm = nullptr;    // [G] |q|
+};
+
+struct AttendParams {
+  int d = 0, K = 0, L = 0, m = 0;
+  int low_bits = 0;  // bucket bits of the CSR (min(K, kMaxLowBits))
+  KvDtype dtype = KvDtype::bf16;
+  float scale = 0;   // 1/sqrt(d)
+  // log u as a function of t = log p, cubic Hermite on a uniform grid over [t_lo, 0]:
+  // table[2*i] = H(t_i), table[2*i+1] = H'(t_i) * h. For t < t_lo, log u < floor.
+  const float* table = nullptr;
+  int table_points = 0;
+  float t_lo = 0, inv_h = 0, log_u_floor = 0;
+};
+
+// Unnormalised partial result of one block for a group: out = acc / sum, lse = mx + log(sum).
+struct Partial {
+  float* acc = nullptr;   // [G][d]
+  float* mx = nullptr;    // [G] running max of the scores (-inf when no candidate)
+  float* sum = nullptr;   // [G] sum of exp(score - mx)
+  int32_t* ncand = nullptr;  // [G] candidates found (added to)
+};
+
+// Per-thread scratch of the candidate search, sized for one block. All arrays are kept zeroed
+// between calls: the kernel clears exactly the entries it touched.
+struct Scratch {
+  uint16_t* counts = nullptr;  // [65536] collisions of the current head
+  uint8_t* heads = nullptr;    // [65536] bit g set when the token is a candidate of head g
+  uint64_t* bitmap = nullptr;  // [1024] candidate tokens (union over the group)
+  uint64_t* summary = nullptr; // [16] non-zero words of bitmap
+  uint16_t* cand = nullptr;    // [65536] candidate ids, ascending
+  uint8_t* cand_heads = nullptr;  // [65536]
+  float* work = nullptr;       // [kMaxGroup * 3 * kChunk + d] scores and weights of a chunk
+};
+constexpr int kChunk = 256;  // candidates scored per online-softmax step
+
+struct Kernels {
+  const char* name;
+  // Collision search + fused sampled attention over one block for one query group.
+  void (*attend_block)(const BlockView& block, const QueryGroup& group, const AttendParams& params,
+                       Scratch& scratch, Partial& partial);
+  // norms[i] = |row_i| of n rows of d elements of the given dtype.
+  void (*row_norms)(const void* rows, KvDtype dtype, int64_t n, int d, float* norms);
+};
+
+}  // namespace magicpig

@@ -1,0 +1,368 @@
+// The hot kernels, compiled once per SIMD level (kernels_{avx512,avx2,scalar}.cpp define
+// MAGICPIG_ISA_NS). Nothing here may live outside that namespace: identical inline names in
+// differently compiled units would otherwise be merged by the linker.
+//
+// attend_block = collision search over the bucket lists of one 64k-token block + fused
+// sampled attention of the group's query heads over the union of their candidates:
+//   1. per head, walk the L buckets of its codes, count collisions in a uint16 counter per
+//      token, mark tokens reaching m (head bit + bitmap); clear by walking the same entries;
+//      scan the short unsorted tail directly;
+//   2. visit the union of candidates in ascending order (bitmap), in chunks of kChunk: read
+//      each key row once (bf16/fp16 expanded in registers) and dot it with every head of the
+//      group; vectorised weights -log u(cos); online softmax; read each value row once and
+//      accumulate it into the heads that selected it. Rows are prefetched ahead.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "kernels.h"
+#include "simd.h"
+
+namespace MAGICPIG_ISA_NS {
+
+using magicpig::AttendParams;
+using magicpig::BlockView;
+using magicpig::KvDtype;
+using magicpig::Partial;
+using magicpig::QueryGroup;
+using magicpig::Scratch;
+using magicpig::kChunk;
+
+constexpr int kPrefetchRows = 8;  // rows ahead; a 128-dim bf16 row is 4 cache lines
+
+inline float fmax_(float a, float b) { return a > b ? a : b; }
+inline float fmin_(float a, float b) { return a < b ? a : b; }
+inline float as_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline uint32_t as_uint(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+
+// acos(x) for x in [-1, 1], branch-free (Cephes asinf polynomial, ~2 ulp). Near |x| = 1 it
+// goes through sqrt((1-|x|)/2), so acos of values close to 1 keeps its relative precision.
+inline float acos_f(float x) {
+  float ax = x < 0 ? -x : x;
+  bool big = ax > 0.5f;
+  float z = big ? 0.5f * (1.0f - ax) : ax * ax;
+  float s = big ? std::sqrt(z) : ax;
+  float p = (((4.2163199048e-2f * z + 2.4181311049e-2f) * z + 4.5470025998e-2f) * z + 7.4953002686e-2f) * z +
+            1.6666752422e-1f;
+  float r = s + s * z * p;  // asin(s)
+  float a = big ? 2.0f * r : 1.57079632679489662f - r;
+  return x < 0 ? 3.14159265358979324f - a : a;
+}
+
+// log(x) for positive normal x, branch-free (atanh series, ~1 ulp).
+inline float log_f(float x) {
+  uint32_t u = as_uint(x);
+  int e = static_cast<int>(u >> 23) - 127;
+  float m = as_float((u & 0x007fffffu) | 0x3f800000u);  // [1, 2)
+  bool hi = m > 1.41421356f;
+  m = hi ? 0.5f * m : m;
+  e = hi ? e + 1 : e;
+  float f = m - 1.0f;
+  float s = f / (2.0f + f);
+  float z = s * s;
+  float r = z * (0.666666666666f + z * (0.4f + z * (0.285714285714f + z * (0.222222222222f + z * 0.181818181818f))));
+  float fe = static_cast<float>(e);
+  return fe * 0.693145751953125f + (fe * 1.428606765330187e-06f + (2.0f * s + s * r));
+}
+
+// exp(x) for x <= 0 (0 below -87, also for x = -inf), branch-free, ~1 ulp.
+inline float exp_neg_f(float x) {
+  bool under = !(x > -87.0f);
+  x = under ? -87.0f : x;
+  float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  float r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
+  float p = 1.0f + r * (1.0f + r * (0.5f + r * (0.16666666666f + r * (0.041666666666f + r * (0.0083333333333f + r * 0.0013888888889f)))));
+  float scale = as_float(static_cast<uint32_t>(static_cast<int>(n) + 127) << 23);
+  return under ? 0.0f : p * scale;
+}
+
+// log u(t) from the Hermite table (AttendParams), floored at log_u_floor.
+inline float log_u_of_t(float t, const AttendParams& P) {
+  float u = (t - P.t_lo) * P.inv_h;
+  float top = static_cast<float>(P.table_points - 1) - 1e-3f;
+  float uc = fmin_(fmax_(u, 0.0f), top);
+  int i = static_cast<int>(uc);
+  float f = uc - static_cast<float>(i);
+  const float* T = P.table + 2 * i;
+  float g = 1.0f - f;
+  float h = (1.0f + 2.0f * f) * g * g * T[0] + f * g * g * T[1] + f * f * (3.0f - 2.0f * f) * T[2] - f * f * g * T[3];
+  h = u < 0.0f ? P.log_u_floor : h;
+  return fmax_(h, P.log_u_floor);
+}
+
+// n rows of d elements -> fp32 row `out` (one row).
+inline void load_row(const void* base, KvDtype dtype, int64_t row, int d, float* out) {
+  if (dtype == KvDtype::fp32) {
+    std::memcpy(out, static_cast<const float*>(base) + row * d, sizeof(float) * d);
+    return;
+  }
+  const uint16_t* src = static_cast<const uint16_t*>(base) + row * d;
+  int k = 0;
+  if (dtype == KvDtype::bf16) {
+    for (; k + simd::W <= d; k += simd::W) simd::store(out + k, simd::load_bf16(src + k));
+    for (; k < d; ++k) out[k] = simd::bf16_to_f32(src[k]);
+  } else {
+    for (; k + simd::W <= d; k += simd::W) simd::store(out + k, simd::load_f16(src + k));
+    for (; k < d; ++k) out[k] = simd::f16_to_f32(src[k]);
+  }
+}
+
+inline void prefetch_row(const void* base, int64_t row, int row_bytes, int locality) {
+  const char* p = static_cast<const char*>(base) + row * row_bytes;
+  for (int off = 0; off < row_bytes; off += 64) {
+    if (locality == 3)
+      __builtin_prefetch(p + off, 0, 3);
+    else
+      __builtin_prefetch(p + off, 0, 2);
+  }
+}
+
+// dots[g] = q_g . x for the G heads of the group (x: fp32 row of d).
+inline void group_dots(const float* q, int G, int d, const float* x, float* dots) {
+  for (int g = 0; g < G; ++g) {
+    const float* qg = q + static_cast<int64_t>(g) * d;
+    simd::vf acc0 = simd::zero(), acc1 = simd::zero();
+    int k = 0;
+    for (; k + 2 * simd::W <= d; k += 2 * simd::W) {
+      acc0 = simd::fmadd(simd::load(qg + k), simd::load(x + k), acc0);
+      acc1 = simd::fmadd(simd::load(qg + k + simd::W), simd::load(x + k + simd::W), acc1);
+    }
+    for (; k + simd::W <= d; k += simd::W) acc0 = simd::fmadd(simd::load(qg + k), simd::load(x + k), acc0);
+    float s = simd::reduce_add(acc0) + simd::reduce_add(acc1);
+    for (; k < d; ++k) s += qg[k] * x[k];
+    dots[g] = s;
+  }
+}
+
+// acc += w * x over d.
+inline void axpy(float* acc, float w, const float* x, int d) {
+  simd::vf wv = simd::set1(w);
+  int k = 0;
+  for (; k + simd::W <= d; k += simd::W) simd::store(acc + k, simd::fmadd(wv, simd::load(x + k), simd::load(acc + k)));
+  for (; k < d; ++k) acc[k] += w * x[k];
+}
+
+// Step 1: candidates of the group in this block, ascending, into scratch.cand/cand_heads.
+// Returns how many; adds per-head counts to partial.ncand.
+inline int find_candidates(const BlockView& B, const QueryGroup& Q, const AttendParams& P, Scratch& S,
+                           Partial& out) {
+  const int L = P.L, m = P.m;
+  const uint32_t nb = 1u << P.low_bits;
+  const uint32_t low_mask = nb - 1;
+  const int64_t csr = B.csr_len;
+  uint16_t* counts = S.counts;
+  uint8_t* heads = S.heads;
+  uint64_t* bitmap = S.bitmap;
+  uint64_t* summary = S.summary;
+  for (int g = 0; g < Q.G; ++g) {
+    if (csr == 0) break;
+    const int32_t* qc = Q.codes + static_cast<int64_t>(g) * L;
+    const uint8_t bit = static_cast<uint8_t>(1u << g);
+    for (int pass = 0; pass < 2; ++pass) {  // pass 0 counts, pass 1 clears the same entries
+      for (int l = 0; l < L; ++l) {
+        if (l + 2 < L) {  // the bucket two tables ahead
+          const uint32_t* off2 = B.offsets + static_cast<int64_t>(l + 2) * (nb + 1);
+          uint32_t b2 = static_cast<uint32_t>(qc[l + 2]) & low_mask;
+          __builtin_prefetch(B.ids + (l + 2) * csr + off2[b2], 0, 3);
+        }
+        const uint32_t code = static_cast<uint32_t>(qc[l]);
+        const uint32_t b = code & low_mask;
+        const uint32_t* off = B.offsets + static_cast<int64_t>(l) * (nb + 1);
+        const uint16_t* ids = B.ids + l * csr;
+        const uint32_t e0 = off[b], e1 = off[b + 1];
+        if (B.hi == nullptr) {
+          if (pass == 0) {
+            for (uint32_t e = e0; e < e1; ++e) {
+              const uint16_t id = ids[e];
+              if (++counts[id] == m) {
+                if (heads[id] == 0) {
+                  bitmap[id >> 6] |= 1ull << (id & 63);
+                  summary[id >> 12] |= 1ull << ((id >> 6) & 63);
+                }
+                heads[id] |= bit;
+              }
+            }
+          } else {
+            for (uint32_t e = e0; e < e1; ++e) counts[ids[e]] = 0;
+          }
+        } else {
+          const uint8_t* his = B.hi + l * csr;
+          const uint8_t want = static_cast<uint8_t>(code >> P.low_bits);
+          for (uint32_t e = e0; e < e1; ++e) {
+            if (his[e] != want) continue;
+            const uint16_t id = ids[e];
+            if (pass == 1) {
+              counts[id] = 0;
+            } else if (++counts[id] == m) {
+              if (heads[id] == 0) {
+                bitmap[id >> 6] |= 1ull << (id & 63);
+                summary[id >> 12] |= 1ull << ((id >> 6) & 63);
+              }
+              heads[id] |= bit;
+            }
+          }
+        }
+      }
+    }
+  }
+  // Gather the union in ascending order and clear the marks on the way.
+  int n = 0;
+  int32_t per_head[magicpig::kMaxGroup] = {0};
+  for (int sw = 0; sw < 16; ++sw) {
+    uint64_t sbits = summary[sw];
+    summary[sw] = 0;
+    while (sbits) {
+      const int w = sw * 64 + __builtin_ctzll(sbits);
+      sbits &= sbits - 1;
+      uint64_t bits = bitmap[w];
+      bitmap[w] = 0;
+      while (bits) {
+        const int id = w * 64 + __builtin_ctzll(bits);
+        bits &= bits - 1;
+        const uint8_t h = heads[id];
+        heads[id] = 0;
+        S.cand[n] = static_cast<uint16_t>(id);
+        S.cand_heads[n] = h;
+        ++n;
+        for (int g = 0; g < Q.G; ++g) per_head[g] += (h >> g) & 1;
+      }
+    }
+  }
+  // The unsorted tail: compare codes directly (ids after the CSR part, so order is kept).
+  const int tail = B.len - B.csr_len;
+  for (int j = 0; j < tail; ++j) {
+    const int32_t* kc = B.tail_codes + static_cast<int64_t>(j) * L;
+    uint8_t h = 0;
+    for (int g = 0; g < Q.G; ++g) {
+      const int32_t* qc = Q.codes + static_cast<int64_t>(g) * L;
+      int c = 0;
+#pragma omp simd reduction(+ : c)
+      for (int l = 0; l < L; ++l) c += kc[l] == qc[l];
+      if (c >= m) {
+        h |= static_cast<uint8_t>(1u << g);
+        ++per_head[g];
+      }
+    }
+    if (h) {
+      S.cand[n] = static_cast<uint16_t>(B.csr_len + j);
+      S.cand_heads[n] = h;
+      ++n;
+    }
+  }
+  for (int g = 0; g < Q.G; ++g) out.ncand[g] += per_head[g];
+  return n;
+}
+
+// Scores s = q.k/sqrt(d) - log u(cos) of one head over a chunk (-inf where not selected).
+inline void chunk_scores(const float* dots, const float* inv_kn, const uint8_t* cand_heads, int n, int g,
+                         float inv_qn, const AttendParams& P, float* scores) {
+  const float K = static_cast<float>(P.K);
+  const float inv_pi = 0.318309886183790672f;
+  const float ninf = -__builtin_inff();
+#pragma omp simd
+  for (int j = 0; j < n; ++j) {
+    const float dot = dots[j];
+    float c = dot * inv_qn * inv_kn[j];
+    c = fmin_(fmax_(c, -1.0f), 1.0f);
+    // p = (1 - acos(c)/pi)^K = (acos(-c)/pi)^K, so t = log p = K log(acos(-c)/pi).
+    const float a = fmax_(acos_f(-c) * inv_pi, 1e-37f);
+    const float t = K * log_f(a);
+    const float s = dot * P.scale - log_u_of_t(t, P);
+    scores[j] = ((cand_heads[j] >> g) & 1) ? s : ninf;
+  }
+}
+
+void attend_block(const BlockView& B, const QueryGroup& Q, const AttendParams& P, Scratch& S, Partial& out) {
+  const int n = find_candidates(B, Q, P, S, out);
+  if (n == 0) return;
+  const int d = P.d, G = Q.G;
+  const int row_bytes = d * magicpig::kv_itemsize(P.dtype);
+  float* dots = S.work;                       // [G][kChunk]
+  float* scores = dots + G * kChunk;          // [G][kChunk]
+  float* inv_kn = scores + G * kChunk;        // [kChunk]
+  float* row = inv_kn + kChunk;               // [d]
+  float inv_qn[magicpig::kMaxGroup];
+  for (int g = 0; g < G; ++g) inv_qn[g] = Q.qnorm[g] > 0 ? 1.0f / Q.qnorm[g] : 0.0f;
+  float dg[magicpig::kMaxGroup];
+  for (int c0 = 0; c0 < n; c0 += kChunk) {
+    const int cn = n - c0 < kChunk ? n - c0 : kChunk;
+    const uint16_t* ids = S.cand + c0;
+    const uint8_t* hs = S.cand_heads + c0;
+    // Keys: one read per row for the whole group; values of the chunk are prefetched to L2.
+    for (int j = 0; j < cn; ++j) {
+      if (j + kPrefetchRows < cn) {
+        prefetch_row(B.keys, ids[j + kPrefetchRows], row_bytes, 3);
+        prefetch_row(B.values, ids[j + kPrefetchRows], row_bytes, 2);
+      } else if (c0 + j + kPrefetchRows < n) {
+        prefetch_row(B.keys, S.cand[c0 + j + kPrefetchRows], row_bytes, 3);
+      }
+      load_row(B.keys, P.dtype, ids[j], d, row);
+      group_dots(Q.q, G, d, row, dg);
+      for (int g = 0; g < G; ++g) dots[g * kChunk + j] = dg[g];
+      const float kn = B.norms[ids[j]];
+      inv_kn[j] = kn > 0 ? 1.0f / kn : 0.0f;
+    }
+    // Weights and the online softmax, head by head.
+    for (int g = 0; g < G; ++g) {
+      float* s = scores + g * kChunk;
+      chunk_scores(dots + g * kChunk, inv_kn, hs, cn, g, inv_qn[g], P, s);
+      float cm = -__builtin_inff();
+      for (int j = 0; j < cn; ++j) cm = fmax_(cm, s[j]);
+      if (!(cm > -__builtin_inff())) continue;
+      const float mx = out.mx[g] > cm ? out.mx[g] : cm;
+      if (out.mx[g] < mx) {
+        const float corr = exp_neg_f(out.mx[g] - mx);
+        float* acc = out.acc + static_cast<int64_t>(g) * d;
+        for (int k = 0; k < d; ++k) acc[k] *= corr;
+        out.sum[g] *= corr;
+        out.mx[g] = mx;
+      }
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int j = 0; j < cn; ++j) {
+        const float w = exp_neg_f(s[j] - mx);
+        s[j] = w;
+        sum += w;
+      }
+      out.sum[g] += sum;
+    }
+    // Values: one read per row, accumulated into every head that selected it.
+    for (int j = 0; j < cn; ++j) {
+      if (j + kPrefetchRows < cn) prefetch_row(B.values, ids[j + kPrefetchRows], row_bytes, 3);
+      load_row(B.values, P.dtype, ids[j], d, row);
+      const uint8_t h = hs[j];
+      for (int g = 0; g < G; ++g) {
+        if ((h >> g) & 1) {
+          const float w = scores[g * kChunk + j];
+          if (w != 0.0f) axpy(out.acc + static_cast<int64_t>(g) * d, w, row, d);
+        }
+      }
+    }
+  }
+}
+
+void row_norms(const void* rows, KvDtype dtype, int64_t n, int d, float* norms) {
+  float buf[4096];
+  for (int64_t i = 0; i < n; ++i) {
+    float* x = buf;
+    load_row(rows, dtype, i, d, x);
+    simd::vf acc = simd::zero();
+    int k = 0;
+    for (; k + simd::W <= d; k += simd::W) {
+      simd::vf v = simd::load(x + k);
+      acc = simd::fmadd(v, v, acc);
+    }
+    float s = simd::reduce_add(acc);
+    for (; k < d; ++k) s += x[k] * x[k];
+    norms[i] = std::sqrt(s);
+  }
+}
+
+const magicpig::Kernels& kernels() {
+  static const magicpig::Kernels table{MAGICPIG_ISA_NAME, &attend_block, &row_norms};
+  return table;
+}
+
+}  // namespace MAGICPIG_ISA_NS

@@ -1,0 +1,383 @@
+#include "store.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+
+#include "dispatch.h"
+
+namespace magicpig {
+
+namespace {
+
+// Per-thread scratch of attend, allocated once per OS thread and kept zeroed between calls.
+struct ScratchStorage {
+  std::vector<uint16_t> counts = std::vector<uint16_t>(kBlockTokens, 0);
+  std::vector<uint8_t> heads = std::vector<uint8_t>(kBlockTokens, 0);
+  std::vector<uint64_t> bitmap = std::vector<uint64_t>(kBlockTokens / 64, 0);
+  std::vector<uint64_t> summary = std::vector<uint64_t>(kBlockTokens / 64 / 64, 0);
+  std::vector<uint16_t> cand = std::vector<uint16_t>(kBlockTokens);
+  std::vector<uint8_t> cand_heads = std::vector<uint8_t>(kBlockTokens);
+  std::vector<float> work = std::vector<float>(kMaxGroup * 2 * kChunk + kChunk + kMaxHeadDim);
+  Scratch view() {
+    return Scratch{counts.data(), heads.data(), bitmap.data(), summary.data(),
+                   cand.data(),   cand_heads.data(), work.data()};
+  }
+};
+
+Scratch thread_scratch() {
+  thread_local ScratchStorage storage;
+  return storage.view();
+}
+
+int resolve_threads(int requested) { return requested > 0 ? requested : omp_get_max_threads(); }
+
+}  // namespace
+
+Store::Store(int num_kv_heads_, int head_dim_, int K_, int L_, int min_collisions_, KvDtype dtype_,
+             int num_threads_, std::vector<float> table, float t_lo, float h, float log_u_floor)
+    : num_kv_heads(num_kv_heads_),
+      head_dim(head_dim_),
+      K(K_),
+      L(L_),
+      min_collisions(min_collisions_),
+      dtype(dtype_),
+      num_threads(num_threads_),
+      low_bits_(std::min(K_, kMaxLowBits)),
+      table_(std::move(table)),
+      t_lo_(t_lo),
+      inv_h_(1.0f / h),
+      log_u_floor_(log_u_floor) {
+  if (num_kv_heads < 1 || head_dim < 1 || head_dim > kMaxHeadDim || K < 1 || K > kMaxLowBits + 8 || L < 1 ||
+      min_collisions < 1 || min_collisions > L || table_.size() < 4 || table_.size() % 2)
+    throw std::invalid_argument("Store: invalid arguments (validated in Python; this is a bug)");
+}
+
+int Store::threads() const { return resolve_threads(num_threads); }
+
+int64_t Store::add_sequence() {
+  std::unique_lock lock(mutex_);
+  const int64_t id = next_id_++;
+  Sequence& s = seqs_[id];
+  s.heads.resize(num_kv_heads);
+  return id;
+}
+
+void Store::remove_sequence(int64_t seq_id) {
+  std::unique_lock lock(mutex_);
+  if (seqs_.erase(seq_id) == 0) throw std::out_of_range("unknown seq_id " + std::to_string(seq_id));
+}
+
+bool Store::has_sequence(int64_t seq_id) const {
+  std::shared_lock lock(mutex_);
+  return seqs_.count(seq_id) != 0;
+}
+
+const Sequence& Store::get(int64_t seq_id) const {
+  auto it = seqs_.find(seq_id);
+  if (it == seqs_.end()) throw std::out_of_range("unknown seq_id " + std::to_string(seq_id));
+  return it->second;
+}
+
+Sequence& Store::get(int64_t seq_id) {
+  auto it = seqs_.find(seq_id);
+  if (it == seqs_.end()) throw std::out_of_range("unknown seq_id " + std::to_string(seq_id));
+  return it->second;
+}
+
+int64_t Store::length(int64_t seq_id) const {
+  std::shared_lock lock(mutex_);
+  return get(seq_id).length;
+}
+
+int64_t Store::nbytes(int64_t seq_id) const {
+  std::shared_lock lock(mutex_);
+  const Sequence& s = get(seq_id);
+  int64_t total = sizeof(Sequence);
+  for (const auto& blocks : s.heads)
+    for (const Block& b : blocks) total += static_cast<int64_t>(b.nbytes());
+  return total;
+}
+
+int64_t Store::nbytes() const {
+  std::shared_lock lock(mutex_);
+  int64_t total = static_cast<int64_t>(sizeof(Store) + table_.size() * sizeof(float));
+  for (const auto& kv : seqs_)
+    for (const auto& blocks : kv.second.heads)
+      for (const Block& b : blocks) total += static_cast<int64_t>(b.nbytes()) + static_cast<int64_t>(sizeof(Sequence));
+  return total;
+}
+
+void Store::append(int64_t seq_id, const void* keys, const void* values, const int32_t* codes, int64_t t) {
+  std::unique_lock lock(mutex_);
+  Sequence& seq = get(seq_id);
+  const int64_t row_bytes = static_cast<int64_t>(head_dim) * kv_itemsize(dtype);
+  const Kernels& kern = active_kernels();
+  const int nt = threads();
+  int64_t pos = 0;
+  while (pos < t) {
+    std::vector<Block>& first = seq.heads[0];
+    if (first.empty() || first.back().len == kBlockTokens)
+      for (auto& blocks : seq.heads) blocks.emplace_back();
+    const int64_t bi = static_cast<int64_t>(first.size()) - 1;
+    const int64_t take = std::min<int64_t>(kBlockTokens - first.back().len, t - pos);
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int h = 0; h < num_kv_heads; ++h) {
+      Block& b = seq.heads[h][bi];
+      const int64_t need = b.len + take;
+      if (need > b.cap) {
+        // Exact for bulk appends, geometric for token-by-token ones (amortised copies).
+        const int64_t cap = std::min<int64_t>(kBlockTokens, std::max<int64_t>(need, b.cap + b.cap / 2));
+        b.keys.reserve_keep(cap * row_bytes, b.len * row_bytes);
+        b.values.reserve_keep(cap * row_bytes, b.len * row_bytes);
+        b.norms.reserve_keep(cap, b.len);
+        b.cap = static_cast<int32_t>(cap);
+      }
+      const int64_t src = (static_cast<int64_t>(h) * t + pos);
+      std::memcpy(b.keys.data() + b.len * row_bytes, static_cast<const uint8_t*>(keys) + src * row_bytes,
+                  take * row_bytes);
+      std::memcpy(b.values.data() + b.len * row_bytes, static_cast<const uint8_t*>(values) + src * row_bytes,
+                  take * row_bytes);
+      kern.row_norms(b.keys.data() + b.len * row_bytes, dtype, take, head_dim, b.norms.data() + b.len);
+      const int64_t tail_len = b.len - b.csr_len;
+      const size_t tail_need = static_cast<size_t>(tail_len + take) * L;
+      if (tail_need > b.tail.capacity())  // geometric: token-by-token appends copy O(1) each
+        b.tail.reserve_keep(std::max(tail_need, 2 * b.tail.capacity()), tail_len * L);
+      std::memcpy(b.tail.data() + tail_len * L, codes + src * L, take * L * sizeof(int32_t));
+      b.len = static_cast<int32_t>(need);
+    }
+    seq.length += take;
+    pos += take;
+    const Block& b0 = seq.heads[0][bi];
+    if (b0.len - b0.csr_len >= kTailMerge || b0.len == kBlockTokens) merge_tail(seq, bi);
+  }
+}
+
+namespace {
+
+// Counting sort of table l's new tokens into the existing CSR of the block (new ids come after
+// the old ones of the same bucket, so every bucket stays ascending).
+template <typename Col>
+void merge_table(const Col* col, int64_t T, int64_t old_len, int low_bits, bool with_hi, const uint32_t* old_off,
+                 const uint16_t* old_ids, const uint8_t* old_hi, uint32_t* new_off, uint16_t* new_ids,
+                 uint8_t* new_hi, std::vector<uint32_t>& cnt) {
+  const uint32_t nb = 1u << low_bits, mask = nb - 1;
+  std::fill(cnt.begin(), cnt.begin() + nb, 0u);
+  for (int64_t j = 0; j < T; ++j) ++cnt[col[j] & mask];
+  new_off[0] = 0;
+  for (uint32_t b = 0; b < nb; ++b) {
+    const uint32_t old_count = old_len ? old_off[b + 1] - old_off[b] : 0;
+    new_off[b + 1] = new_off[b] + old_count + cnt[b];
+    if (old_count) {
+      std::memcpy(new_ids + new_off[b], old_ids + old_off[b], old_count * sizeof(uint16_t));
+      if (with_hi) std::memcpy(new_hi + new_off[b], old_hi + old_off[b], old_count);
+    }
+    cnt[b] = new_off[b] + old_count;  // next write position of the bucket
+  }
+  for (int64_t j = 0; j < T; ++j) {
+    const uint32_t c = col[j];
+    const uint32_t p = cnt[c & mask]++;
+    new_ids[p] = static_cast<uint16_t>(old_len + j);
+    if (with_hi) new_hi[p] = static_cast<uint8_t>(c >> low_bits);
+  }
+}
+
+// tail [T][L] int32 -> col [L][T] (tiles of tokens keep the writes of all tables in L1).
+template <typename Col>
+void transpose_codes(const int32_t* tail, int64_t T, int L, Col* col) {
+  constexpr int64_t kTile = 64;
+  for (int64_t j0 = 0; j0 < T; j0 += kTile) {
+    const int64_t j1 = std::min(T, j0 + kTile);
+    for (int64_t j = j0; j < j1; ++j) {
+      const int32_t* row = tail + j * L;
+      for (int l = 0; l < L; ++l) col[l * T + j] = static_cast<Col>(row[l]);
+    }
+  }
+}
+
+}  // namespace
+
+void Store::merge_tail(Sequence& seq, int64_t bi) {
+  const int H = num_kv_heads;
+  const int64_t T = seq.heads[0][bi].len - seq.heads[0][bi].csr_len;
+  if (T == 0) return;
+  const int64_t old_len = seq.heads[0][bi].csr_len;
+  const int64_t new_len = old_len + T;
+  const uint32_t nb = 1u << low_bits_;
+  const bool with_hi = K > low_bits_;
+  const bool narrow = K <= 16;  // codes fit uint16
+  const int nt = threads();
+  std::vector<Buf<uint32_t>> offs(H);
+  std::vector<Buf<uint16_t>> ids(H);
+  std::vector<Buf<uint8_t>> his(H);
+  std::vector<Buf<uint16_t>> col16(H);
+  std::vector<Buf<uint32_t>> col32(H);
+  for (int h = 0; h < H; ++h) {
+    offs[h].reset(static_cast<size_t>(L) * (nb + 1));
+    ids[h].reset(static_cast<size_t>(L) * new_len);
+    if (with_hi) his[h].reset(static_cast<size_t>(L) * new_len);
+    if (narrow)
+      col16[h].reset(static_cast<size_t>(L) * T);
+    else
+      col32[h].reset(static_cast<size_t>(L) * T);
+  }
+#pragma omp parallel num_threads(nt)
+  {
+#pragma omp for schedule(static)
+    for (int h = 0; h < H; ++h) {
+      const Block& b = seq.heads[h][bi];
+      if (narrow)
+        transpose_codes(b.tail.data(), T, L, col16[h].data());
+      else
+        transpose_codes(b.tail.data(), T, L, col32[h].data());
+    }
+    std::vector<uint32_t> cnt(nb);
+#pragma omp for schedule(dynamic, 4) collapse(2)
+    for (int h = 0; h < H; ++h) {
+      for (int l = 0; l < L; ++l) {
+        const Block& b = seq.heads[h][bi];
+        const uint32_t* old_off = old_len ? b.offsets.data() + static_cast<int64_t>(l) * (nb + 1) : nullptr;
+        const uint16_t* old_ids = old_len ? b.ids.data() + l * old_len : nullptr;
+        const uint8_t* old_hi = (old_len && with_hi) ? b.hi.data() + l * old_len : nullptr;
+        uint32_t* no = offs[h].data() + static_cast<int64_t>(l) * (nb + 1);
+        uint16_t* ni = ids[h].data() + l * new_len;
+        uint8_t* nh = with_hi ? his[h].data() + l * new_len : nullptr;
+        if (narrow)
+          merge_table(col16[h].data() + l * T, T, old_len, low_bits_, with_hi, old_off, old_ids, old_hi, no, ni, nh,
+                      cnt);
+        else
+          merge_table(col32[h].data() + l * T, T, old_len, low_bits_, with_hi, old_off, old_ids, old_hi, no, ni, nh,
+                      cnt);
+      }
+    }
+  }
+  for (int h = 0; h < H; ++h) {
+    Block& b = seq.heads[h][bi];
+    b.offsets.swap(offs[h]);
+    b.ids.swap(ids[h]);
+    b.hi.swap(his[h]);
+    b.tail.clear();
+    b.csr_len = static_cast<int32_t>(new_len);
+  }
+}
+
+AttendParams Store::params() const {
+  AttendParams p;
+  p.d = head_dim;
+  p.K = K;
+  p.L = L;
+  p.m = min_collisions;
+  p.low_bits = low_bits_;
+  p.dtype = dtype;
+  p.scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+  p.table = table_.data();
+  p.table_points = static_cast<int>(table_.size() / 2);
+  p.t_lo = t_lo_;
+  p.inv_h = inv_h_;
+  p.log_u_floor = log_u_floor_;
+  return p;
+}
+
+void Store::attend(const int64_t* seq_ids, int B, int Hq, const float* queries, const int32_t* query_codes,
+                   float* out, float* lse, int32_t* ncand) const {
+  std::shared_lock lock(mutex_);
+  const int H = num_kv_heads, d = head_dim;
+  const int G = Hq / H;
+  const int nsub = (G + kMaxGroup - 1) / kMaxGroup;
+  std::vector<const Sequence*> seqs(B);
+  for (int b = 0; b < B; ++b) seqs[b] = &get(seq_ids[b]);
+
+  struct Task {
+    int b, h, sub, block;
+  };
+  std::vector<Task> tasks;
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < H; ++h)
+      for (int sub = 0; sub < nsub; ++sub)
+        for (int blk = 0; blk < static_cast<int>(seqs[b]->heads[h].size()); ++blk) tasks.push_back({b, h, sub, blk});
+  const int64_t nt_tasks = static_cast<int64_t>(tasks.size());
+  std::vector<float> acc(nt_tasks * kMaxGroup * d, 0.0f);
+  std::vector<float> mx(nt_tasks * kMaxGroup, -std::numeric_limits<float>::infinity());
+  std::vector<float> sums(nt_tasks * kMaxGroup, 0.0f);
+  std::vector<int32_t> counts(nt_tasks * kMaxGroup, 0);
+  std::vector<float> qnorm(static_cast<size_t>(B) * Hq);
+  for (int64_t i = 0; i < static_cast<int64_t>(B) * Hq; ++i) {
+    double s = 0;
+    for (int k = 0; k < d; ++k) s += static_cast<double>(queries[i * d + k]) * queries[i * d + k];
+    qnorm[i] = static_cast<float>(std::sqrt(s));
+  }
+  const Kernels& kern = active_kernels();
+  const AttendParams P = params();
+  const int nt = threads();
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+  for (int64_t i = 0; i < nt_tasks; ++i) {
+    const Task& tk = tasks[i];
+    const Block& blk = seqs[tk.b]->heads[tk.h][tk.block];
+    BlockView v;
+    v.len = blk.len;
+    v.csr_len = blk.csr_len;
+    v.keys = blk.keys.data();
+    v.values = blk.values.data();
+    v.norms = blk.norms.data();
+    v.offsets = blk.offsets.data();
+    v.ids = blk.ids.data();
+    v.hi = K > low_bits_ ? blk.hi.data() : nullptr;
+    v.tail_codes = blk.tail.data();
+    const int head0 = tk.h * G + tk.sub * kMaxGroup;
+    QueryGroup q;
+    q.G = std::min(kMaxGroup, G - tk.sub * kMaxGroup);
+    q.q = queries + (static_cast<int64_t>(tk.b) * Hq + head0) * d;
+    q.codes = query_codes + (static_cast<int64_t>(tk.b) * Hq + head0) * L;
+    q.qnorm = qnorm.data() + static_cast<int64_t>(tk.b) * Hq + head0;
+    Partial part{acc.data() + i * kMaxGroup * d, mx.data() + i * kMaxGroup, sums.data() + i * kMaxGroup,
+                 counts.data() + i * kMaxGroup};
+    Scratch scratch = thread_scratch();
+    kern.attend_block(v, q, P, scratch, part);
+  }
+  // Merge the blocks of each (row, head) by log-sum-exp.
+  std::vector<int64_t> first_task(static_cast<size_t>(B) * H * nsub, -1), ntask(static_cast<size_t>(B) * H * nsub, 0);
+  for (int64_t i = 0; i < nt_tasks; ++i) {
+    const int64_t key = (static_cast<int64_t>(tasks[i].b) * H + tasks[i].h) * nsub + tasks[i].sub;
+    if (first_task[key] < 0) first_task[key] = i;
+    ++ntask[key];
+  }
+  const float ninf = -std::numeric_limits<float>::infinity();
+  for (int b = 0; b < B; ++b) {
+    for (int hq = 0; hq < Hq; ++hq) {
+      const int h = hq / G, sub = (hq % G) / kMaxGroup, g = (hq % G) % kMaxGroup;
+      const int64_t key = (static_cast<int64_t>(b) * H + h) * nsub + sub;
+      float* o = out + (static_cast<int64_t>(b) * Hq + hq) * d;
+      float M = ninf;
+      int32_t count = 0;
+      for (int64_t i = first_task[key]; i >= 0 && i < first_task[key] + ntask[key]; ++i) {
+        M = std::max(M, mx[i * kMaxGroup + g]);
+        count += counts[i * kMaxGroup + g];
+      }
+      ncand[static_cast<int64_t>(b) * Hq + hq] = count;
+      std::fill(o, o + d, 0.0f);
+      if (!(M > ninf)) {
+        lse[static_cast<int64_t>(b) * Hq + hq] = ninf;
+        continue;
+      }
+      double S = 0;
+      for (int64_t i = first_task[key]; i < first_task[key] + ntask[key]; ++i) {
+        const float m_i = mx[i * kMaxGroup + g];
+        if (!(m_i > ninf)) continue;
+        const float w = std::exp(m_i - M);
+        S += static_cast<double>(w) * sums[i * kMaxGroup + g];
+        const float* a = acc.data() + (i * kMaxGroup + g) * d;
+        for (int k = 0; k < d; ++k) o[k] += w * a[k];
+      }
+      const float inv = static_cast<float>(1.0 / S);
+      for (int k = 0; k < d; ++k) o[k] *= inv;
+      lse[static_cast<int64_t>(b) * Hq + hq] = M + static_cast<float>(std::log(S));
+    }
+  }
+}
+
+}  // namespace magicpig

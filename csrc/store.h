@@ -1,0 +1,118 @@
+// CPUStore: middle K/V and LSH bucket lists of one attention layer for many sequences.
+//
+// Layout per (sequence, KV head): blocks of up to 65536 consecutive tokens. A block holds its
+// K and V rows in the store's dtype, fp32 key norms, and per hash table a CSR of bucket lists
+// (offsets over the low `low_bits` bits of the code, uint16 token ids inside the block, plus a
+// byte of high code bits when K > low_bits). Appends go to an unsorted tail of codes that
+// queries scan directly; the tail is merged into the CSR when it reaches kTailMerge tokens or
+// the block fills, so appends are retrievable at once and the CSR is rebuilt rarely.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <shared_mutex>
+#include <unordered_map>
+#include <vector>
+
+#include "kernels.h"
+
+namespace magicpig {
+
+constexpr int kBlockTokens = 65536;
+constexpr int kMaxLowBits = 12;   // at most 4096 buckets per table per block
+constexpr int kTailMerge = 256;   // tail tokens that trigger a CSR merge
+constexpr int kMaxHeadDim = 4096;
+
+// An uninitialised growable array whose capacity is the memory it holds.
+template <typename T>
+class Buf {
+ public:
+  T* data() { return ptr_.get(); }
+  const T* data() const { return ptr_.get(); }
+  size_t capacity() const { return cap_; }
+  size_t bytes() const { return cap_ * sizeof(T); }
+  // Exactly n elements, contents dropped.
+  void reset(size_t n) {
+    ptr_.reset(n ? new T[n] : nullptr);
+    cap_ = n;
+  }
+  // At least n elements keeping the first `keep`.
+  void reserve_keep(size_t n, size_t keep) {
+    if (n <= cap_) return;
+    std::unique_ptr<T[]> p(new T[n]);
+    if (keep) std::memcpy(p.get(), ptr_.get(), keep * sizeof(T));
+    ptr_ = std::move(p);
+    cap_ = n;
+  }
+  void swap(Buf& o) {
+    ptr_.swap(o.ptr_);
+    std::swap(cap_, o.cap_);
+  }
+  void clear() { reset(0); }
+
+ private:
+  std::unique_ptr<T[]> ptr_;
+  size_t cap_ = 0;
+};
+
+struct Block {
+  int32_t len = 0;
+  int32_t csr_len = 0;
+  int32_t cap = 0;  // rows allocated for keys/values/norms
+  Buf<uint8_t> keys, values;
+  Buf<float> norms;
+  Buf<uint32_t> offsets;  // [L][nbuckets + 1]
+  Buf<uint16_t> ids;      // [L][csr_len]
+  Buf<uint8_t> hi;        // [L][csr_len] when K > low_bits
+  Buf<int32_t> tail;      // [len - csr_len][L]
+  size_t nbytes() const {
+    return keys.bytes() + values.bytes() + norms.bytes() + offsets.bytes() + ids.bytes() + hi.bytes() +
+           tail.bytes() + sizeof(Block);
+  }
+};
+
+struct Sequence {
+  int64_t length = 0;
+  std::vector<std::vector<Block>> heads;  // [Hkv][block]
+};
+
+class Store {
+ public:
+  // table: Hermite table of log u over t = log p in [t_lo, 0] (see AttendParams).
+  Store(int num_kv_heads, int head_dim, int K, int L, int min_collisions, KvDtype dtype, int num_threads,
+        std::vector<float> table, float t_lo, float h, float log_u_floor);
+
+  int64_t add_sequence();
+  void remove_sequence(int64_t seq_id);
+  bool has_sequence(int64_t seq_id) const;
+  int64_t length(int64_t seq_id) const;
+  // keys, values: [Hkv, t, d] in the store's dtype; codes: int32 [Hkv, t, L] in [0, 2^K).
+  void append(int64_t seq_id, const void* keys, const void* values, const int32_t* codes, int64_t t);
+  // queries fp32 [B, Hq, d]; query_codes int32 [B, Hq, L]; out fp32 [B, Hq, d];
+  // lse fp32 [B, Hq]; ncand int32 [B, Hq].
+  void attend(const int64_t* seq_ids, int B, int Hq, const float* queries, const int32_t* query_codes, float* out,
+              float* lse, int32_t* ncand) const;
+  int64_t nbytes() const;
+  int64_t nbytes(int64_t seq_id) const;
+  int threads() const;
+
+  int num_kv_heads, head_dim, K, L, min_collisions;
+  KvDtype dtype;
+  int num_threads;  // <= 0: OpenMP default (all cores)
+
+ private:
+  const Sequence& get(int64_t seq_id) const;
+  Sequence& get(int64_t seq_id);
+  void merge_tail(Sequence& seq, int64_t block_index);
+  AttendParams params() const;
+
+  int low_bits_;
+  std::vector<float> table_;
+  float t_lo_, inv_h_, log_u_floor_;
+  int64_t next_id_ = 0;
+  std::unordered_map<int64_t, Sequence> seqs_;
+  mutable std::shared_mutex mutex_;  // attend: shared; everything that mutates: exclusive
+};
+
+}  // namespace magicpig

@@ -1,0 +1,1 @@
+"""Triton kernels of magicpig, shipped inside the package as ``magicpig.kernels``."""
