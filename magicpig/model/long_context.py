@@ -11,7 +11,7 @@ import torch
 
 from magicpig.config import MagicPIGConfig
 from magicpig.model.llama import LlamaModel, ModelArgs, rope_inverse_frequencies
-from magicpig.model.loading import load_checkpoint
+from magicpig.model.loading import load_config, load_state_dict, load_tokenizer, resolve_model_dir
 from magicpig.runtime.decode import DecodeSession
 from magicpig.runtime.generate import GenerationResult, SamplingParams, decode_loop
 from magicpig.runtime.prefill import DEFAULT_CHUNK, PrefillState, prefill, prefill_sequence
@@ -70,8 +70,11 @@ class LongContextModel:
             dtype = names[dtype]
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        hf_config, tokenizer, state, model_dir = load_checkpoint(name_or_path)
-        args = ModelArgs.from_hf_config(hf_config)
+        model_dir = resolve_model_dir(name_or_path)
+        hf_config = load_config(model_dir)
+        args = ModelArgs.from_hf_config(hf_config)  # unsupported architectures fail before weights load
+        tokenizer = load_tokenizer(model_dir)
+        state = load_state_dict(model_dir)
         inv_freq, scaling = rope_inverse_frequencies(hf_config, args.head_dim)
         model = LlamaModel(args, state, inv_freq, scaling, device, dtype)
         del state
@@ -126,6 +129,8 @@ class LongContextModel:
         return out, single
 
     def _encode_text(self, text: str, chat: bool) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError(f"model {self.source!r} has no tokenizer: pass prompts as token ids")
         if not text:
             return []
         if chat and getattr(self.tokenizer, "chat_template", None):
