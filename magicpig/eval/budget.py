@@ -1,0 +1,116 @@
+"""Pick the LSH parameters ``(K, L)`` that give a target computation cost.
+
+Users think in budgets ("read 2% of the keys"), the sampler in ``(K, L)``. A key at cosine
+``c`` from the query becomes a candidate with probability
+``P[Binomial(L, p(c)) >= m]``, ``p(c) = (1 - arccos(c)/pi)^K`` (DESIGN.md §2), so on a
+calibration sample of (query, key) cosines the expected candidate fraction of a ``(K, L)`` is
+the mean of that probability: :func:`predicted_cost`. It grows with ``L`` and shrinks with
+``K``; :func:`choose_kl` finds, for each ``K`` in a range, the smallest ``L`` that reaches the
+target, and returns the option with the most bits whose ``L`` fits ``max_tables`` (more bits
+concentrate the samples on the keys that matter; fewer tables cost less memory and hashing).
+The cosines must be between queries and *centred* keys, as the store hashes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from magicpig.config import MAX_K, MAX_L
+from magicpig.lsh import collision_probability
+
+HISTOGRAM_BINS = 4001  # cosines are binned on [-1, 1]; the cost error this adds is ~1e-4
+
+
+@dataclass(frozen=True)
+class KLChoice:
+    K: int
+    L: int
+    predicted_cost: float
+
+
+def calibration_cosines(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Cosines of every (query, key) pair of one head: queries [Nq, d], keys [Nk, d] -> [Nq*Nk].
+
+    Keys should be centred (minus the mean of the middle keys) as the store hashes them.
+    """
+    if queries.dim() != 2 or keys.dim() != 2 or queries.shape[1] != keys.shape[1]:
+        raise ValueError(
+            f"queries {tuple(queries.shape)} and keys {tuple(keys.shape)}: expected [Nq, d] and [Nk, d]"
+        )
+    q = torch.nn.functional.normalize(queries.double(), dim=-1)
+    k = torch.nn.functional.normalize(keys.double(), dim=-1)
+    return (q @ k.T).flatten()
+
+
+def _histogram(cosines: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bin centres, weights summing to 1) of the cosines on [-1, 1]."""
+    c = torch.as_tensor(cosines, dtype=torch.float64).flatten().clamp(-1, 1)
+    if c.numel() == 0:
+        raise ValueError("cosines: expected a non-empty calibration sample")
+    idx = torch.round((c + 1) / 2 * (HISTOGRAM_BINS - 1)).long()
+    weights = torch.bincount(idx, minlength=HISTOGRAM_BINS).double() / c.numel()
+    centres = torch.linspace(-1, 1, HISTOGRAM_BINS, dtype=torch.float64)
+    keep = weights > 0
+    return centres[keep], weights[keep]
+
+
+def predicted_cost(cosines: torch.Tensor, K: int, L: int, min_collisions: int = 2) -> float:
+    """Expected fraction of keys that become candidates, over the calibration cosines."""
+    centres, weights = _histogram(cosines)
+    return float((collision_probability(centres, K, L, min_collisions) * weights).sum())
+
+
+def _smallest_l(centres: torch.Tensor, weights: torch.Tensor, K: int, target: float,
+                min_collisions: int, max_tables: int) -> int | None:
+    def cost(L: int) -> float:
+        return float((collision_probability(centres, K, L, min_collisions) * weights).sum())
+
+    lo, hi = min_collisions, max_tables
+    if cost(hi) < target:
+        return None
+    if cost(lo) >= target:
+        return lo
+    while hi - lo > 1:  # cost(lo) < target <= cost(hi)
+        mid = (lo + hi) // 2
+        if cost(mid) >= target:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def kl_options(cosines: torch.Tensor, target_cost: float, K_range: tuple[int, int] = (4, 16),
+               min_collisions: int = 2, max_tables: int = MAX_L) -> list[KLChoice]:
+    """For each K in K_range (inclusive), the smallest L with predicted cost >= target_cost."""
+    if not 0 < target_cost < 1:
+        raise ValueError(f"target_cost={target_cost!r}: expected a fraction in (0, 1)")
+    k_lo, k_hi = K_range
+    if not 1 <= k_lo <= k_hi <= MAX_K:
+        raise ValueError(f"K_range={K_range!r}: expected 1 <= K_min <= K_max <= {MAX_K}")
+    if not min_collisions <= max_tables <= MAX_L:
+        raise ValueError(f"max_tables={max_tables!r}: expected an integer in [{min_collisions}, {MAX_L}]")
+    centres, weights = _histogram(cosines)
+    out = []
+    for K in range(k_lo, k_hi + 1):
+        L = _smallest_l(centres, weights, K, target_cost, min_collisions, max_tables)
+        if L is not None:
+            cost = float((collision_probability(centres, K, L, min_collisions) * weights).sum())
+            out.append(KLChoice(K, L, cost))
+    return out
+
+
+def choose_kl(cosines: torch.Tensor, target_cost: float, K_range: tuple[int, int] = (4, 16),
+              min_collisions: int = 2, max_tables: int = 300) -> KLChoice:
+    """The (K, L) with the most bits whose smallest L reaching ``target_cost`` is <= max_tables.
+
+    Raises ValueError when no K in the range reaches the target within max_tables tables.
+    """
+    options = kl_options(cosines, target_cost, K_range, min_collisions, max_tables)
+    if not options:
+        raise ValueError(
+            f"no K in {K_range} reaches cost {target_cost} with at most {max_tables} tables; "
+            "raise max_tables or lower K_range"
+        )
+    return max(options, key=lambda o: o.K)
