@@ -81,10 +81,10 @@ inline float exp_neg_f(float x) {
 // log u(t) from the Hermite table (AttendParams), floored at log_u_floor.
 inline float log_u_of_t(float t, const AttendParams& P) {
   float u = (t - P.t_lo) * P.inv_h;
-  float top = static_cast<float>(P.table_points - 1) - 1e-3f;
-  float uc = fmin_(fmax_(u, 0.0f), top);
+  float uc = fmin_(fmax_(u, 0.0f), static_cast<float>(P.table_points - 1));
   int i = static_cast<int>(uc);
-  float f = uc - static_cast<float>(i);
+  i = i < P.table_points - 2 ? i : P.table_points - 2;
+  float f = uc - static_cast<float>(i);  // in [0, 1]
   const float* T = P.table + 2 * i;
   float g = 1.0f - f;
   float h = (1.0f + 2.0f * f) * g * g * T[0] + f * g * g * T[1] + f * f * (3.0f - 2.0f * f) * T[2] - f * f * g * T[3];

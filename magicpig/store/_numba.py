@@ -1,0 +1,231 @@
+"""The numba backend of CPUStore: the same algorithm as the C++ one, written simply.
+
+Used when the extension is not built or with ``backend="numba"``; tested equal to the C++
+backend. Per (sequence, KV head) it keeps K/V upcast to fp32 after rounding to the store dtype
+(so the numbers are the ones the C++ backend reads), fp32 key norms, the raw codes, and per table
+a CSR of bucket lists over the low min(K, 12) code bits (int32 ids; the full code is compared
+through the kept codes). Tokens appended since the last CSR build form a tail scanned directly;
+the CSR is rebuilt when the tail reaches TAIL_MERGE tokens. Scores and weights are computed in
+float64 with the same interpolated log-u table as the C++ kernels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+import torch
+
+TAIL_MERGE = 256
+MAX_LOW_BITS = 12
+_TORCH_DTYPE = {0: torch.bfloat16, 1: torch.float16, 2: torch.float32}
+
+
+@numba.njit(cache=True)
+def _log_u(t, table, t_lo, inv_h, floor):
+    points = table.size // 2
+    u = (t - t_lo) * inv_h
+    if u < 0.0:
+        return floor
+    uc = min(u, points - 1.0)
+    i = min(int(uc), points - 2)
+    f = uc - i
+    g = 1.0 - f
+    h = (
+        (1.0 + 2.0 * f) * g * g * table[2 * i]
+        + f * g * g * table[2 * i + 1]
+        + f * f * (3.0 - 2.0 * f) * table[2 * i + 2]
+        - f * f * g * table[2 * i + 3]
+    )
+    return max(h, floor)
+
+
+@numba.njit(cache=True, parallel=True)
+def _build_csr(codes, n, low_bits, offsets, ids):
+    """codes int32 [H, cap, L] -> offsets int32 [H, L, nb+1], ids int32 [H, L, n] (counting sort)."""
+    H, L = codes.shape[0], codes.shape[2]
+    nb = 1 << low_bits
+    mask = nb - 1
+    for task in numba.prange(H * L):
+        h, l = task // L, task % L
+        cnt = np.zeros(nb + 1, np.int64)
+        for i in range(n):
+            cnt[(codes[h, i, l] & mask) + 1] += 1
+        for b in range(nb):
+            cnt[b + 1] += cnt[b]
+        for b in range(nb + 1):
+            offsets[h, l, b] = cnt[b]
+        for i in range(n):
+            b = codes[h, i, l] & mask
+            ids[h, l, cnt[b]] = i
+            cnt[b] += 1
+
+
+@numba.njit(cache=True, parallel=True)
+def _attend_sequence(
+    keys, values, norms, codes, n, csr_len, offsets, ids, low_bits, q, qnorm, qcodes, K, m, table, t_lo, inv_h,
+    floor, out, lse, ncand,
+):
+    """One sequence: q float32 [Hq, d]; qcodes int32 [Hq, L]; writes out [Hq, d], lse [Hq], ncand [Hq]."""
+    H, d, L = keys.shape[0], keys.shape[2], codes.shape[2]
+    Hq = q.shape[0]
+    G = Hq // H
+    mask = (1 << low_bits) - 1
+    scale = 1.0 / math.sqrt(d)
+    for hq in numba.prange(Hq):
+        h = hq // G
+        counts = np.zeros(n, np.int32)
+        for l in range(L):
+            code = qcodes[hq, l]
+            b = code & mask
+            for e in range(offsets[h, l, b], offsets[h, l, b + 1]):
+                i = ids[h, l, e]
+                if codes[h, i, l] == code:
+                    counts[i] += 1
+        for i in range(csr_len, n):
+            c = 0
+            for l in range(L):
+                if codes[h, i, l] == qcodes[hq, l]:
+                    c += 1
+            counts[i] = c
+        scores = np.full(n, -np.inf)
+        mx = -np.inf
+        found = 0
+        for i in range(n):
+            if counts[i] < m:
+                continue
+            found += 1
+            dot = 0.0
+            for k in range(d):
+                dot += np.float64(q[hq, k]) * np.float64(keys[h, i, k])
+            denom = np.float64(qnorm[hq]) * np.float64(norms[h, i])
+            c = dot / denom if denom > 0 else 0.0
+            c = min(max(c, -1.0), 1.0)
+            t = K * math.log1p(-math.acos(c) / math.pi) if c > -1.0 else -np.inf
+            s = dot * scale - _log_u(t, table, t_lo, inv_h, floor)
+            scores[i] = s
+            mx = max(mx, s)
+        ncand[hq] = found
+        for k in range(d):
+            out[hq, k] = 0.0
+        if found == 0:
+            lse[hq] = -np.inf
+            continue
+        acc = np.zeros(d)
+        total = 0.0
+        for i in range(n):
+            if scores[i] == -np.inf:
+                continue
+            w = math.exp(scores[i] - mx)
+            total += w
+            for k in range(d):
+                acc[k] += w * values[h, i, k]
+        for k in range(d):
+            out[hq, k] = acc[k] / total
+        lse[hq] = mx + math.log(total)
+
+
+class _Sequence:
+    def __init__(self, H: int, d: int, L: int):
+        self.n = 0
+        self.csr_len = 0
+        self.keys = np.empty((H, 0, d), np.float32)
+        self.values = np.empty((H, 0, d), np.float32)
+        self.norms = np.empty((H, 0), np.float32)
+        self.codes = np.empty((H, 0, L), np.int32)
+        self.offsets = np.zeros((H, L, 2), np.int32)
+        self.ids = np.empty((H, L, 0), np.int32)
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.keys, self.values, self.norms, self.codes, self.offsets, self.ids))
+
+
+def _grow(a: np.ndarray, n: int) -> np.ndarray:
+    """a with axis 1 of capacity >= n (geometric), contents kept."""
+    if a.shape[1] >= n:
+        return a
+    cap = max(n, a.shape[1] + a.shape[1] // 2)
+    b = np.empty((a.shape[0], cap) + a.shape[2:], a.dtype)
+    b[:, : a.shape[1]] = a
+    return b
+
+
+class NumbaStore:
+    """Same constructor and methods as magicpig._C.Store (see CPUStore)."""
+
+    def __init__(self, num_kv_heads, head_dim, K, L, min_collisions, dtype, num_threads, table, t_lo, h, log_u_floor):
+        self.H, self.d, self.K, self.L, self.m = num_kv_heads, head_dim, K, L, min_collisions
+        self.dtype = int(dtype)
+        self.num_threads = num_threads
+        self.table = np.asarray(table, np.float64)
+        self.t_lo, self.inv_h, self.floor = float(t_lo), 1.0 / float(h), float(log_u_floor)
+        self.low_bits = min(K, MAX_LOW_BITS)
+        self._seqs: dict[int, _Sequence] = {}
+        self._next = 0
+
+    def add_sequence(self) -> int:
+        sid = self._next
+        self._next += 1
+        self._seqs[sid] = _Sequence(self.H, self.d, self.L)
+        return sid
+
+    def remove_sequence(self, seq_id: int) -> None:
+        del self._seqs[seq_id]
+
+    def length(self, seq_id: int) -> int:
+        return self._seqs[seq_id].n
+
+    def nbytes(self) -> int:
+        return sum(s.nbytes() for s in self._seqs.values())
+
+    def nbytes_of(self, seq_id: int) -> int:
+        return self._seqs[seq_id].nbytes()
+
+    def _fp32(self, x: np.ndarray, t: int) -> np.ndarray:
+        """Store-dtype buffer (bf16 as uint16 bits) -> fp32 [H, t, d]."""
+        tt = torch.from_numpy(x.view(np.int16) if x.dtype == np.uint16 else x)
+        if self.dtype == 0:
+            tt = tt.view(torch.bfloat16)
+        return tt.float().reshape(self.H, t, self.d).numpy()
+
+    def append(self, seq_id: int, keys, values, codes, t: int) -> None:
+        s = self._seqs[seq_id]
+        n0, n1 = s.n, s.n + t
+        s.keys, s.values = _grow(s.keys, n1), _grow(s.values, n1)
+        s.norms, s.codes = _grow(s.norms, n1), _grow(s.codes, n1)
+        k = self._fp32(keys, t)
+        s.keys[:, n0:n1] = k
+        s.values[:, n0:n1] = self._fp32(values, t)
+        s.norms[:, n0:n1] = torch.from_numpy(k).norm(dim=-1).numpy()
+        s.codes[:, n0:n1] = codes.reshape(self.H, t, self.L)
+        s.n = n1
+        if s.n - s.csr_len >= TAIL_MERGE:
+            s.offsets = np.empty((self.H, self.L, (1 << self.low_bits) + 1), np.int32)
+            s.ids = np.empty((self.H, self.L, s.n), np.int32)
+            self._threads(lambda: _build_csr(s.codes, s.n, self.low_bits, s.offsets, s.ids))
+            s.csr_len = s.n
+
+    def _threads(self, fn):
+        if self.num_threads:
+            prev = numba.get_num_threads()
+            numba.set_num_threads(min(self.num_threads, numba.config.NUMBA_NUM_THREADS))
+            try:
+                return fn()
+            finally:
+                numba.set_num_threads(prev)
+        return fn()
+
+    def attend(self, seq_ids, B, Hq, q, qcodes, out, lse, ncand) -> None:
+        q = q.reshape(B, Hq, self.d)
+        qcodes = qcodes.reshape(B, Hq, self.L)
+        qnorm = np.sqrt((q.astype(np.float64) ** 2).sum(-1)).astype(np.float32)
+        for b in range(B):
+            s = self._seqs[int(seq_ids[b])]
+            self._threads(
+                lambda: _attend_sequence(
+                    s.keys, s.values, s.norms, s.codes, s.n, s.csr_len, s.offsets, s.ids, self.low_bits, q[b],
+                    qnorm[b], qcodes[b], self.K, self.m, self.table, self.t_lo, self.inv_h, self.floor, out[b],
+                    lse[b], ncand[b],
+                )
+            )

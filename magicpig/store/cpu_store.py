@@ -1,0 +1,290 @@
+"""CPUStore: the middle K/V and LSH bucket lists of one attention layer, in CPU memory.
+
+The store answers decode queries with the LSH-sampled estimator of DESIGN.md §2 over the keys
+that collide with the query in at least ``min_collisions`` of the L tables. The work is done by
+the C++/OpenMP extension ``magicpig._C`` (csrc/store.cpp, csrc/kernels_impl.h) or, when it is
+missing or asked for, by the numba implementation of the same algorithm (magicpig.store._numba).
+Every input is validated here, before any native call, so errors name the argument and what was
+expected. Arrays may be numpy arrays or CPU torch tensors; results are torch tensors.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from magicpig.config import KV_DTYPES, MAX_K, MAX_L
+from magicpig.store.weights import log_u_table
+
+try:  # the extension is optional: the numba backend runs the same algorithm
+    from magicpig import _C
+except ImportError:  # pragma: no cover - depends on the build
+    _C = None
+
+BACKENDS = ("auto", "cpp", "numba")
+MAX_HEAD_DIM = 4096
+_DTYPE_CODE = {"bf16": 0, "fp16": 1, "fp32": 2}
+_TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+ArrayLike = Union[np.ndarray, torch.Tensor]
+AttendResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def extension_available() -> bool:
+    """True when the C++ extension magicpig._C is importable."""
+    return _C is not None
+
+
+def _check_int(name: str, value: object, low: int, high: Optional[int] = None) -> int:
+    allowed = f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}"
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}={value!r}: expected {allowed}")
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{name}={value!r}: expected {allowed}")
+    return int(value)
+
+
+def _as_tensor(name: str, x: object) -> torch.Tensor:
+    """A CPU torch view of a numpy array or CPU tensor (no copy)."""
+    if isinstance(x, torch.Tensor):
+        if x.device.type != "cpu":
+            raise ValueError(f"{name}: expected a CPU tensor, got device {x.device}")
+        return x
+    if isinstance(x, np.ndarray):
+        if x.dtype == np.float16 or x.dtype.kind in "fiu":
+            return torch.from_numpy(np.ascontiguousarray(x))
+        raise TypeError(f"{name}: unsupported numpy dtype {x.dtype}")
+    raise TypeError(f"{name}: expected a numpy array or a torch tensor, got {type(x).__name__}")
+
+
+def _check_shape(name: str, t: torch.Tensor, expected: tuple[Optional[int], ...], meaning: str) -> None:
+    ok = t.dim() == len(expected) and all(e is None or e == s for e, s in zip(expected, t.shape))
+    if not ok:
+        want = ", ".join("*" if e is None else str(e) for e in expected)
+        raise ValueError(f"{name}: expected shape {meaning} = [{want}], got {list(t.shape)}")
+
+
+def _float_input(name: str, x: object, shape: tuple[Optional[int], ...], meaning: str) -> torch.Tensor:
+    t = _as_tensor(name, x)
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point array (fp32/bf16/fp16/fp64), got {t.dtype}")
+    _check_shape(name, t, shape, meaning)
+    return t
+
+
+def _code_input(name: str, x: object, shape: tuple[Optional[int], ...], meaning: str, K: int) -> np.ndarray:
+    t = _as_tensor(name, x)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{name}: expected an integer array of hash codes, got {t.dtype}")
+    _check_shape(name, t, shape, meaning)
+    if t.numel():
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi >= 1 << K:
+            raise ValueError(f"{name}: codes must be in [0, 2^K = {1 << K}) for K={K}, got range [{lo}, {hi}]")
+    return t.to(torch.int32).contiguous().numpy()
+
+
+class AttendHandle:
+    """A pending :meth:`CPUStore.attend_async`; ``wait()`` returns (out, lse, num_candidates)."""
+
+    def __init__(self, future: "concurrent.futures.Future[AttendResult]"):
+        self._future = future
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def wait(self) -> AttendResult:
+        return self._future.result()
+
+
+class CPUStore:
+    """Middle K/V + LSH tables of one attention layer for many sequences, held in CPU memory.
+
+    num_kv_heads, head_dim: the layer's KV heads and head size. K, L: bits per table and
+    tables; min_collisions (m): a key is a candidate when it collides with the query in at
+    least m tables. kv_dtype: "bf16" | "fp16" | "fp32", how K/V are held. num_threads: OpenMP
+    threads (None = all cores). backend: "cpp" (the extension), "numba", or "auto" (cpp when
+    built). Query head h uses KV head h // (Hq // num_kv_heads) (GQA).
+    """
+
+    def __init__(
+        self,
+        num_kv_heads: int,
+        head_dim: int,
+        K: int,
+        L: int,
+        min_collisions: int = 2,
+        kv_dtype: str = "bf16",
+        num_threads: Optional[int] = None,
+        backend: str = "auto",
+    ) -> None:
+        self.num_kv_heads = _check_int("num_kv_heads", num_kv_heads, 1)
+        self.head_dim = _check_int("head_dim", head_dim, 1, MAX_HEAD_DIM)
+        self.K = _check_int("K", K, 1, MAX_K)
+        self.L = _check_int("L", L, 1, MAX_L)
+        self.min_collisions = _check_int("min_collisions", min_collisions, 1, self.L)
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype={kv_dtype!r}: expected one of {KV_DTYPES}")
+        self.kv_dtype = kv_dtype
+        if num_threads is not None:
+            _check_int("num_threads", num_threads, 1)
+        self.num_threads = num_threads
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
+        if backend == "cpp" and _C is None:
+            raise RuntimeError("backend='cpp' but the C++ extension magicpig._C is not built (pip install -e .)")
+        self.backend = ("cpp" if _C is not None else "numba") if backend == "auto" else backend
+        table = log_u_table(self.K, self.L, self.min_collisions)
+        args = (
+            self.num_kv_heads,
+            self.head_dim,
+            self.K,
+            self.L,
+            self.min_collisions,
+            _DTYPE_CODE[kv_dtype],
+            num_threads or 0,
+            table.values,
+            table.t_lo,
+            table.h,
+            table.log_u_floor,
+        )
+        if self.backend == "cpp":
+            self._impl = _C.Store(*args)
+        else:
+            from magicpig.store._numba import NumbaStore
+
+            self._impl = NumbaStore(*args)
+        self._live: set[int] = set()
+        self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
+
+    # -- sequences ---------------------------------------------------------------------------
+    def add_sequence(self) -> int:
+        """Register an empty sequence and return its id."""
+        seq_id = int(self._impl.add_sequence())
+        self._live.add(seq_id)
+        return seq_id
+
+    def remove_sequence(self, seq_id: int) -> None:
+        """Forget a sequence; its memory is returned."""
+        self._check_seq("seq_id", seq_id)
+        self._impl.remove_sequence(int(seq_id))
+        self._live.discard(int(seq_id))
+
+    def length(self, seq_id: int) -> int:
+        """Tokens held for ``seq_id``."""
+        self._check_seq("seq_id", seq_id)
+        return int(self._impl.length(int(seq_id)))
+
+    def nbytes(self, seq_id: Optional[int] = None) -> int:
+        """Bytes actually held (K/V, norms, bucket lists, tails), for one sequence or in total."""
+        if seq_id is None:
+            return int(self._impl.nbytes())
+        self._check_seq("seq_id", seq_id)
+        return int(self._impl.nbytes_of(int(seq_id)))
+
+    def _check_seq(self, name: str, seq_id: object) -> None:
+        if isinstance(seq_id, bool) or not isinstance(seq_id, (int, np.integer)):
+            raise TypeError(f"{name}={seq_id!r}: expected an integer sequence id")
+        if int(seq_id) not in self._live:
+            raise ValueError(f"{name}={seq_id!r}: unknown sequence id (live: {sorted(self._live)[:8]}...)")
+
+    # -- append ------------------------------------------------------------------------------
+    def append(self, seq_id: int, keys: ArrayLike, values: ArrayLike, key_codes: ArrayLike) -> None:
+        """Add tokens to a sequence; they are retrievable at once.
+
+        keys, values: float [Hkv, t, d] (keys already centred), converted to kv_dtype;
+        key_codes: integer [Hkv, t, L] in [0, 2^K) (SimHash codes of the keys).
+        """
+        self._check_seq("seq_id", seq_id)
+        H, d, L = self.num_kv_heads, self.head_dim, self.L
+        k = _float_input("keys", keys, (H, None, d), "[num_kv_heads, t, head_dim]")
+        t = k.shape[1]
+        v = _float_input("values", values, (H, t, d), "[num_kv_heads, t, head_dim]")
+        codes = _code_input("key_codes", key_codes, (H, t, L), "[num_kv_heads, t, L]", self.K)
+        if t == 0:
+            return
+        self._impl.append(int(seq_id), self._kv_buffer(k), self._kv_buffer(v), codes, t)
+
+    def _kv_buffer(self, x: torch.Tensor) -> np.ndarray:
+        """Contiguous numpy view of x in the store dtype (bf16 as its uint16 bits); no copy when
+        x already is contiguous and of that dtype."""
+        x = x.to(_TORCH_DTYPE[self.kv_dtype]).contiguous()
+        if self.kv_dtype == "bf16":
+            return x.view(torch.int16).numpy().view(np.uint16)
+        return x.numpy()
+
+    # -- attend ------------------------------------------------------------------------------
+    def _prepare(self, seq_ids: object, queries: ArrayLike, query_codes: ArrayLike):
+        ids_t = _as_tensor("seq_ids", seq_ids) if not isinstance(seq_ids, (list, tuple)) else None
+        if ids_t is not None:
+            if ids_t.dim() != 1 or ids_t.is_floating_point():
+                raise ValueError(f"seq_ids: expected a 1-d integer array, got {ids_t.dtype} {list(ids_t.shape)}")
+            ids_list = [int(i) for i in ids_t.tolist()]
+        else:
+            ids_list = list(seq_ids)  # type: ignore[arg-type]
+        for i in ids_list:
+            self._check_seq("seq_ids", i)
+        B = len(ids_list)
+        H, d, L = self.num_kv_heads, self.head_dim, self.L
+        q = _float_input("queries", queries, (B, None, d), f"[B={B}, Hq, head_dim]")
+        Hq = q.shape[1]
+        if Hq == 0 or Hq % H:
+            raise ValueError(f"queries: Hq={Hq} query heads must be a positive multiple of num_kv_heads={H}")
+        qc = _code_input("query_codes", query_codes, (B, Hq, L), "[B, Hq, L]", self.K)
+        q32 = q.to(torch.float32).contiguous()
+        if not bool(torch.isfinite(q32).all()):
+            raise ValueError("queries: expected finite values, got nan or inf")
+        out = torch.empty(B, Hq, d, dtype=torch.float32)
+        lse = torch.empty(B, Hq, dtype=torch.float32)
+        ncand = torch.empty(B, Hq, dtype=torch.int32)
+        ids = np.asarray(ids_list, dtype=np.int64)
+        return ids, B, Hq, q32.numpy(), qc, out, lse, ncand
+
+    def attend(self, seq_ids: Sequence[int], queries: ArrayLike, query_codes: ArrayLike) -> AttendResult:
+        """Sampled attention of one query per head over each sequence's keys.
+
+        seq_ids: B ids (a sequence may repeat); queries: float [B, Hq, d] (upcast to fp32);
+        query_codes: integer [B, Hq, L]. Returns out float32 [B, Hq, d], lse float32 [B, Hq]
+        (natural log; -inf with out = 0 where a head has no candidate) and num_candidates int32
+        [B, Hq].
+        """
+        ids, B, Hq, q, qc, out, lse, ncand = self._prepare(seq_ids, queries, query_codes)
+        self._impl.attend(ids, B, Hq, q, qc, out.numpy(), lse.numpy(), ncand.numpy())
+        return out, lse, ncand
+
+    def attend_async(self, seq_ids: Sequence[int], queries: ArrayLike, query_codes: ArrayLike) -> AttendHandle:
+        """:meth:`attend` on a worker thread (the native call releases the GIL); returns a handle
+        whose ``wait()`` gives the same tuple. Inputs are validated (and copied where converted)
+        before this returns, so raising happens here, not in ``wait()``."""
+        ids, B, Hq, q, qc, out, lse, ncand = self._prepare(seq_ids, queries, query_codes)
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="magicpig-store")
+
+        def run() -> AttendResult:
+            self._impl.attend(ids, B, Hq, q, qc, out.numpy(), lse.numpy(), ncand.numpy())
+            return out, lse, ncand
+
+        return AttendHandle(self._executor.submit(run))
+
+    def close(self) -> None:
+        """Stop the worker thread of attend_async (the store stays usable)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def __del__(self) -> None:  # pragma: no cover - interpreter shutdown order varies
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        return (
+            f"CPUStore(num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, K={self.K}, L={self.L}, "
+            f"min_collisions={self.min_collisions}, kv_dtype={self.kv_dtype!r}, backend={self.backend!r}, "
+            f"sequences={len(self._live)})"
+        )
+
