@@ -127,14 +127,14 @@ def _attend_sequence(
 
 
 class _Sequence:
-    def __init__(self, H: int, d: int, L: int):
+    def __init__(self, H: int, d: int, L: int, low_bits: int):
         self.n = 0
         self.csr_len = 0
         self.keys = np.empty((H, 0, d), np.float32)
         self.values = np.empty((H, 0, d), np.float32)
         self.norms = np.empty((H, 0), np.float32)
         self.codes = np.empty((H, 0, L), np.int32)
-        self.offsets = np.zeros((H, L, 2), np.int32)
+        self.offsets = np.zeros((H, L, (1 << low_bits) + 1), np.int32)  # empty CSR
         self.ids = np.empty((H, L, 0), np.int32)
 
     def nbytes(self) -> int:
@@ -167,7 +167,7 @@ class NumbaStore:
     def add_sequence(self) -> int:
         sid = self._next
         self._next += 1
-        self._seqs[sid] = _Sequence(self.H, self.d, self.L)
+        self._seqs[sid] = _Sequence(self.H, self.d, self.L, self.low_bits)
         return sid
 
     def remove_sequence(self, seq_id: int) -> None:
