@@ -159,7 +159,11 @@ class _TorchMiddle(MiddleAttention):
 
     def _scores(self, seq_id: int, q: torch.Tensor, kv_of: torch.Tensor) -> torch.Tensor:
         """[Hq, n] float32: q . k for each query head against its KV head's keys."""
-        return torch.einsum("hd,hnd->hn", q, self._keys[seq_id][kv_of])
+        keys = self._keys[seq_id]
+        hkv, n, d = keys.shape
+        # Query heads of a GQA group are consecutive: score them as [Hkv, G, d] x [Hkv, n, d]
+        # rather than gathering a copy of the keys per query head.
+        return torch.einsum("hgd,hnd->hgn", q.view(hkv, -1, d), keys).reshape(q.shape[0], n)
 
 
 @register_method("dense")
@@ -195,6 +199,12 @@ def quest_page_bounds(q: torch.Tensor, keys: torch.Tensor, page_size: int = QUES
     Returns [H, ceil(n / page_size)]: sum_j max(q_j * min_j, q_j * max_j) with min/max taken
     per channel over the page, which is >= q . k for every key k of the page.
     """
+    kmin, kmax = page_min_max(keys, page_size)
+    return _bounds_from_min_max(q, kmin, kmax)
+
+
+def page_min_max(keys: torch.Tensor, page_size: int = QUEST_PAGE_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel min and max key of each page: keys [H, n, d] -> two [H, ceil(n/page), d]."""
     h, n, d = keys.shape
     pages = -(-n // page_size)
     pad = pages * page_size - n
@@ -202,8 +212,10 @@ def quest_page_bounds(q: torch.Tensor, keys: torch.Tensor, page_size: int = QUES
     if pad:
         keys = torch.cat([keys, keys[:, -1:, :].expand(h, pad, d)], dim=1)
     paged = keys.reshape(h, pages, page_size, d)
-    kmin = paged.amin(dim=2)
-    kmax = paged.amax(dim=2)
+    return paged.amin(dim=2), paged.amax(dim=2)
+
+
+def _bounds_from_min_max(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
     qe = q[:, None, :]
     return torch.maximum(qe * kmin, qe * kmax).sum(-1)
 
@@ -216,10 +228,22 @@ class QuestMiddle(_TorchMiddle):
     the chosen pages (a short last page counts its real length).
     """
 
+    def __init__(self, config: MagicPIGConfig, layer: int, num_kv_heads: int, head_dim: int):
+        super().__init__(config, layer, num_kv_heads, head_dim)
+        # Page metadata per sequence, (length it covers, min, max); rebuilt after appends.
+        self._pages: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
+
+    def remove_sequence(self, seq_id: int) -> None:
+        super().remove_sequence(seq_id)
+        self._pages.pop(seq_id, None)
+
     def _choose(self, seq_id: int, q: torch.Tensor, kv_of: torch.Tensor) -> torch.Tensor:
-        keys = self._keys[seq_id][kv_of]
-        n = keys.shape[1]
-        bounds = quest_page_bounds(q, keys)
+        n = self._keys[seq_id].shape[1]
+        cached = self._pages.get(seq_id)
+        if cached is None or cached[0] != n:
+            cached = (n, *page_min_max(self._keys[seq_id]))
+            self._pages[seq_id] = cached
+        bounds = _bounds_from_min_max(q, cached[1][kv_of], cached[2][kv_of])
         pages = bounds.shape[1]
         want = min(pages, max(1, int(math.floor(budget_keys(n, self.config.budget) / QUEST_PAGE_SIZE + 0.5))))
         page_mask = _top_mask(bounds, want)
@@ -252,7 +276,10 @@ class OracleSamplingMiddle(_TorchMiddle):
         idx = torch.multinomial(probs, draws, replacement=True, generator=self._gen)
         counts = torch.zeros_like(probs)
         counts.scatter_add_(-1, idx, torch.ones_like(idx, dtype=counts.dtype))
-        out = torch.einsum("hn,hnd->hd", counts / draws, self._values[seq_id][kv_of])
+        values = self._values[seq_id]
+        hkv, n, d = values.shape
+        weights = (counts / draws).view(hkv, -1, n)
+        out = torch.einsum("hgn,hnd->hgd", weights, values).reshape(-1, d)
         return out, lse, (counts > 0).sum(-1)
 
 

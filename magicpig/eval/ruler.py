@@ -19,7 +19,9 @@ Where we deviate (and why):
   indices uniformly for the non-essay haystacks: the same distribution up to rounding);
 - essays are split into sentences with a regex instead of nltk's punkt (its data is a download);
 - the target length is the prompt length (chat template and answer prefix included); RULER
-  also subtracts the tokens to generate. Prompts fall in [0.98 * target, target].
+  also subtracts the tokens to generate. We do that only where the model needs it: when a
+  model limit ``max_total`` is given and length + tokens to generate would pass it, the
+  target is ``max_total - tokens_to_generate``. Prompts fall in [0.98 * target, target].
 """
 
 from __future__ import annotations
@@ -516,7 +518,7 @@ def count_tokens(tokenizer: Any, prompt: str) -> int:
 @dataclass
 class RulerSample:
     task: str
-    length: int  # target prompt length in tokens
+    length: int  # the length asked for (tokens)
     index: int
     prompt: str
     answers: list[str]
@@ -524,6 +526,7 @@ class RulerSample:
     tokens_to_generate: int
     metric: str
     meta: dict[str, Any]
+    target_tokens: int  # the prompt length fitted to (length, or less near the model's limit)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -557,17 +560,23 @@ def fit_size(length_of: Callable[[int], int], target: int, start: int) -> int:
     return lo
 
 
-def generate_sample(task: str, length: int, index: int, tokenizer: Any, seed: int = 0) -> RulerSample:
+def generate_sample(task: str, length: int, index: int, tokenizer: Any, seed: int = 0,
+                    max_total: int | None = None) -> RulerSample:
     """One RULER sample of ``task`` fitted to ``length`` prompt tokens with ``tokenizer``.
 
     The prompt (chat template + task text + answer prefix) has between
-    (1 - LENGTH_TOLERANCE) * length and length tokens; ValueError if that cannot be met.
+    (1 - LENGTH_TOLERANCE) * target and target tokens, where target = length, or
+    ``max_total - tokens_to_generate`` when that is smaller (a model of ``max_total`` positions
+    must still have room for the answer: RULER's own convention). ValueError if that cannot be met.
     """
     if task not in TASKS:
         raise ValueError(f"task={task!r}: expected one of {list(TASKS)}")
     if not isinstance(length, int) or length <= 0:
         raise ValueError(f"length={length!r}: expected a positive number of tokens")
     family, _ = TASKS[task]
+    target = length
+    if max_total is not None:
+        target = min(length, max_total - TEMPLATES[family]["tokens_to_generate"])
     extra: dict[str, Any] = {}
     if family == "qa":
         extra["index"] = index
@@ -577,20 +586,22 @@ def generate_sample(task: str, length: int, index: int, tokenizer: Any, seed: in
 
     def build(size: int) -> tuple[str, int, Draft]:
         if size not in cache:
+            # The task's own knobs (cwe repeats, fwe vocabulary) follow the length asked for.
             cache[size] = _prompt_for(task, size, length, seed, index, tokenizer, extra)
         return cache[size]
 
     # Start near the answer: roughly 0.75 words per token for prose.
-    size = fit_size(lambda s: build(s)[1], length, max(1, int(length * 0.6)))
+    size = fit_size(lambda s: build(s)[1], target, max(1, int(target * 0.6)))
     prompt, n, draft = build(size)
-    if n < (1 - LENGTH_TOLERANCE) * length:
+    if n < (1 - LENGTH_TOLERANCE) * target:
         raise ValueError(
-            f"{task} at length {length}: the best fit has {n} tokens, more than "
+            f"{task} at length {target}: the best fit has {n} tokens, more than "
             f"{LENGTH_TOLERANCE:.0%} below the target (haystack exhausted?)"
         )
     return RulerSample(task=task, length=length, index=index, prompt=prompt, answers=draft.answers,
                        num_tokens=n, tokens_to_generate=TEMPLATES[family]["tokens_to_generate"],
-                       metric=METRICS.get(family, "string_match_all"), meta=draft.meta)
+                       metric=METRICS.get(family, "string_match_all"), meta=draft.meta,
+                       target_tokens=target)
 
 
 def _vt_example_size(tokenizer: Any, seed: int, index: int) -> int:
