@@ -1,0 +1,176 @@
+"""generate(), prefill/decode sessions and the magicpig routing on the embedded SmolLM2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from magicpig import LongContextModel, MagicPIGConfig
+from magicpig.attention.reference import candidate_mask, sampled_attention
+from magicpig.attention.sampled import SampledMiddle
+from magicpig.lsh import SimHash, head_seed
+
+DENSE = MagicPIGConfig(method="dense")
+PROMPTS = [
+    "Write one sentence about the sea.",
+    "List three colours of the rainbow, then explain in a few words why the sky looks blue "
+    "during the day and red at sunset. " * 3,
+    "Count from one to five in words.",
+]
+
+
+@pytest.fixture(scope="module")
+def model() -> LongContextModel:
+    return LongContextModel.from_pretrained(device="cpu", dtype=torch.float32)
+
+
+def _session_logits(model, state, config, steps):
+    """Greedy-decode ``steps`` tokens; returns logits per step [steps, B, V] and the tokens."""
+    out, toks = [], []
+    with model.decode_session(state, config, steps) as s:
+        tokens = state.last_logits.argmax(-1)
+        for _ in range(steps):
+            toks.append(tokens)
+            logits = s.step(tokens)
+            out.append(logits)
+            tokens = logits.argmax(-1)
+    return torch.stack(out), torch.stack(toks)
+
+
+def test_sampled_middle_matches_reference_estimator():
+    """Hashing on the device + the CPU store == the torch oracle fed the same codes (GQA)."""
+    cfg = MagicPIGConfig(K=4, L=30, min_collisions=2, kv_dtype="fp32", seed=3)
+    hkv, hq, d, n = 2, 6, 16, 300
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(hkv, n, d, generator=g)
+    v = torch.randn(hkv, n, d, generator=g)
+    q = torch.randn(2, hq, d, generator=g) * 2
+    method = SampledMiddle(cfg, layer=5, num_kv_heads=hkv, head_dim=d)
+    ids = [method.add_sequence(), method.add_sequence()]
+    method.append(ids[0], k[:, :200], v[:, :200])
+    method.append(ids[0], k[:, 200:], v[:, 200:])  # appends after appends are retrievable
+    method.append(ids[1], k[:, :40], v[:, :40])
+    assert [method.length(i) for i in ids] == [300, 40]
+    out, lse, num = method.attend(ids, q)
+    for b, length in enumerate((300, 40)):
+        kh = [SimHash(d, cfg.K, cfg.L, head_seed(cfg.seed, 5, h)) for h in range(hkv)]
+        key_codes = torch.stack([kh[h].hash(k[h, :length]) for h in range(hkv)])[None]
+        query_codes = torch.stack([kh[h // 3].hash(q[b, h]) for h in range(hq)])[None]
+        mask = candidate_mask(query_codes, key_codes, cfg.min_collisions)
+        ref_out, ref_lse = sampled_attention(q[b : b + 1], k[None, :, :length], v[None, :, :length],
+                                             mask, cfg.K, cfg.L, cfg.min_collisions)
+        assert torch.equal(num[b], mask[0].sum(-1).to(torch.int32))
+        assert 0 < int(num[b].sum()) < hq * length  # some but not all keys sampled
+        assert torch.allclose(out[b], ref_out[0], atol=1e-4, rtol=1e-4)
+        assert torch.allclose(lse[b], ref_lse[0], atol=1e-4)
+
+
+def test_magicpig_equals_dense_when_window_covers_context(model):
+    state = model.prefill(PROMPTS)
+    wide = MagicPIGConfig(window_tokens=2048)
+    la, ta = _session_logits(model, state, DENSE, 8)
+    lb, tb = _session_logits(model, state, wide, 8)
+    assert torch.equal(ta, tb)
+    assert (la - lb).abs().max().item() < 1e-4
+    dense = model.generate_from(state, DENSE, max_new_tokens=12)
+    sparse = model.generate_from(state, wide, max_new_tokens=12)
+    assert [r.token_ids for r in dense] == [r.token_ids for r in sparse]
+    with model.decode_session(state, wide) as s:
+        assert s.middle == [0, 0, 0]  # nothing offloaded
+
+
+@pytest.mark.parametrize("config", [DENSE, MagicPIGConfig(window_tokens=16, sink_tokens=4)], ids=["dense", "magicpig"])
+def test_batched_equals_alone(model, config):
+    batch = model.generate(PROMPTS, max_new_tokens=10, config=config)
+    assert len({len(r.stats.__dict__) for r in batch}) == 1 and len(batch) == 3
+    lengths = {r.stats.prompt_tokens for r in batch}
+    assert len(lengths) == 3  # really different lengths
+    for prompt, got in zip(PROMPTS, batch):
+        alone = model.generate(prompt, max_new_tokens=10, config=config)
+        assert alone.token_ids == got.token_ids
+        assert alone.text == got.text
+    # Per-step logits too, not only the argmax.
+    ids, _ = model.encode(PROMPTS)
+    both, _ = _session_logits(model, model.prefill(ids), config, 4)
+    one, _ = _session_logits(model, model.prefill([ids[1]]), config, 4)
+    assert (both[:, 1] - one[:, 0]).abs().max().item() < 1e-4
+
+
+def test_generation_longer_than_window_buffer(model):
+    """The window buffer (W + spill) overflows many times; the middle grows in the store."""
+    cfg = MagicPIGConfig(window_tokens=8, sink_tokens=4, kv_dtype="fp32")
+    state = model.prefill([PROMPTS[1]])
+    n = state.lengths[0]
+    steps = 60
+    with model.decode_session(state, cfg, steps) as s:
+        tokens = state.last_logits.argmax(-1)
+        for _ in range(steps):
+            tokens = s.step(tokens).argmax(-1)
+        assert s.lengths == [n + steps]
+        assert s.fill[0] <= 4 + 16 and s.middle[0] + s.fill[0] == n + steps
+        assert s.middle[0] > n - 12  # tokens moved from the window into the middle
+        for sp in s.sparse.values():
+            assert sp.method.length(sp.seq_ids[0]) == s.middle[0]
+            assert sp.method.store.length(sp.seq_ids[0]) == s.middle[0]
+    first = model.generate_from(state, cfg, max_new_tokens=steps)[0]
+    again = model.generate_from(state, cfg, max_new_tokens=steps)[0]
+    assert first.token_ids == again.token_ids  # sessions from one state are independent
+    assert 0 < first.stats.computation_cost < 1 and first.stats.cpu_bytes > 0
+
+
+def test_stream_stop_eos_and_sampling(model):
+    full = model.generate(PROMPTS[0], max_new_tokens=24)
+    pieces = list(model.generate(PROMPTS[0], max_new_tokens=24, stream=True))
+    assert "".join(pieces) == full.text and len(pieces) > 3
+    assert full.finish_reason in ("eos", "length")
+    if full.finish_reason == "eos":
+        assert full.token_ids[-1] in model.eos_token_ids
+    word = full.text.split()[2]
+    cut = model.generate(PROMPTS[0], max_new_tokens=24, stop=[word])
+    assert cut.finish_reason == "stop" and cut.text == full.text[: full.text.index(word)]
+    a = model.generate(PROMPTS[0], max_new_tokens=12, temperature=0.9, top_p=0.9, seed=7)
+    b = model.generate(PROMPTS[0], max_new_tokens=12, temperature=0.9, top_p=0.9, seed=7)
+    assert a.token_ids == b.token_ids
+    k1 = model.generate(PROMPTS[0], max_new_tokens=12, temperature=1.0, top_k=1, seed=1)
+    assert k1.token_ids == full.token_ids[:12]
+    ids, _ = model.encode(PROMPTS[0])
+    assert model.generate(ids[0], max_new_tokens=12).token_ids == full.token_ids[:12]
+    plain = model.generate(PROMPTS[0], max_new_tokens=4, chat=False)
+    assert plain.stats.prompt_tokens < full.stats.prompt_tokens  # no chat template
+
+
+def test_stats(model):
+    r = model.generate(PROMPTS[1], max_new_tokens=6, config=MagicPIGConfig(window_tokens=16))
+    s = r.stats
+    assert s.prefill_seconds > 0 and s.decode_tokens_per_second > 0
+    assert 0 < s.computation_cost < 1 and s.cpu_bytes > 0 and s.device_bytes > 0
+    d = model.generate(PROMPTS[1], max_new_tokens=6, config=DENSE).stats
+    assert d.computation_cost == 1.0 and d.cpu_bytes == 0 and d.device_bytes > s.device_bytes
+
+
+def test_bad_inputs(model):
+    limit = model.args.max_context
+    with pytest.raises(ValueError, match="positions"):
+        model.generate([5] * (limit + 1), max_new_tokens=1)
+    with pytest.raises(ValueError, match="positions"):
+        model.generate([5] * (limit - 2), max_new_tokens=10)
+    with pytest.raises(ValueError, match="empty"):
+        model.generate("", max_new_tokens=1)
+    with pytest.raises(TypeError, match="prompts"):
+        model.generate(123)
+    with pytest.raises(TypeError, match="prompts"):
+        model.generate([])
+    with pytest.raises(TypeError, match=r"prompts\[1\]"):
+        model.generate(["ok", 3.5])
+    with pytest.raises(ValueError, match="token ids outside"):
+        model.generate([1, 2, model.args.vocab_size])
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate("hi", max_new_tokens=0)
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate("hi", temperature=-1.0)
+    with pytest.raises(ValueError, match="top_p"):
+        model.generate("hi", top_p=0.0)
+    with pytest.raises(ValueError, match="stop"):
+        model.generate("hi", stop=[""])
+    with pytest.raises(TypeError, match="MagicPIGConfig"):
+        model.generate("hi", config="magicpig")
