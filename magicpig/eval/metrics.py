@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import string
+import unicodedata
 from collections import Counter
 from typing import Callable, Sequence
 
@@ -42,13 +43,10 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split())
 
 
-_ZH_PUNCT = set("！＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠｢｣､、〃》「」『』【】〔〕〖〗〘〙〚〛〜〝〞〟〰〾〿–—‘’‛“”„‟…‧﹏.")
-
-
 def normalize_zh(text: str) -> str:
-    """Lower-case and drop Chinese and ASCII punctuation and all whitespace."""
-    drop = set(string.punctuation) | _ZH_PUNCT
-    return "".join(ch for ch in text.lower() if ch not in drop and not ch.isspace())
+    """Lower-case and drop all punctuation (any Unicode P* category, e.g. 。，？) and whitespace."""
+    return "".join(ch for ch in text.lower()
+                   if not unicodedata.category(ch).startswith("P") and not ch.isspace())
 
 
 def _f1(pred_tokens: list[str], ref_tokens: list[str]) -> float:
