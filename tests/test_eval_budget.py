@@ -21,7 +21,7 @@ def _data(seed: int = 0, d: int = 64):
 def test_predicted_cost_matches_measured_candidate_fraction(target):
     q, k = _data()
     cos = calibration_cosines(q, k)
-    choice = choose_kl(cos, target)
+    choice = choose_kl(cos, target, K_range=(6, 10), max_tables=160)
     assert choice.predicted_cost == pytest.approx(target, rel=0.15)
     measured = []
     for seed in range(6):  # average over independent hash functions
@@ -34,13 +34,13 @@ def test_predicted_cost_matches_measured_candidate_fraction(target):
 def test_options_are_minimal_and_monotone():
     q, k = _data(1)
     cos = calibration_cosines(q, k)
-    opts = kl_options(cos, 0.03, K_range=(6, 12))
-    assert [o.K for o in opts] == list(range(6, 13))
+    opts = kl_options(cos, 0.03, K_range=(6, 10))
+    assert [o.K for o in opts] == list(range(6, 11))
     for o in opts:
         assert predicted_cost(cos, o.K, o.L) >= 0.03
         assert o.L == 2 or predicted_cost(cos, o.K, o.L - 1) < 0.03  # smallest L
     assert all(a.L < b.L for a, b in zip(opts, opts[1:]))  # more bits need more tables
-    assert choose_kl(cos, 0.03, K_range=(6, 12), max_tables=60).L <= 60
+    assert choose_kl(cos, 0.03, K_range=(6, 10), max_tables=60).L <= 60
 
 
 def test_errors():

@@ -45,6 +45,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="sequences decoded together per method")
     p.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: by device)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="cap on generated tokens (default: the benchmark's per-task length)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -130,6 +132,8 @@ def main(argv: list[str] | None = None, adapter: ModelAdapter | None = None) -> 
         methods = [parse_method(m) for m in args.methods]
         if args.samples < 1:
             raise ValueError(f"--samples {args.samples}: expected an integer >= 1")
+        if args.max_new_tokens is not None and args.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens {args.max_new_tokens}: expected an integer >= 1")
         if args.bench == "ruler":
             tasks = ruler.resolve_tasks(args.tasks)
             bad = [n for n in args.lengths if n < 256]
@@ -152,7 +156,8 @@ def main(argv: list[str] | None = None, adapter: ModelAdapter | None = None) -> 
     else:
         max_length = args.max_length or adapter.max_context
         groups = longbench_groups(adapter.tokenizer, args.data, tasks, args.samples, max_length)
-    records = run(adapter, groups, methods, out, batch_size=args.batch_size, progress=not args.no_progress)
+    records = run(adapter, groups, methods, out, batch_size=args.batch_size, progress=not args.no_progress,
+                  max_new_tokens=args.max_new_tokens)
     paths = write_summary(out, records, [m.label for m in methods])
     print(paths["md"].read_text())
     print(f"wrote {out / 'predictions.jsonl'}, {paths['md']}, {paths['csv']}, {paths['png']}")

@@ -187,12 +187,14 @@ def run(
     batch_size: int = 4,
     total: int | None = None,
     progress: bool = True,
+    max_new_tokens: int | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate every method on every item; returns all records of ``out_dir``.
 
     groups: (group name, a function making the group's items, number of items) per
     (benchmark, task, length); items are only built (and prompts tokenised) for groups with
-    work left. Records already in ``out_dir`` are skipped.
+    work left. Records already in ``out_dir`` are skipped. ``max_new_tokens`` caps each
+    item's own generation length.
     """
     from tqdm import tqdm
 
@@ -237,7 +239,8 @@ def run(
                         continue
                     sub = adapter.select(state, rows)
                     lens = [len(ids[j]) for j in rows]
-                    max_new = min(batch[need[rows[0]]].max_new_tokens, adapter.max_context - max(lens))
+                    max_new = min(batch[need[rows[0]]].max_new_tokens, adapter.max_context - max(lens),
+                                  max_new_tokens or adapter.max_context)
                     if max_new < 1:
                         raise ValueError(
                             f"{task}@{length}: prompts of {max(lens)} tokens leave no room to generate "

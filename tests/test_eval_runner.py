@@ -1,0 +1,208 @@
+"""The eval runner and CLI: method parsing, one prefill per sample, resume, summaries."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from magicpig.config import MagicPIGConfig
+from magicpig.eval import cli
+from magicpig.eval.runner import (
+    EvalItem,
+    Generated,
+    parse_method,
+    read_records,
+    run,
+    summarize,
+    write_summary,
+)
+
+
+def test_parse_method():
+    m = parse_method("magicpig:K=8,L=75")
+    assert m.label == "magicpig:K=8,L=75" and (m.config.method, m.config.K, m.config.L) == ("magicpig", 8, 75)
+    assert parse_method("topk:0.03").config.budget == 0.03
+    q = parse_method("quest:budget=0.05,sink_tokens=8,dense_layers=0+3")
+    assert (q.config.budget, q.config.sink_tokens, q.config.dense_layers) == (0.05, 8, (0, 3))
+    assert parse_method("dense").config == MagicPIGConfig(method="dense")
+    for bad, msg in [("nope", "expected a name"), ("dense:0.1", "budget"), ("topk:foo=1", "unknown field"),
+                     ("magicpig:K=x", "not a number"), ("topk:2.0", "budget")]:
+        with pytest.raises(ValueError, match=msg):
+            parse_method(bad)
+
+
+class _Tok:
+    """Whitespace tokenizer: one id per word."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [len(w) for w in text.split()]}
+
+
+@dataclass
+class _State:
+    prompts: list
+
+
+class FakeAdapter:
+    """Answers correctly with method 'dense', wrongly otherwise; counts prefills and decodes."""
+
+    name = "fake"
+    max_context = 10_000
+
+    def __init__(self, answers_by_prompt):
+        self.tokenizer = _Tok()
+        self.answers = answers_by_prompt
+        self.prefills = 0
+        self.decoded: list[tuple[str, int]] = []
+        self.by_ids = {}
+
+    def prefill(self, token_ids):
+        self.prefills += len(token_ids)
+        return _State([tuple(t) for t in token_ids])
+
+    def select(self, state, indices):
+        return _State([state.prompts[i] for i in indices])
+
+    def concat(self, states):
+        return _State([p for s in states for p in s.prompts])
+
+    def generate(self, state, config, max_new_tokens):
+        out = []
+        for ids in state.prompts:
+            self.decoded.append((config.method, max_new_tokens))
+            right = config.method == "dense"
+            out.append(Generated(self.by_ids[ids] if right else "no idea",
+                                 1.0 if right else config.budget, 3, 0.01))
+        return out
+
+
+def _groups(adapter, tasks=("a", "b"), samples=3, length=100):
+    groups = []
+    for task in tasks:
+        def make(task=task):
+            items = []
+            for i in range(samples):
+                prompt = f"question {task} {i} " + "x " * (i + 1)
+                ans = f"ans-{task}-{i}"
+                adapter.by_ids[tuple(adapter.tokenizer(prompt)["input_ids"])] = ans
+                items.append(EvalItem("ruler", task, length, i, prompt, [ans], 7,
+                                      lambda p, ans=ans: float(ans in p)))
+            return items
+        groups.append((("ruler", task, length), make, samples))
+    return groups
+
+
+def test_run_prefills_once_per_sample_and_resumes(tmp_path):
+    fake = FakeAdapter({})
+    methods = [parse_method("dense"), parse_method("topk:0.05")]
+    recs = run(fake, _groups(fake), methods, tmp_path, batch_size=2, progress=False)
+    assert len(recs) == 12 and fake.prefills == 6  # 2 tasks x 3 samples, each prefilled once
+    assert sorted(m for m, _ in fake.decoded) == ["dense"] * 6 + ["topk"] * 6
+    assert all(n == 7 for _, n in fake.decoded)
+    scores = {(r["task"], r["index"], r["method"]): r["score"] for r in recs}
+    assert all(v == 1.0 for (t, i, m), v in scores.items() if m == "dense")
+    assert all(v == 0.0 for (t, i, m), v in scores.items() if m != "dense")
+    # A rerun does nothing; a new method only decodes that method (one prefill per sample again).
+    fake2 = FakeAdapter({})
+    run(fake2, _groups(fake2), methods, tmp_path, progress=False)
+    assert fake2.prefills == 0 and fake2.decoded == []
+    fake3 = FakeAdapter({})
+    recs = run(fake3, _groups(fake3), methods + [parse_method("streaming")], tmp_path, progress=False)
+    assert fake3.prefills == 6 and {m for m, _ in fake3.decoded} == {"streaming"}
+    assert len(recs) == 18 and len(read_records(tmp_path)) == 18
+
+
+def test_partial_file_resumes_only_missing(tmp_path):
+    fake = FakeAdapter({})
+    methods = [parse_method("dense")]
+    run(fake, _groups(fake), methods, tmp_path, progress=False)
+    lines = (tmp_path / "predictions.jsonl").read_text().splitlines()
+    # Simulate a kill: drop two records and tear the last line.
+    (tmp_path / "predictions.jsonl").write_text("\n".join(lines[:4]) + "\n" + lines[4][:10])
+    fake2 = FakeAdapter({})
+    recs = run(fake2, _groups(fake2), methods, tmp_path, progress=False)
+    assert len(fake2.decoded) == 2 and len(recs) == 6
+
+
+def test_other_model_in_out_dir_is_refused(tmp_path):
+    fake = FakeAdapter({})
+    run(fake, _groups(fake, samples=1), [parse_method("dense")], tmp_path, progress=False)
+    other = FakeAdapter({})
+    other.name = "other"
+    with pytest.raises(ValueError, match="another --out"):
+        run(other, _groups(other, samples=1), [parse_method("dense")], tmp_path, progress=False)
+
+
+def test_summary_tables(tmp_path):
+    recs = []
+    for task, s_dense, s_topk in (("a", 1.0, 0.5), ("b", 0.5, 0.0)):
+        for i in range(2):
+            recs.append(dict(benchmark="ruler", task=task, length=1024, index=i, method="dense", score=s_dense, cost=1.0))
+            recs.append(dict(benchmark="ruler", task=task, length=1024, index=i, method="topk:0.03", score=s_topk, cost=0.03))
+    rows = {(r["task"], r["method"]): r for r in summarize(recs)}
+    assert rows[("a", "dense")]["score"] == 100.0 and rows[("b", "topk:0.03")]["score"] == 0.0
+    assert rows[("average", "dense")]["score"] == 75.0 and rows[("average", "topk:0.03")]["score"] == 25.0
+    assert rows[("average", "topk:0.03")]["cost"] == pytest.approx(3.0)
+    paths = write_summary(tmp_path, recs, ["dense", "topk:0.03"])
+    md = paths["md"].read_text()
+    assert "| **average** | 75.0 | 25.0 |" in md and "| cost (% keys read) | 100.00 | 3.00 |" in md
+    with open(paths["csv"]) as f:
+        table = list(csv.DictReader(f))
+    assert {"benchmark", "task", "length", "method", "n", "score", "cost"} <= set(table[0])
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_rejects_bad_arguments(capsys):
+    fake = FakeAdapter({})
+    assert cli.main(["ruler", "--tasks", "nope", "--out", "/tmp/x"], adapter=fake) == 2
+    assert "nope" in capsys.readouterr().err
+    assert cli.main(["ruler", "--methods", "topk:7", "--out", "/tmp/x"], adapter=fake) == 2
+    assert cli.main(["ruler", "--lengths", "20000", "--out", "/tmp/x"], adapter=fake) == 2
+
+
+# ---------------------------------------------------------------------------- real model
+
+
+def _sampled_available() -> bool:
+    try:
+        import magicpig.attention.sampled  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def test_cli_end_to_end_real_model_and_resume(tmp_path, capsys):
+    """2 tasks x 2 samples x 1k tokens through `magicpig eval ruler`, then resumed once."""
+    methods = ["dense", "quest:0.05", "streaming"] + (["magicpig:K=8,L=75"] if _sampled_available() else [])
+    argv = ["ruler", "--lengths", "1024", "--tasks", "niah_single_1", "niah_multikey_2", "--samples", "2",
+            "--methods", *methods, "--out", str(tmp_path), "--no-progress", "--batch-size", "2", "--max-new-tokens", "12"]
+    from magicpig.eval.runner import load_model
+
+    adapter = load_model("smollm2-135m-instruct")
+    adapter.max_context = min(adapter.max_context, 8192)
+    assert cli.main(argv, adapter=adapter) == 0
+    recs = read_records(tmp_path)
+    assert len(recs) == 2 * 2 * len(methods)
+    by = {(r["task"], r["index"], r["method"]): r for r in recs}
+    for r in recs:
+        assert 0.98 * 1024 <= r["prompt_tokens"] <= 1024
+    # The model finds a single needle in a noise haystack with dense attention...
+    assert by[("niah_single_1", 0, "dense")]["score"] == 1.0
+    # ...dense reads everything, streaming nothing, quest about its budget.
+    assert all(by[k]["cost"] == 1.0 for k in by if k[2] == "dense")
+    assert all(by[k]["cost"] == 0.0 for k in by if k[2] == "streaming")
+    assert all(0.03 < by[k]["cost"] < 0.08 for k in by if k[2] == "quest:0.05")
+    md = (tmp_path / "summary.md").read_text()
+    assert "### ruler @ 1024 tokens" in md and (tmp_path / "accuracy_vs_cost.png").is_file()
+    # Resume: a rerun answers nothing new and leaves the file as it was.
+    before = (tmp_path / "predictions.jsonl").read_text()
+    calls = []
+    real_generate = adapter.generate
+    adapter.generate = lambda *a, **k: calls.append(1) or real_generate(*a, **k)
+    assert cli.main(argv, adapter=adapter) == 0
+    assert calls == [] and (tmp_path / "predictions.jsonl").read_text() == before
+    capsys.readouterr()
