@@ -71,6 +71,10 @@ PYBIND11_MODULE(_C, m) {
       .def("nbytes", py::overload_cast<>(&Store::nbytes, py::const_))
       .def("nbytes_of", py::overload_cast<int64_t>(&Store::nbytes, py::const_), py::arg("seq_id"))
       .def("threads", &Store::threads)
+      .def("last_attend_stats", &Store::last_attend_stats,
+           "[bucket-list entries walked, candidate rows read, tail tokens scanned, tasks] of the last attend")
+      .def("last_append_seconds", &Store::last_append_seconds,
+           "[seconds copying K/V + norms, seconds building bucket lists] of the last append")
       .def(
           "append",
           [](Store& s, int64_t seq_id, const py::buffer& keys, const py::buffer& values, const py::buffer& codes,

@@ -51,6 +51,9 @@ struct Partial {
   float* mx = nullptr;    // [G] running max of the scores (-inf when no candidate)
   float* sum = nullptr;   // [G] sum of exp(score - mx)
   int32_t* ncand = nullptr;  // [G] candidates found (added to)
+  // [3] work done, for the benchmark's bytes-touched count (added to): bucket-list entries
+  // walked, candidate rows read (union over the group), tail tokens scanned.
+  int64_t* stats = nullptr;
 };
 
 // Per-thread scratch of the candidate search, sized for one block. All arrays are kept zeroed

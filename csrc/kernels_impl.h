@@ -156,6 +156,7 @@ inline int find_candidates(const BlockView& B, const QueryGroup& Q, const Attend
   uint8_t* heads = S.heads;
   uint64_t* bitmap = S.bitmap;
   uint64_t* summary = S.summary;
+  int64_t walked = 0;
   for (int g = 0; g < Q.G; ++g) {
     if (csr == 0) break;
     const int32_t* qc = Q.codes + static_cast<int64_t>(g) * L;
@@ -172,6 +173,7 @@ inline int find_candidates(const BlockView& B, const QueryGroup& Q, const Attend
         const uint32_t* off = B.offsets + static_cast<int64_t>(l) * (nb + 1);
         const uint16_t* ids = B.ids + l * csr;
         const uint32_t e0 = off[b], e1 = off[b + 1];
+        if (pass == 0) walked += e1 - e0;
         if (B.hi == nullptr) {
           if (pass == 0) {
             for (uint32_t e = e0; e < e1; ++e) {
@@ -252,6 +254,9 @@ inline int find_candidates(const BlockView& B, const QueryGroup& Q, const Attend
     }
   }
   for (int g = 0; g < Q.G; ++g) out.ncand[g] += per_head[g];
+  out.stats[0] += walked;
+  out.stats[1] += n;
+  out.stats[2] += tail;
   return n;
 }
 

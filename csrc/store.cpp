@@ -3,6 +3,8 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <new>
 #include <cmath>
 #include <limits>
 #include <mutex>
@@ -38,6 +40,17 @@ Scratch thread_scratch() {
 int resolve_threads(int requested) { return requested > 0 ? requested : omp_get_max_threads(); }
 
 }  // namespace
+
+// Plain malloc: glibc's adaptive mmap threshold recycles the memory of removed sequences
+// without new page faults. (Transparent huge pages were tried: with this kernel's
+// defrag=madvise setting their compaction stalls made appends 2x slower.)
+void* alloc_bytes(size_t bytes) {
+  void* p = std::malloc(bytes);
+  if (!p && bytes) throw std::bad_alloc();
+  return p;
+}
+
+void free_bytes(void* p) { std::free(p); }
 
 Store::Store(int num_kv_heads_, int head_dim_, int K_, int L_, int min_collisions_, KvDtype dtype_,
              int num_threads_, std::vector<float> table, float t_lo, float h, float log_u_floor)
@@ -120,12 +133,16 @@ void Store::append(int64_t seq_id, const void* keys, const void* values, const i
   const Kernels& kern = active_kernels();
   const int nt = threads();
   int64_t pos = 0;
+  double copy_s = 0, index_s = 0;
   while (pos < t) {
+    const double t0 = omp_get_wtime();
     std::vector<Block>& first = seq.heads[0];
     if (first.empty() || first.back().len == kBlockTokens)
       for (auto& blocks : seq.heads) blocks.emplace_back();
     const int64_t bi = static_cast<int64_t>(first.size()) - 1;
     const int64_t take = std::min<int64_t>(kBlockTokens - first.back().len, t - pos);
+    const Block& last = first.back();
+    const bool merge = last.len - last.csr_len + take >= kTailMerge || last.len + take == kBlockTokens;
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int h = 0; h < num_kv_heads; ++h) {
       Block& b = seq.heads[h][bi];
@@ -144,18 +161,33 @@ void Store::append(int64_t seq_id, const void* keys, const void* values, const i
       std::memcpy(b.values.data() + b.len * row_bytes, static_cast<const uint8_t*>(values) + src * row_bytes,
                   take * row_bytes);
       kern.row_norms(b.keys.data() + b.len * row_bytes, dtype, take, head_dim, b.norms.data() + b.len);
-      const int64_t tail_len = b.len - b.csr_len;
-      const size_t tail_need = static_cast<size_t>(tail_len + take) * L;
-      if (tail_need > b.tail.capacity())  // geometric: token-by-token appends copy O(1) each
-        b.tail.reserve_keep(std::max(tail_need, 2 * b.tail.capacity()), tail_len * L);
-      std::memcpy(b.tail.data() + tail_len * L, codes + src * L, take * L * sizeof(int32_t));
+      if (!merge) {  // codes wait in the tail; a merge reads them straight from the input
+        const int64_t tail_len = b.len - b.csr_len;
+        const size_t tail_need = static_cast<size_t>(tail_len + take) * L;
+        if (tail_need > b.tail.capacity())  // geometric: token-by-token appends copy O(1) each
+          b.tail.reserve_keep(std::max(tail_need, 2 * b.tail.capacity()), tail_len * L);
+        std::memcpy(b.tail.data() + tail_len * L, codes + src * L, take * L * sizeof(int32_t));
+      }
       b.len = static_cast<int32_t>(need);
     }
     seq.length += take;
+    const double t1 = omp_get_wtime();
+    if (merge) merge_block(seq, bi, codes + pos * L, t * L, take);
     pos += take;
-    const Block& b0 = seq.heads[0][bi];
-    if (b0.len - b0.csr_len >= kTailMerge || b0.len == kBlockTokens) merge_tail(seq, bi);
+    copy_s += t1 - t0;
+    index_s += omp_get_wtime() - t1;
   }
+  append_seconds_ = {copy_s, index_s};
+}
+
+std::vector<int64_t> Store::last_attend_stats() const {
+  std::lock_guard<std::mutex> g(stats_mutex_);
+  return attend_stats_;
+}
+
+std::vector<double> Store::last_append_seconds() const {
+  std::shared_lock lock(mutex_);
+  return append_seconds_;
 }
 
 namespace {
@@ -187,83 +219,94 @@ void merge_table(const Col* col, int64_t T, int64_t old_len, int low_bits, bool 
   }
 }
 
-// tail [T][L] int32 -> col [L][T] (tiles of tokens keep the writes of all tables in L1).
-template <typename Col>
-void transpose_codes(const int32_t* tail, int64_t T, int L, Col* col) {
-  constexpr int64_t kTile = 64;
-  for (int64_t j0 = 0; j0 < T; j0 += kTile) {
-    const int64_t j1 = std::min(T, j0 + kTile);
-    for (int64_t j = j0; j < j1; ++j) {
-      const int32_t* row = tail + j * L;
-      for (int l = 0; l < L; ++l) col[l * T + j] = static_cast<Col>(row[l]);
-    }
-  }
-}
-
 }  // namespace
 
-void Store::merge_tail(Sequence& seq, int64_t bi) {
-  const int H = num_kv_heads;
-  const int64_t T = seq.heads[0][bi].len - seq.heads[0][bi].csr_len;
+// The transposed-codes buffer of merges, kept between calls (one merge at a time uses it; a
+// concurrent merge of another store allocates its own).
+struct ColPool {
+  std::mutex mutex;
+  Buf<uint8_t> buf;
+};
+
+ColPool& col_pool() {
+  static ColPool pool;
+  return pool;
+}
+
+void Store::merge_block(Sequence& seq, int64_t bi, const int32_t* new_codes, int64_t head_stride, int64_t count) {
+  const Block& b0 = seq.heads[0][bi];
+  const int64_t old_len = b0.csr_len;
+  const int64_t T_old = b0.len - b0.csr_len - count;  // rows waiting in the stored tail
+  const int64_t T = T_old + count;
   if (T == 0) return;
-  const int64_t old_len = seq.heads[0][bi].csr_len;
   const int64_t new_len = old_len + T;
   const uint32_t nb = 1u << low_bits_;
   const bool with_hi = K > low_bits_;
   const bool narrow = K <= 16;  // codes fit uint16
   const int nt = threads();
-  std::vector<Buf<uint32_t>> offs(H);
-  std::vector<Buf<uint16_t>> ids(H);
-  std::vector<Buf<uint8_t>> his(H);
-  std::vector<Buf<uint16_t>> col16(H);
-  std::vector<Buf<uint32_t>> col32(H);
-  for (int h = 0; h < H; ++h) {
-    offs[h].reset(static_cast<size_t>(L) * (nb + 1));
-    ids[h].reset(static_cast<size_t>(L) * new_len);
-    if (with_hi) his[h].reset(static_cast<size_t>(L) * new_len);
-    if (narrow)
-      col16[h].reset(static_cast<size_t>(L) * T);
-    else
-      col32[h].reset(static_cast<size_t>(L) * T);
-  }
+  const int64_t Tp = (T + 63) / 64 * 64 + 32;  // padded column stride (entries)
+  const size_t col_bytes = static_cast<size_t>(L) * Tp * (narrow ? 2 : 4);
+  ColPool& pool = col_pool();
+  std::unique_lock<std::mutex> pool_lock(pool.mutex, std::try_to_lock);
+  Buf<uint8_t> own;
+  Buf<uint8_t>& col = pool_lock.owns_lock() ? pool.buf : own;
+  if (col.capacity() < col_bytes) col.reset(col_bytes);
+  for (int h = 0; h < num_kv_heads; ++h) {
+    Block& b = seq.heads[h][bi];
+    Buf<uint32_t> offs;
+    Buf<uint16_t> ids;
+    Buf<uint8_t> his;
+    offs.reset(static_cast<size_t>(L) * (nb + 1));
+    ids.reset(static_cast<size_t>(L) * new_len);
+    if (with_hi) his.reset(static_cast<size_t>(L) * new_len);
+    const int32_t* stored = b.tail.data();
+    const int32_t* fresh = new_codes + h * head_stride;
 #pragma omp parallel num_threads(nt)
-  {
+    {
+      // rows [T][L] (stored tail, then the new rows) -> columns [L][T]
+      // Tiles of 32 tokens (32 rows of L codes stay in L1) written column by column, so each
+      // write is a run of 32 consecutive entries; the column stride Tp is padded off a power of
+      // two so the columns do not all fall into the same cache sets.
 #pragma omp for schedule(static)
-    for (int h = 0; h < H; ++h) {
-      const Block& b = seq.heads[h][bi];
-      if (narrow)
-        transpose_codes(b.tail.data(), T, L, col16[h].data());
-      else
-        transpose_codes(b.tail.data(), T, L, col32[h].data());
-    }
-    std::vector<uint32_t> cnt(nb);
-#pragma omp for schedule(dynamic, 4) collapse(2)
-    for (int h = 0; h < H; ++h) {
+      for (int64_t j0 = 0; j0 < T; j0 += 32) {
+        const int64_t jn = std::min<int64_t>(32, T - j0);
+        const int32_t* rows[32];
+        for (int64_t j = 0; j < jn; ++j)
+          rows[j] = j0 + j < T_old ? stored + (j0 + j) * L : fresh + (j0 + j - T_old) * L;
+        for (int l = 0; l < L; ++l) {
+          if (narrow) {
+            uint16_t* c = reinterpret_cast<uint16_t*>(col.data()) + l * Tp + j0;
+            for (int64_t j = 0; j < jn; ++j) c[j] = static_cast<uint16_t>(rows[j][l]);
+          } else {
+            uint32_t* c = reinterpret_cast<uint32_t*>(col.data()) + l * Tp + j0;
+            for (int64_t j = 0; j < jn; ++j) c[j] = static_cast<uint32_t>(rows[j][l]);
+          }
+        }
+      }
+      std::vector<uint32_t> cnt(nb);
+#pragma omp for schedule(dynamic, 4)
       for (int l = 0; l < L; ++l) {
-        const Block& b = seq.heads[h][bi];
         const uint32_t* old_off = old_len ? b.offsets.data() + static_cast<int64_t>(l) * (nb + 1) : nullptr;
         const uint16_t* old_ids = old_len ? b.ids.data() + l * old_len : nullptr;
         const uint8_t* old_hi = (old_len && with_hi) ? b.hi.data() + l * old_len : nullptr;
-        uint32_t* no = offs[h].data() + static_cast<int64_t>(l) * (nb + 1);
-        uint16_t* ni = ids[h].data() + l * new_len;
-        uint8_t* nh = with_hi ? his[h].data() + l * new_len : nullptr;
+        uint32_t* no = offs.data() + static_cast<int64_t>(l) * (nb + 1);
+        uint16_t* ni = ids.data() + l * new_len;
+        uint8_t* nh = with_hi ? his.data() + l * new_len : nullptr;
         if (narrow)
-          merge_table(col16[h].data() + l * T, T, old_len, low_bits_, with_hi, old_off, old_ids, old_hi, no, ni, nh,
-                      cnt);
+          merge_table(reinterpret_cast<const uint16_t*>(col.data()) + l * Tp, T, old_len, low_bits_, with_hi, old_off,
+                      old_ids, old_hi, no, ni, nh, cnt);
         else
-          merge_table(col32[h].data() + l * T, T, old_len, low_bits_, with_hi, old_off, old_ids, old_hi, no, ni, nh,
-                      cnt);
+          merge_table(reinterpret_cast<const uint32_t*>(col.data()) + l * Tp, T, old_len, low_bits_, with_hi,
+                      old_off, old_ids, old_hi, no, ni, nh, cnt);
       }
     }
-  }
-  for (int h = 0; h < H; ++h) {
-    Block& b = seq.heads[h][bi];
-    b.offsets.swap(offs[h]);
-    b.ids.swap(ids[h]);
-    b.hi.swap(his[h]);
+    b.offsets.swap(offs);
+    b.ids.swap(ids);
+    b.hi.swap(his);
     b.tail.clear();
     b.csr_len = static_cast<int32_t>(new_len);
   }
+  if (col.capacity() > (size_t{64} << 20)) col.clear();  // do not keep a huge buffer around
 }
 
 AttendParams Store::params() const {
@@ -305,6 +348,7 @@ void Store::attend(const int64_t* seq_ids, int B, int Hq, const float* queries, 
   std::vector<float> mx(nt_tasks * kMaxGroup, -std::numeric_limits<float>::infinity());
   std::vector<float> sums(nt_tasks * kMaxGroup, 0.0f);
   std::vector<int32_t> counts(nt_tasks * kMaxGroup, 0);
+  std::vector<int64_t> work(nt_tasks * 3, 0);
   std::vector<float> qnorm(static_cast<size_t>(B) * Hq);
   for (int64_t i = 0; i < static_cast<int64_t>(B) * Hq; ++i) {
     double s = 0;
@@ -335,9 +379,17 @@ void Store::attend(const int64_t* seq_ids, int B, int Hq, const float* queries, 
     q.codes = query_codes + (static_cast<int64_t>(tk.b) * Hq + head0) * L;
     q.qnorm = qnorm.data() + static_cast<int64_t>(tk.b) * Hq + head0;
     Partial part{acc.data() + i * kMaxGroup * d, mx.data() + i * kMaxGroup, sums.data() + i * kMaxGroup,
-                 counts.data() + i * kMaxGroup};
+                 counts.data() + i * kMaxGroup, work.data() + i * 3};
     Scratch scratch = thread_scratch();
     kern.attend_block(v, q, P, scratch, part);
+  }
+  {
+    std::vector<int64_t> total(4, 0);
+    for (int64_t i = 0; i < nt_tasks; ++i)
+      for (int j = 0; j < 3; ++j) total[j] += work[i * 3 + j];
+    total[3] = nt_tasks;
+    std::lock_guard<std::mutex> g(stats_mutex_);
+    attend_stats_ = total;
   }
   // Merge the blocks of each (row, head) by log-sum-exp.
   std::vector<int64_t> first_task(static_cast<size_t>(B) * H * nsub, -1), ntask(static_cast<size_t>(B) * H * nsub, 0);

@@ -13,6 +13,7 @@
 #include <memory>
 #include <shared_mutex>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "kernels.h"
@@ -24,35 +25,49 @@ constexpr int kMaxLowBits = 12;   // at most 4096 buckets per table per block
 constexpr int kTailMerge = 256;   // tail tokens that trigger a CSR merge
 constexpr int kMaxHeadDim = 4096;
 
+void* alloc_bytes(size_t bytes);  // large sizes: 2 MiB aligned + transparent huge pages
+void free_bytes(void* p);
+
 // An uninitialised growable array whose capacity is the memory it holds.
 template <typename T>
 class Buf {
  public:
-  T* data() { return ptr_.get(); }
-  const T* data() const { return ptr_.get(); }
+  Buf() = default;
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+  Buf(Buf&& o) noexcept { swap(o); }
+  Buf& operator=(Buf&& o) noexcept {
+    swap(o);
+    return *this;
+  }
+  ~Buf() { free_bytes(ptr_); }
+  T* data() { return ptr_; }
+  const T* data() const { return ptr_; }
   size_t capacity() const { return cap_; }
   size_t bytes() const { return cap_ * sizeof(T); }
   // Exactly n elements, contents dropped.
   void reset(size_t n) {
-    ptr_.reset(n ? new T[n] : nullptr);
+    free_bytes(ptr_);
+    ptr_ = n ? static_cast<T*>(alloc_bytes(n * sizeof(T))) : nullptr;
     cap_ = n;
   }
   // At least n elements keeping the first `keep`.
   void reserve_keep(size_t n, size_t keep) {
     if (n <= cap_) return;
-    std::unique_ptr<T[]> p(new T[n]);
-    if (keep) std::memcpy(p.get(), ptr_.get(), keep * sizeof(T));
-    ptr_ = std::move(p);
+    T* p = static_cast<T*>(alloc_bytes(n * sizeof(T)));
+    if (keep) std::memcpy(p, ptr_, keep * sizeof(T));
+    free_bytes(ptr_);
+    ptr_ = p;
     cap_ = n;
   }
-  void swap(Buf& o) {
-    ptr_.swap(o.ptr_);
+  void swap(Buf& o) noexcept {
+    std::swap(ptr_, o.ptr_);
     std::swap(cap_, o.cap_);
   }
   void clear() { reset(0); }
 
  private:
-  std::unique_ptr<T[]> ptr_;
+  T* ptr_ = nullptr;
   size_t cap_ = 0;
 };
 
@@ -93,6 +108,10 @@ class Store {
   // lse fp32 [B, Hq]; ncand int32 [B, Hq].
   void attend(const int64_t* seq_ids, int B, int Hq, const float* queries, const int32_t* query_codes, float* out,
               float* lse, int32_t* ncand) const;
+  // Work of the last attend (index entries walked, rows read, tail tokens scanned, tasks) and
+  // seconds of the last append (copy + norms, bucket-list build); for the benchmark.
+  std::vector<int64_t> last_attend_stats() const;
+  std::vector<double> last_append_seconds() const;
   int64_t nbytes() const;
   int64_t nbytes(int64_t seq_id) const;
   int threads() const;
@@ -104,7 +123,10 @@ class Store {
  private:
   const Sequence& get(int64_t seq_id) const;
   Sequence& get(int64_t seq_id);
-  void merge_tail(Sequence& seq, int64_t block_index);
+  // Index the block's stored tail plus `count` new tokens (codes of KV head h at
+  // new_codes + h * head_stride, rows of L) into its CSR.
+  void merge_block(Sequence& seq, int64_t block_index, const int32_t* new_codes, int64_t head_stride,
+                   int64_t count);
   AttendParams params() const;
 
   int low_bits_;
@@ -112,6 +134,9 @@ class Store {
   float t_lo_, inv_h_, log_u_floor_;
   int64_t next_id_ = 0;
   std::unordered_map<int64_t, Sequence> seqs_;
+  mutable std::mutex stats_mutex_;
+  mutable std::vector<int64_t> attend_stats_ = std::vector<int64_t>(4, 0);
+  std::vector<double> append_seconds_ = std::vector<double>(2, 0.0);
   mutable std::shared_mutex mutex_;  // attend: shared; everything that mutates: exclusive
 };
 

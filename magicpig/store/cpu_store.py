@@ -81,7 +81,7 @@ def _code_input(name: str, x: object, shape: tuple[Optional[int], ...], meaning:
         raise TypeError(f"{name}: expected an integer array of hash codes, got {t.dtype}")
     _check_shape(name, t, shape, meaning)
     if t.numel():
-        lo, hi = int(t.min()), int(t.max())
+        lo, hi = (int(x) for x in torch.aminmax(t))
         if lo < 0 or hi >= 1 << K:
             raise ValueError(f"{name}: codes must be in [0, 2^K = {1 << K}) for K={K}, got range [{lo}, {hi}]")
     return t.to(torch.int32).contiguous().numpy()
