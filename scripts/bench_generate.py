@@ -1,0 +1,99 @@
+"""Prefill and decode speed of this runner (dense and magicpig) against transformers' generate.
+
+One run, one prompt (a needle-in-a-haystack prompt of --tokens tokens), the same fp32 weights:
+  * ours: exact chunked prefill once; then --new-tokens greedy decode steps from that state,
+    with method="dense" and with method="magicpig";
+  * transformers: model.generate(max_new_tokens=1) (prefill + 1 token) and
+    model.generate(max_new_tokens=1+N, min_new_tokens=1+N); decode tok/s = N / (difference).
+Prints tokens/s and the ratios (goal: dense decode >= 1.5x transformers at 8k; magicpig decode
+faster than dense).
+
+    python scripts/bench_generate.py [--tokens 8000] [--new-tokens 32] [--model PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+
+def _decode_rate(model, state, config, steps: int) -> tuple[float, float]:
+    """(decode tokens/s, computation cost) of ``steps`` greedy steps from ``state``."""
+    with model.decode_session(state, config, steps) as session:
+        tokens = state.last_logits.argmax(-1)
+        tokens = session.step(tokens).argmax(-1)  # warm-up step (first-call allocations)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            tokens = session.step(tokens).argmax(-1)
+        seconds = time.perf_counter() - t0
+        cost = session.computation_cost()[0]
+    return steps / seconds, cost
+
+
+def _hf_rates(source: str, ids: list[int], steps: int) -> tuple[float, float]:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    x = torch.tensor([ids])
+    kwargs = dict(do_sample=False, pad_token_id=hf.config.eos_token_id)
+    with torch.inference_mode():
+        hf.generate(x[:, :64], max_new_tokens=2, **kwargs)  # warm-up
+        t0 = time.perf_counter()
+        hf.generate(x, max_new_tokens=1, **kwargs)
+        t_prefill = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        hf.generate(x, max_new_tokens=1 + steps, min_new_tokens=1 + steps, **kwargs)
+        t_all = time.perf_counter() - t0
+    return len(ids) / t_prefill, steps / max(t_all - t_prefill, 1e-9)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="default: the embedded smollm2-135m-instruct")
+    parser.add_argument("--tokens", type=int, default=8000)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--skip-transformers", action="store_true")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from magicpig import LongContextModel, MagicPIGConfig
+    from magicpig.demo import needle_prompt
+
+    model = LongContextModel.from_pretrained(args.model, device="cpu", dtype=torch.float32)
+    prompt, _ = needle_prompt(model.tokenizer, args.tokens)
+    ids = model.encode(prompt)[0][0]
+    n = len(ids)
+    print(f"model {model.source}, prompt {n} tokens, {args.new_tokens} decode steps, "
+          f"{torch.get_num_threads()} torch threads, fp32", flush=True)
+
+    t0 = time.perf_counter()
+    state = model.prefill([ids])
+    ours_prefill = n / (time.perf_counter() - t0)
+    dense_rate, _ = _decode_rate(model, state, MagicPIGConfig(method="dense"), args.new_tokens)
+    mp_rate, mp_cost = _decode_rate(model, state, MagicPIGConfig(), args.new_tokens)
+    rows = [
+        ("magicpig runner, dense", ours_prefill, dense_rate),
+        (f"magicpig runner, magicpig (cost {mp_cost:.3f})", ours_prefill, mp_rate),
+    ]
+    if not args.skip_transformers:
+        del state
+        hf_prefill, hf_rate = _hf_rates(model.source, ids, args.new_tokens)
+        rows.append(("transformers generate", hf_prefill, hf_rate))
+    print()
+    print(f"| {'runner':<42} | {'prefill tok/s':>13} | {'decode tok/s':>12} |")
+    print(f"|{'-' * 44}|{'-' * 15}|{'-' * 14}|")
+    for name, p, d in rows:
+        print(f"| {name:<42} | {p:>13.1f} | {d:>12.2f} |")
+    print()
+    if not args.skip_transformers:
+        print(f"dense decode / transformers decode:   {dense_rate / hf_rate:.2f}x")
+        print(f"prefill / transformers prefill:       {ours_prefill / hf_prefill:.2f}x")
+    print(f"magicpig decode / dense decode:       {mp_rate / dense_rate:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
