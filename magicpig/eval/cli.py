@@ -47,6 +47,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: by device)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="cap on generated tokens (default: the benchmark's per-task length)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine, "
+                   "where spinning intra-op threads wait on each other)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -144,6 +147,13 @@ def main(argv: list[str] | None = None, adapter: ModelAdapter | None = None) -> 
     except ValueError as err:
         print(f"magicpig eval: {err}", file=sys.stderr)
         return 2
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"magicpig eval: --threads {args.threads}: expected an integer >= 1", file=sys.stderr)
+            return 2
+        import torch
+
+        torch.set_num_threads(args.threads)
     if adapter is None:
         adapter = load_model(args.model, device=args.device, dtype=args.dtype)
     if args.bench == "ruler":
