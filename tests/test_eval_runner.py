@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
@@ -126,6 +124,18 @@ def test_partial_file_resumes_only_missing(tmp_path):
     fake2 = FakeAdapter({})
     recs = run(fake2, _groups(fake2), methods, tmp_path, progress=False)
     assert len(fake2.decoded) == 2 and len(recs) == 6
+
+
+def test_group_that_cannot_be_built_is_skipped(tmp_path, capsys):
+    fake = FakeAdapter({})
+
+    def broken():
+        raise ValueError("qa_2 at length 1024: too short")
+
+    groups = [(("ruler", "qa_2", 1024), broken, 2)] + _groups(fake, tasks=("a",), samples=1)
+    recs = run(fake, groups, [parse_method("dense")], tmp_path, progress=False)
+    assert [r["task"] for r in recs] == ["a"]
+    assert "skipping qa_2@1024" in capsys.readouterr().out
 
 
 def test_other_model_in_out_dir_is_refused(tmp_path):

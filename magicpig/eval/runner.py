@@ -224,7 +224,12 @@ def run(
             if skipped == len(pending_keys):
                 continue
             bar.set_postfix_str(f"{task}@{length}")
-            items = make_items()
+            try:
+                items = make_items()
+            except ValueError as err:  # e.g. a task that cannot fit this length: skip, say so
+                bar.write(f"skipping {task}@{length}: {err}")
+                bar.update(len(pending_keys) - skipped)
+                continue
             for batch_start in range(0, len(items), batch_size):
                 batch = items[batch_start:batch_start + batch_size]
                 todo = [[m for m in methods if it.key(m.label) not in done] for it in batch]
