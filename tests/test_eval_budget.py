@@ -51,3 +51,27 @@ def test_errors():
         choose_kl(cos, 0.9, K_range=(16, 16), max_tables=3)
     with pytest.raises(ValueError, match="queries"):
         calibration_cosines(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+def test_model_calibration_predicts_the_measured_cost():
+    """On SmolLM2: cosines of real decode queries predict magicpig's measured candidate share."""
+    from magicpig import LongContextModel
+    from magicpig.eval import ruler
+    from magicpig.eval.budget import model_cosines
+    from magicpig.eval.runner import parse_method
+
+    model = LongContextModel.from_pretrained("smollm2-135m-instruct")
+    s = ruler.generate_sample("niah_single_2", 1536, 0, model.tokenizer)
+    ids = model.tokenizer(s.prompt, add_special_tokens=False)["input_ids"]
+    cos = model_cosines(model, ids, steps=4)
+    cfg = parse_method("magicpig:K=8,L=60").config
+    predicted = predicted_cost(cos, cfg.K, cfg.L, cfg.min_collisions)
+    state = model.prefill([ids], progress=False)
+    measured = model.generate_from(state, cfg, max_new_tokens=4)[0].stats.computation_cost
+    assert 0.01 < measured < 0.2
+    assert measured == pytest.approx(predicted, rel=0.15)  # agreement seen: within 3%
+    # The default topk method is restored after recording.
+    from magicpig.attention.base import make_method
+    from magicpig.attention.baselines import TopKMiddle
+
+    assert type(make_method(cfg.replace(method="topk"), 1, 3, 64)) is TopKMiddle

@@ -14,6 +14,7 @@ The cosines must be between queries and *centred* keys, as the store hashes them
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -121,3 +122,48 @@ def choose_kl(cosines: torch.Tensor, target_cost: float, K_range: tuple[int, int
             "raise max_tables or lower K_range"
         )
     return max(options, key=lambda o: o.K)
+
+
+# ----------------------------------------------------------------------------- calibration on a model
+
+
+def model_cosines(model: Any, token_ids: list[int], steps: int = 8, max_pairs: int = 2_000_000,
+                  seed: int = 0) -> torch.Tensor:
+    """Cosines between real decode queries and the centred middle keys of a model.
+
+    Prefills ``token_ids`` with ``model`` (a :class:`magicpig.LongContextModel`), decodes
+    ``steps`` greedy tokens with exact attention while recording, in every sparse layer, the
+    queries each head sends and the centred middle keys it was given; returns the cosines of
+    (query head, its KV head's keys) pairs, subsampled to at most ``max_pairs``.
+    """
+    from magicpig.attention import baselines
+    from magicpig.attention.base import register_method
+
+    records: list[torch.Tensor] = []
+
+    class _Recorder(baselines.DenseMiddle):
+        """Exact attention that also keeps the cosines of the queries it answers."""
+
+        def _attend_one(self, seq_id, q, kv_of):
+            keys = torch.nn.functional.normalize(self._keys[seq_id], dim=-1)
+            qn = torch.nn.functional.normalize(q, dim=-1)
+            hkv, n, d = keys.shape
+            records.append(torch.einsum("hgd,hnd->hgn", qn.view(hkv, -1, d), keys).flatten())
+            return super()._attend_one(seq_id, q, kv_of)
+
+    # Stand in for "topk" while recording: a sparse method (so layers are offloaded with
+    # centred keys, as the store sees them) whose answers are exact.
+    register_method("topk")(_Recorder)
+    try:
+        cfg = model.config.replace(method="topk", budget=1.0)
+        state = model.prefill([list(token_ids)], progress=False)
+        model.generate_from(state, cfg, max_new_tokens=steps)
+    finally:
+        register_method("topk")(baselines.TopKMiddle)
+    if not records:
+        raise ValueError("no middle keys were attended: the prompt is shorter than sinks + window")
+    cos = torch.cat(records)
+    if cos.numel() > max_pairs:
+        g = torch.Generator().manual_seed(seed)
+        cos = cos[torch.randperm(cos.numel(), generator=g)[:max_pairs]]
+    return cos

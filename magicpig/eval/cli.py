@@ -7,6 +7,7 @@ Examples::
     magicpig eval longbench --data ~/LongBench/data --tasks hotpotqa trec --samples 50 \\
         --methods dense magicpig --out results-lb/
     magicpig eval summary --out results/
+    magicpig eval pick-kl --cost 0.03        # (K, L) for a 3% budget on the model
 
 A bare method name uses its defaults (MagicPIGConfig); ``name:key=value,...`` overrides them and
 ``topk:0.03`` sets the budget. A rerun with the same --out skips the answers already there.
@@ -70,7 +71,35 @@ def build_parser() -> argparse.ArgumentParser:
                     help="prompt + generation token limit (default: the model's context)")
     s = sub.add_parser("summary", help="rebuild summary.md / .csv / .png from predictions.jsonl")
     s.add_argument("--out", required=True)
+    k = sub.add_parser("pick-kl", help="(K, L) for a target computation cost, calibrated on the model")
+    k.add_argument("--model", default="smollm2-135m-instruct")
+    k.add_argument("--cost", type=float, required=True, help="target fraction of middle keys, e.g. 0.03")
+    k.add_argument("--length", type=int, default=4096, help="calibration prompt length (RULER niah_single_2)")
+    k.add_argument("--steps", type=int, default=8, help="decode steps whose queries are recorded")
+    k.add_argument("--k-range", type=int, nargs=2, default=[6, 14], metavar=("KMIN", "KMAX"))
+    k.add_argument("--max-tables", type=int, default=300)
+    k.add_argument("--min-collisions", type=int, default=2)
+    k.add_argument("--device", default=None)
     return parser
+
+
+def _pick_kl(args: argparse.Namespace) -> int:
+    from magicpig import LongContextModel
+    from magicpig.eval.budget import choose_kl, kl_options, model_cosines
+
+    model = LongContextModel.from_pretrained(args.model, device=args.device)
+    sample = ruler.generate_sample("niah_single_2", args.length, 0, model.tokenizer,
+                                   max_total=int(model.args.max_context))
+    ids = model.tokenizer(sample.prompt, add_special_tokens=False)["input_ids"]
+    cos = model_cosines(model, ids, steps=args.steps)
+    k_range = (args.k_range[0], args.k_range[1])
+    print(f"calibration: {cos.numel()} (query, key) pairs from {args.steps} decode steps at {len(ids)} tokens")
+    print("  K    L  predicted cost")
+    for o in kl_options(cos, args.cost, k_range, args.min_collisions, args.max_tables):
+        print(f"{o.K:3d} {o.L:4d}  {100 * o.predicted_cost:.2f}%")
+    best = choose_kl(cos, args.cost, k_range, args.min_collisions, args.max_tables)
+    print(f"chosen: magicpig:K={best.K},L={best.L} (predicted cost {100 * best.predicted_cost:.2f}%)")
+    return 0
 
 
 def ruler_groups(tokenizer: Any, tasks: list[str], lengths: list[int], samples: int, seed: int,
@@ -122,6 +151,12 @@ def _longbench_items(tokenizer: Any, data_dir: str, task: str, samples: int, max
 def main(argv: list[str] | None = None, adapter: ModelAdapter | None = None) -> int:
     """Entry point of ``magicpig eval``; ``adapter`` lets tests pass a model in."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.bench == "pick-kl":
+        try:
+            return _pick_kl(args)
+        except ValueError as err:
+            print(f"magicpig eval pick-kl: {err}", file=sys.stderr)
+            return 2
     out = Path(args.out)
     if args.bench == "summary":
         records = read_records(out)
