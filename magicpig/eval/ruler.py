@@ -464,7 +464,7 @@ def make_qa(seed: str, size: int, target: int, dataset: str, index: int = 0) -> 
                 order.append(j)
         return docs[order[i]]
 
-    chosen = [docs[i] for i in gold] + _take_words(distractor, size) if size > 0 else [docs[i] for i in gold]
+    chosen = [docs[i] for i in gold] + _take_words(distractor, size)
     shuffle = random.Random(seed + ":shuffle")
     positions = list(range(len(chosen)))
     shuffle.shuffle(positions)
