@@ -74,7 +74,7 @@ PYBIND11_MODULE(_C, m) {
       .def("last_attend_stats", &Store::last_attend_stats,
            "[bucket-list entries walked, candidate rows read, tail tokens scanned, tasks] of the last attend")
       .def("last_append_seconds", &Store::last_append_seconds,
-           "[seconds copying K/V + norms, seconds building bucket lists] of the last append")
+           "[wall seconds copying K/V + norms, wall seconds building bucket lists, CPU seconds building bucket lists] of the last append")
       .def(
           "append",
           [](Store& s, int64_t seq_id, const py::buffer& keys, const py::buffer& values, const py::buffer& codes,

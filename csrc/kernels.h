@@ -15,8 +15,11 @@ inline int kv_itemsize(KvDtype t) { return t == KvDtype::fp32 ? 4 : 2; }
 struct BlockView {
   int32_t len = 0;
   int32_t csr_len = 0;
-  const void* keys = nullptr;           // [len, d] of the store's kv dtype
-  const void* values = nullptr;         // [len, d]
+  // K and V rows are interleaved, [len][2][d] of the store's kv dtype, so one candidate's
+  // key and value are 2*d*itemsize contiguous bytes (one DRAM page, adjacent cache lines).
+  const void* keys = nullptr;           // row i at keys + i * row_stride bytes
+  const void* values = nullptr;         // row i at values + i * row_stride bytes
+  int64_t row_stride = 0;               // bytes between consecutive tokens
   const float* norms = nullptr;         // [len] |k_i| in fp32 (from the stored, rounded keys)
   const uint32_t* offsets = nullptr;    // [L][nbuckets + 1], bucket = code & (nbuckets - 1)
   const uint16_t* ids = nullptr;        // [L][csr_len], ascending within a bucket
@@ -26,6 +29,7 @@ struct BlockView {
 
 // The query heads of one GQA group (at most kMaxGroup; larger groups are split by the caller).
 constexpr int kMaxGroup = 8;
+constexpr int kMaxHeadDim = 4096;
 struct QueryGroup {
   int G = 0;
   const float* q = nullptr;        // [G][d]
@@ -74,8 +78,11 @@ struct Kernels {
   // Collision search + fused sampled attention over one block for one query group.
   void (*attend_block)(const BlockView& block, const QueryGroup& group, const AttendParams& params,
                        Scratch& scratch, Partial& partial);
-  // norms[i] = |row_i| of n rows of d elements of the given dtype.
-  void (*row_norms)(const void* rows, KvDtype dtype, int64_t n, int d, float* norms);
+  // col[l * col_stride + j] = rows[j * L + l] for j < count (codes known to fit uint16): the
+  // transposition that turns appended codes into per-table columns for the bucket sort.
+  void (*transpose_codes16)(const int32_t* rows, int64_t count, int L, uint16_t* col, int64_t col_stride);
+  // norms[i] = |row_i| of n rows of d elements of the given dtype, rows `stride` bytes apart.
+  void (*row_norms)(const void* rows, KvDtype dtype, int64_t n, int d, int64_t stride, float* norms);
 };
 
 }  // namespace magicpig

@@ -15,6 +15,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 #include "kernels.h"
@@ -30,7 +31,14 @@ using magicpig::QueryGroup;
 using magicpig::Scratch;
 using magicpig::kChunk;
 
-constexpr int kPrefetchRows = 8;  // rows ahead; a 128-dim bf16 row is 4 cache lines
+// Rows prefetched ahead (a 128-dim bf16 row is 4 cache lines); MAGICPIG_PREFETCH overrides.
+inline int prefetch_rows() {
+  static const int rows = [] {
+    const char* e = std::getenv("MAGICPIG_PREFETCH");
+    return e ? std::atoi(e) : 16;
+  }();
+  return rows;
+}
 
 inline float fmax_(float a, float b) { return a > b ? a : b; }
 inline float fmin_(float a, float b) { return a < b ? a : b; }
@@ -78,27 +86,29 @@ inline float exp_neg_f(float x) {
   return under ? 0.0f : p * scale;
 }
 
-// log u(t) from the Hermite table (AttendParams), floored at log_u_floor.
-inline float log_u_of_t(float t, const AttendParams& P) {
-  float u = (t - P.t_lo) * P.inv_h;
-  float uc = fmin_(fmax_(u, 0.0f), static_cast<float>(P.table_points - 1));
+// log u(t) from the Hermite table (AttendParams), floored at log_u_floor. Scalar arguments so
+// the loop calling it vectorises (gathers for the table).
+inline float log_u_of_t(float t, const float* table, int last_cell, float t_lo, float inv_h, float floor_) {
+  float u = (t - t_lo) * inv_h;
+  float uc = fmin_(fmax_(u, 0.0f), static_cast<float>(last_cell + 1));
   int i = static_cast<int>(uc);
-  i = i < P.table_points - 2 ? i : P.table_points - 2;
+  i = i < last_cell ? i : last_cell;
   float f = uc - static_cast<float>(i);  // in [0, 1]
-  const float* T = P.table + 2 * i;
+  float y0 = table[2 * i], d0 = table[2 * i + 1], y1 = table[2 * i + 2], d1 = table[2 * i + 3];
   float g = 1.0f - f;
-  float h = (1.0f + 2.0f * f) * g * g * T[0] + f * g * g * T[1] + f * f * (3.0f - 2.0f * f) * T[2] - f * f * g * T[3];
-  h = u < 0.0f ? P.log_u_floor : h;
-  return fmax_(h, P.log_u_floor);
+  float h = (1.0f + 2.0f * f) * g * g * y0 + f * g * g * d0 + f * f * (3.0f - 2.0f * f) * y1 - f * f * g * d1;
+  h = u < 0.0f ? floor_ : h;
+  return fmax_(h, floor_);
 }
 
-// n rows of d elements -> fp32 row `out` (one row).
-inline void load_row(const void* base, KvDtype dtype, int64_t row, int d, float* out) {
+// Row `row` (rows `stride` bytes apart, d elements of dtype) -> fp32 `out`.
+inline void load_row(const void* base, KvDtype dtype, int64_t row, int d, int64_t stride, float* out) {
+  const char* p = static_cast<const char*>(base) + row * stride;
   if (dtype == KvDtype::fp32) {
-    std::memcpy(out, static_cast<const float*>(base) + row * d, sizeof(float) * d);
+    std::memcpy(out, p, sizeof(float) * d);
     return;
   }
-  const uint16_t* src = static_cast<const uint16_t*>(base) + row * d;
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(p);
   int k = 0;
   if (dtype == KvDtype::bf16) {
     for (; k + simd::W <= d; k += simd::W) simd::store(out + k, simd::load_bf16(src + k));
@@ -109,8 +119,8 @@ inline void load_row(const void* base, KvDtype dtype, int64_t row, int d, float*
   }
 }
 
-inline void prefetch_row(const void* base, int64_t row, int row_bytes, int locality) {
-  const char* p = static_cast<const char*>(base) + row * row_bytes;
+inline void prefetch_row(const void* base, int64_t row, int64_t stride, int row_bytes, int locality) {
+  const char* p = static_cast<const char*>(base) + row * stride;
   for (int off = 0; off < row_bytes; off += 64) {
     if (locality == 3)
       __builtin_prefetch(p + off, 0, 3);
@@ -263,9 +273,11 @@ inline int find_candidates(const BlockView& B, const QueryGroup& Q, const Attend
 // Scores s = q.k/sqrt(d) - log u(cos) of one head over a chunk (-inf where not selected).
 inline void chunk_scores(const float* dots, const float* inv_kn, const uint8_t* cand_heads, int n, int g,
                          float inv_qn, const AttendParams& P, float* scores) {
-  const float K = static_cast<float>(P.K);
+  const float K = static_cast<float>(P.K), scale = P.scale;
+  const float* table = P.table;
+  const int last_cell = P.table_points - 2;
+  const float t_lo = P.t_lo, inv_h = P.inv_h, floor_ = P.log_u_floor;
   const float inv_pi = 0.318309886183790672f;
-  const float ninf = -__builtin_inff();
 #pragma omp simd
   for (int j = 0; j < n; ++j) {
     const float dot = dots[j];
@@ -274,16 +286,20 @@ inline void chunk_scores(const float* dots, const float* inv_kn, const uint8_t* 
     // p = (1 - acos(c)/pi)^K = (acos(-c)/pi)^K, so t = log p = K log(acos(-c)/pi).
     const float a = fmax_(acos_f(-c) * inv_pi, 1e-37f);
     const float t = K * log_f(a);
-    const float s = dot * P.scale - log_u_of_t(t, P);
-    scores[j] = ((cand_heads[j] >> g) & 1) ? s : ninf;
+    scores[j] = dot * scale - log_u_of_t(t, table, last_cell, t_lo, inv_h, floor_);
   }
+  const float ninf = -__builtin_inff();
+  for (int j = 0; j < n; ++j)
+    if (!((cand_heads[j] >> g) & 1)) scores[j] = ninf;
 }
 
 void attend_block(const BlockView& B, const QueryGroup& Q, const AttendParams& P, Scratch& S, Partial& out) {
   const int n = find_candidates(B, Q, P, S, out);
   if (n == 0) return;
+  const int kPrefetchRows = prefetch_rows();
   const int d = P.d, G = Q.G;
   const int row_bytes = d * magicpig::kv_itemsize(P.dtype);
+  const int64_t stride = B.row_stride;
   float* dots = S.work;                       // [G][kChunk]
   float* scores = dots + G * kChunk;          // [G][kChunk]
   float* inv_kn = scores + G * kChunk;        // [kChunk]
@@ -295,15 +311,13 @@ void attend_block(const BlockView& B, const QueryGroup& Q, const AttendParams& P
     const int cn = n - c0 < kChunk ? n - c0 : kChunk;
     const uint16_t* ids = S.cand + c0;
     const uint8_t* hs = S.cand_heads + c0;
-    // Keys: one read per row for the whole group; values of the chunk are prefetched to L2.
+    // Keys: one read per row for the whole group. Rows are prefetched to L2 kPrefetchRows
+    // ahead (K across chunk boundaries, V of this chunk for the value pass) and to L1 two ahead.
     for (int j = 0; j < cn; ++j) {
-      if (j + kPrefetchRows < cn) {
-        prefetch_row(B.keys, ids[j + kPrefetchRows], row_bytes, 3);
-        prefetch_row(B.values, ids[j + kPrefetchRows], row_bytes, 2);
-      } else if (c0 + j + kPrefetchRows < n) {
-        prefetch_row(B.keys, S.cand[c0 + j + kPrefetchRows], row_bytes, 3);
-      }
-      load_row(B.keys, P.dtype, ids[j], d, row);
+      if (c0 + j + kPrefetchRows < n) prefetch_row(B.keys, S.cand[c0 + j + kPrefetchRows], stride, row_bytes, 2);
+      if (j + kPrefetchRows < cn) prefetch_row(B.values, ids[j + kPrefetchRows], stride, row_bytes, 2);
+      if (j + 2 < cn) prefetch_row(B.keys, ids[j + 2], stride, row_bytes, 3);
+      load_row(B.keys, P.dtype, ids[j], d, stride, row);
       group_dots(Q.q, G, d, row, dg);
       for (int g = 0; g < G; ++g) dots[g * kChunk + j] = dg[g];
       const float kn = B.norms[ids[j]];
@@ -335,8 +349,8 @@ void attend_block(const BlockView& B, const QueryGroup& Q, const AttendParams& P
     }
     // Values: one read per row, accumulated into every head that selected it.
     for (int j = 0; j < cn; ++j) {
-      if (j + kPrefetchRows < cn) prefetch_row(B.values, ids[j + kPrefetchRows], row_bytes, 3);
-      load_row(B.values, P.dtype, ids[j], d, row);
+      if (j + 2 < cn) prefetch_row(B.values, ids[j + 2], stride, row_bytes, 3);
+      load_row(B.values, P.dtype, ids[j], d, stride, row);
       const uint8_t h = hs[j];
       for (int g = 0; g < G; ++g) {
         if ((h >> g) & 1) {
@@ -348,11 +362,11 @@ void attend_block(const BlockView& B, const QueryGroup& Q, const AttendParams& P
   }
 }
 
-void row_norms(const void* rows, KvDtype dtype, int64_t n, int d, float* norms) {
-  float buf[4096];
+void row_norms(const void* rows, KvDtype dtype, int64_t n, int d, int64_t stride, float* norms) {
+  float buf[magicpig::kMaxHeadDim];
   for (int64_t i = 0; i < n; ++i) {
     float* x = buf;
-    load_row(rows, dtype, i, d, x);
+    load_row(rows, dtype, i, d, stride, x);
     simd::vf acc = simd::zero();
     int k = 0;
     for (; k + simd::W <= d; k += simd::W) {
@@ -365,8 +379,34 @@ void row_norms(const void* rows, KvDtype dtype, int64_t n, int d, float* norms) 
   }
 }
 
+void transpose_codes16(const int32_t* rows, int64_t count, int L, uint16_t* col, int64_t col_stride) {
+#if defined(__AVX512F__)
+  // 16 tokens at a time: one gather per table of their 16 codes (rows stay in L1), narrowed to
+  // 16 bits and stored as a run of 16 column entries.
+  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm512_set1_epi32(L));
+  for (int64_t j0 = 0; j0 < count; j0 += 16) {
+    const int64_t jn = count - j0 < 16 ? count - j0 : 16;
+    const __mmask16 mask = static_cast<__mmask16>((1u << jn) - 1);
+    const int32_t* base = rows + j0 * L;
+    for (int l = 0; l < L; ++l) {
+      const __m512i g = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, idx, base + l, 4);
+      _mm256_mask_storeu_epi16(col + l * col_stride + j0, mask, _mm512_cvtepi32_epi16(g));
+    }
+  }
+#else
+  for (int64_t j0 = 0; j0 < count; j0 += 32) {
+    const int64_t jn = count - j0 < 32 ? count - j0 : 32;
+    for (int l = 0; l < L; ++l) {
+      uint16_t* c = col + l * col_stride + j0;
+      for (int64_t j = 0; j < jn; ++j) c[j] = static_cast<uint16_t>(rows[(j0 + j) * L + l]);
+    }
+  }
+#endif
+}
+
 const magicpig::Kernels& kernels() {
-  static const magicpig::Kernels table{MAGICPIG_ISA_NAME, &attend_block, &row_norms};
+  static const magicpig::Kernels table{MAGICPIG_ISA_NAME, &attend_block, &transpose_codes16, &row_norms};
   return table;
 }
 

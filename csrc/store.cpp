@@ -1,6 +1,8 @@
 #include "store.h"
 
 #include <omp.h>
+#include <sys/mman.h>
+#include <time.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -37,15 +39,35 @@ Scratch thread_scratch() {
   return storage.view();
 }
 
+double thread_cpu_seconds() {
+  timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return ts.tv_sec + 1e-9 * ts.tv_nsec;
+}
+
 int resolve_threads(int requested) { return requested > 0 ? requested : omp_get_max_threads(); }
 
 }  // namespace
 
-// Plain malloc: glibc's adaptive mmap threshold recycles the memory of removed sequences
-// without new page faults. (Transparent huge pages were tried: with this kernel's
-// defrag=madvise setting their compaction stalls made appends 2x slower.)
-void* alloc_bytes(size_t bytes) {
-  void* p = std::malloc(bytes);
+// K/V buffers of 4 MiB and more are 2 MiB aligned and marked for transparent huge pages:
+// attend gathers random rows, and with 4 KiB pages nearly every row costs a TLB miss (huge pages
+// measured ~20% faster attends). Other buffers stay on 4 KiB pages: with this kernel's
+// defrag=madvise setting, huge-page faults compact memory and slow appends down.
+// MAGICPIG_THP=0 turns huge pages off.
+void* alloc_bytes(size_t bytes, bool huge) {
+  static const bool thp = [] {
+    const char* e = std::getenv("MAGICPIG_THP");
+    return e == nullptr || std::string(e) != "0";
+  }();
+  constexpr size_t kHuge = size_t{2} << 20;
+  void* p = nullptr;
+  if (huge && thp && bytes >= 2 * kHuge) {
+    const size_t rounded = (bytes + kHuge - 1) / kHuge * kHuge;
+    p = std::aligned_alloc(kHuge, rounded);
+    if (p) madvise(p, rounded, MADV_HUGEPAGE);
+  } else {
+    p = std::malloc(bytes);
+  }
   if (!p && bytes) throw std::bad_alloc();
   return p;
 }
@@ -134,6 +156,7 @@ void Store::append(int64_t seq_id, const void* keys, const void* values, const i
   const int nt = threads();
   int64_t pos = 0;
   double copy_s = 0, index_s = 0;
+  index_cpu_ = 0;
   while (pos < t) {
     const double t0 = omp_get_wtime();
     std::vector<Block>& first = seq.heads[0];
@@ -150,17 +173,19 @@ void Store::append(int64_t seq_id, const void* keys, const void* values, const i
       if (need > b.cap) {
         // Exact for bulk appends, geometric for token-by-token ones (amortised copies).
         const int64_t cap = std::min<int64_t>(kBlockTokens, std::max<int64_t>(need, b.cap + b.cap / 2));
-        b.keys.reserve_keep(cap * row_bytes, b.len * row_bytes);
-        b.values.reserve_keep(cap * row_bytes, b.len * row_bytes);
+        b.kv.reserve_keep(cap * 2 * row_bytes, b.len * 2 * row_bytes, /*huge=*/true);
         b.norms.reserve_keep(cap, b.len);
         b.cap = static_cast<int32_t>(cap);
       }
       const int64_t src = (static_cast<int64_t>(h) * t + pos);
-      std::memcpy(b.keys.data() + b.len * row_bytes, static_cast<const uint8_t*>(keys) + src * row_bytes,
-                  take * row_bytes);
-      std::memcpy(b.values.data() + b.len * row_bytes, static_cast<const uint8_t*>(values) + src * row_bytes,
-                  take * row_bytes);
-      kern.row_norms(b.keys.data() + b.len * row_bytes, dtype, take, head_dim, b.norms.data() + b.len);
+      uint8_t* dst = b.kv.data() + b.len * 2 * row_bytes;
+      const uint8_t* ksrc = static_cast<const uint8_t*>(keys) + src * row_bytes;
+      const uint8_t* vsrc = static_cast<const uint8_t*>(values) + src * row_bytes;
+      for (int64_t i = 0; i < take; ++i) {
+        std::memcpy(dst + 2 * i * row_bytes, ksrc + i * row_bytes, row_bytes);
+        std::memcpy(dst + (2 * i + 1) * row_bytes, vsrc + i * row_bytes, row_bytes);
+      }
+      kern.row_norms(dst, dtype, take, head_dim, 2 * row_bytes, b.norms.data() + b.len);
       if (!merge) {  // codes wait in the tail; a merge reads them straight from the input
         const int64_t tail_len = b.len - b.csr_len;
         const size_t tail_need = static_cast<size_t>(tail_len + take) * L;
@@ -177,7 +202,7 @@ void Store::append(int64_t seq_id, const void* keys, const void* values, const i
     copy_s += t1 - t0;
     index_s += omp_get_wtime() - t1;
   }
-  append_seconds_ = {copy_s, index_s};
+  append_seconds_ = {copy_s, index_s, index_cpu_};
 }
 
 std::vector<int64_t> Store::last_attend_stats() const {
@@ -244,6 +269,7 @@ void Store::merge_block(Sequence& seq, int64_t bi, const int32_t* new_codes, int
   const bool with_hi = K > low_bits_;
   const bool narrow = K <= 16;  // codes fit uint16
   const int nt = threads();
+  const Kernels& kern = active_kernels();
   const int64_t Tp = (T + 63) / 64 * 64 + 32;  // padded column stride (entries)
   const size_t col_bytes = static_cast<size_t>(L) * Tp * (narrow ? 2 : 4);
   ColPool& pool = col_pool();
@@ -263,24 +289,26 @@ void Store::merge_block(Sequence& seq, int64_t bi, const int32_t* new_codes, int
     const int32_t* fresh = new_codes + h * head_stride;
 #pragma omp parallel num_threads(nt)
     {
+      const double c0 = thread_cpu_seconds();
       // rows [T][L] (stored tail, then the new rows) -> columns [L][T]
-      // Tiles of 32 tokens (32 rows of L codes stay in L1) written column by column, so each
-      // write is a run of 32 consecutive entries; the column stride Tp is padded off a power of
-      // two so the columns do not all fall into the same cache sets.
+      // rows [T][L] (stored tail, then the new rows) -> columns [L][Tp], in tiles of 64 tokens
+      // (their rows stay in L1); the column stride Tp is padded off a power of two so the
+      // columns do not all fall into the same cache sets.
 #pragma omp for schedule(static)
-      for (int64_t j0 = 0; j0 < T; j0 += 32) {
-        const int64_t jn = std::min<int64_t>(32, T - j0);
-        const int32_t* rows[32];
-        for (int64_t j = 0; j < jn; ++j)
-          rows[j] = j0 + j < T_old ? stored + (j0 + j) * L : fresh + (j0 + j - T_old) * L;
-        for (int l = 0; l < L; ++l) {
+      for (int64_t j0 = 0; j0 < T; j0 += 64) {
+        const int64_t j1 = std::min(T, j0 + 64);
+        // split the tile where the stored tail ends and the fresh rows begin
+        for (int64_t a = j0; a < j1;) {
+          const int64_t b_end = a < T_old ? std::min(j1, T_old) : j1;
+          const int32_t* src = a < T_old ? stored + a * L : fresh + (a - T_old) * L;
           if (narrow) {
-            uint16_t* c = reinterpret_cast<uint16_t*>(col.data()) + l * Tp + j0;
-            for (int64_t j = 0; j < jn; ++j) c[j] = static_cast<uint16_t>(rows[j][l]);
+            kern.transpose_codes16(src, b_end - a, L, reinterpret_cast<uint16_t*>(col.data()) + a, Tp);
           } else {
-            uint32_t* c = reinterpret_cast<uint32_t*>(col.data()) + l * Tp + j0;
-            for (int64_t j = 0; j < jn; ++j) c[j] = static_cast<uint32_t>(rows[j][l]);
+            uint32_t* c = reinterpret_cast<uint32_t*>(col.data());
+            for (int l = 0; l < L; ++l)
+              for (int64_t j = a; j < b_end; ++j) c[l * Tp + j] = static_cast<uint32_t>(src[(j - a) * L + l]);
           }
+          a = b_end;
         }
       }
       std::vector<uint32_t> cnt(nb);
@@ -299,6 +327,9 @@ void Store::merge_block(Sequence& seq, int64_t bi, const int32_t* new_codes, int
           merge_table(reinterpret_cast<const uint32_t*>(col.data()) + l * Tp, T, old_len, low_bits_, with_hi,
                       old_off, old_ids, old_hi, no, ni, nh, cnt);
       }
+      const double used = thread_cpu_seconds() - c0;
+#pragma omp atomic
+      index_cpu_ += used;
     }
     b.offsets.swap(offs);
     b.ids.swap(ids);
@@ -365,8 +396,10 @@ void Store::attend(const int64_t* seq_ids, int B, int Hq, const float* queries, 
     BlockView v;
     v.len = blk.len;
     v.csr_len = blk.csr_len;
-    v.keys = blk.keys.data();
-    v.values = blk.values.data();
+    const int64_t row_bytes = static_cast<int64_t>(d) * kv_itemsize(dtype);
+    v.keys = blk.kv.data();
+    v.values = blk.kv.data() + row_bytes;
+    v.row_stride = 2 * row_bytes;
     v.norms = blk.norms.data();
     v.offsets = blk.offsets.data();
     v.ids = blk.ids.data();

@@ -23,9 +23,8 @@ namespace magicpig {
 constexpr int kBlockTokens = 65536;
 constexpr int kMaxLowBits = 12;   // at most 4096 buckets per table per block
 constexpr int kTailMerge = 256;   // tail tokens that trigger a CSR merge
-constexpr int kMaxHeadDim = 4096;
 
-void* alloc_bytes(size_t bytes);  // large sizes: 2 MiB aligned + transparent huge pages
+void* alloc_bytes(size_t bytes, bool huge);  // huge: 2 MiB aligned + transparent huge pages
 void free_bytes(void* p);
 
 // An uninitialised growable array whose capacity is the memory it holds.
@@ -46,15 +45,15 @@ class Buf {
   size_t capacity() const { return cap_; }
   size_t bytes() const { return cap_ * sizeof(T); }
   // Exactly n elements, contents dropped.
-  void reset(size_t n) {
+  void reset(size_t n, bool huge = false) {
     free_bytes(ptr_);
-    ptr_ = n ? static_cast<T*>(alloc_bytes(n * sizeof(T))) : nullptr;
+    ptr_ = n ? static_cast<T*>(alloc_bytes(n * sizeof(T), huge)) : nullptr;
     cap_ = n;
   }
   // At least n elements keeping the first `keep`.
-  void reserve_keep(size_t n, size_t keep) {
+  void reserve_keep(size_t n, size_t keep, bool huge = false) {
     if (n <= cap_) return;
-    T* p = static_cast<T*>(alloc_bytes(n * sizeof(T)));
+    T* p = static_cast<T*>(alloc_bytes(n * sizeof(T), huge));
     if (keep) std::memcpy(p, ptr_, keep * sizeof(T));
     free_bytes(ptr_);
     ptr_ = p;
@@ -74,15 +73,15 @@ class Buf {
 struct Block {
   int32_t len = 0;
   int32_t csr_len = 0;
-  int32_t cap = 0;  // rows allocated for keys/values/norms
-  Buf<uint8_t> keys, values;
+  int32_t cap = 0;  // tokens allocated in kv/norms
+  Buf<uint8_t> kv;  // [cap][2][d]: key row then value row of each token (see BlockView)
   Buf<float> norms;
   Buf<uint32_t> offsets;  // [L][nbuckets + 1]
   Buf<uint16_t> ids;      // [L][csr_len]
   Buf<uint8_t> hi;        // [L][csr_len] when K > low_bits
   Buf<int32_t> tail;      // [len - csr_len][L]
   size_t nbytes() const {
-    return keys.bytes() + values.bytes() + norms.bytes() + offsets.bytes() + ids.bytes() + hi.bytes() +
+    return kv.bytes() + norms.bytes() + offsets.bytes() + ids.bytes() + hi.bytes() +
            tail.bytes() + sizeof(Block);
   }
 };
@@ -109,7 +108,8 @@ class Store {
   void attend(const int64_t* seq_ids, int B, int Hq, const float* queries, const int32_t* query_codes, float* out,
               float* lse, int32_t* ncand) const;
   // Work of the last attend (index entries walked, rows read, tail tokens scanned, tasks) and
-  // seconds of the last append (copy + norms, bucket-list build); for the benchmark.
+  // seconds of the last append (copy + norms wall, bucket-list build wall, bucket-list build CPU
+  // summed over threads); for the benchmark.
   std::vector<int64_t> last_attend_stats() const;
   std::vector<double> last_append_seconds() const;
   int64_t nbytes() const;
@@ -136,7 +136,8 @@ class Store {
   std::unordered_map<int64_t, Sequence> seqs_;
   mutable std::mutex stats_mutex_;
   mutable std::vector<int64_t> attend_stats_ = std::vector<int64_t>(4, 0);
-  std::vector<double> append_seconds_ = std::vector<double>(2, 0.0);
+  std::vector<double> append_seconds_ = std::vector<double>(3, 0.0);
+  double index_cpu_ = 0;  // CPU seconds of all threads in bucket-list builds of the last append
   mutable std::shared_mutex mutex_;  // attend: shared; everything that mutates: exclusive
 };
 

@@ -55,7 +55,8 @@ def make_sequence(gen: torch.Generator, n: int, projection: torch.Tensor):
     k = torch.randn(HKV, n, D, generator=gen) * scales + offset
     k = k - k.mean(dim=1, keepdim=True)
     v = torch.randn(HKV, n, D, generator=gen)
-    codes = hash_codes(k, projection, K)  # [HKV, n, L]
+    # [HKV, n, L], in chunks: hashing materialises [HKV, chunk, K*L] floats
+    codes = torch.cat([hash_codes(k[:, i : i + 8192], projection, K) for i in range(0, n, 8192)], dim=1)
     return k.bfloat16(), v.bfloat16(), codes
 
 

@@ -56,6 +56,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--bf16", action="store_true", help="also run this runner with bf16 weights")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -66,6 +67,7 @@ def main() -> None:
     model = LongContextModel.from_pretrained(args.model, device="cpu", dtype=torch.float32)
     prompt, _ = needle_prompt(model.tokenizer, args.tokens)
     ids = model.encode(prompt)[0][0]
+    source = model.source
     n = len(ids)
     print(f"model {model.source}, prompt {n} tokens, {args.new_tokens} decode steps, "
           f"{torch.get_num_threads()} torch threads, fp32", flush=True)
@@ -79,9 +81,22 @@ def main() -> None:
         ("magicpig runner, dense", ours_prefill, dense_rate),
         (f"magicpig runner, magicpig (cost {mp_cost:.3f})", ours_prefill, mp_rate),
     ]
-    if not args.skip_transformers:
+    if args.bf16:
+        # Same weights held in bf16 (decode on a CPU is bound by reading the weights).
         del state
-        hf_prefill, hf_rate = _hf_rates(model.source, ids, args.new_tokens)
+        model = LongContextModel.from_pretrained(args.model, device="cpu", dtype=torch.bfloat16)
+        t0 = time.perf_counter()
+        state = model.prefill([ids])
+        bf_prefill = n / (time.perf_counter() - t0)
+        bf_dense, _ = _decode_rate(model, state, MagicPIGConfig(method="dense"), args.new_tokens)
+        bf_mp, bf_cost = _decode_rate(model, state, MagicPIGConfig(), args.new_tokens)
+        rows += [
+            ("magicpig runner bf16, dense", bf_prefill, bf_dense),
+            (f"magicpig runner bf16, magicpig (cost {bf_cost:.3f})", bf_prefill, bf_mp),
+        ]
+    if not args.skip_transformers:
+        del state, model
+        hf_prefill, hf_rate = _hf_rates(source, ids, args.new_tokens)
         rows.append(("transformers generate", hf_prefill, hf_rate))
     print()
     print(f"| {'runner':<42} | {'prefill tok/s':>13} | {'decode tok/s':>12} |")
@@ -93,6 +108,9 @@ def main() -> None:
         print(f"dense decode / transformers decode:   {dense_rate / hf_rate:.2f}x")
         print(f"prefill / transformers prefill:       {ours_prefill / hf_prefill:.2f}x")
     print(f"magicpig decode / dense decode:       {mp_rate / dense_rate:.2f}x")
+    import os
+
+    print(f"(load average at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores)")
 
 
 if __name__ == "__main__":

@@ -42,11 +42,19 @@ class StaticKVCache:
         self.keys[row, :, start : start + n] = keys
         self.values[row, :, start : start + n] = values
 
-    def write(self, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """One token per row: keys, values [B, Hkv, d] go to slot ``slots[b]`` (int64 [B])."""
-        rows = torch.arange(self.keys.shape[0], device=slots.device)
-        self.keys[rows, :, slots] = keys
-        self.values[rows, :, slots] = values
+    def write(
+        self, rows: slice, slot: int | None, slots: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor
+    ) -> None:
+        """One token per row of ``rows``: keys, values [b, Hkv, d] go to slot ``slot`` of every
+        row when given (a plain copy, the common case), else to ``slots[i]`` (int64 [b])."""
+        k_rows, v_rows = self.keys[rows], self.values[rows]
+        if slot is not None:
+            k_rows[:, :, slot] = keys
+            v_rows[:, :, slot] = values
+        else:
+            index = torch.arange(k_rows.shape[0], device=k_rows.device)
+            k_rows[index, :, slots] = keys
+            v_rows[index, :, slots] = values
 
     def evict(self, row: int, start: int, count: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Remove slots [start, start+count) of a row holding ``length`` tokens, shifting the
