@@ -9,7 +9,7 @@ enum class KvDtype : int { bf16 = 0, fp16 = 1, fp32 = 2 };
 
 inline int kv_itemsize(KvDtype t) { return t == KvDtype::fp32 ? 4 : 2; }
 
-// One block of up to 65536 consecutive middle tokens of one (sequence, KV head).
+// One block of up to 65535 consecutive middle tokens of one (sequence, KV head).
 // Tokens [0, csr_len) are indexed by per-table bucket lists (CSR); tokens [csr_len, len) are a
 // short unsorted tail whose codes are scanned directly (recent appends, merged in batches).
 struct BlockView {
@@ -21,7 +21,7 @@ struct BlockView {
   const void* values = nullptr;         // row i at values + i * row_stride bytes
   int64_t row_stride = 0;               // bytes between consecutive tokens
   const float* norms = nullptr;         // [len] |k_i| in fp32 (from the stored, rounded keys)
-  const uint32_t* offsets = nullptr;    // [L][nbuckets + 1], bucket = code & (nbuckets - 1)
+  const uint16_t* offsets = nullptr;    // [L][nbuckets + 1], bucket = code & (nbuckets - 1)
   const uint16_t* ids = nullptr;        // [L][csr_len], ascending within a bucket
   const uint8_t* hi = nullptr;          // [L][csr_len] code >> low_bits, or null when K <= low_bits
   const int32_t* tail_codes = nullptr;  // [len - csr_len][L]

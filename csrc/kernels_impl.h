@@ -174,13 +174,13 @@ inline int find_candidates(const BlockView& B, const QueryGroup& Q, const Attend
     for (int pass = 0; pass < 2; ++pass) {  // pass 0 counts, pass 1 clears the same entries
       for (int l = 0; l < L; ++l) {
         if (l + 2 < L) {  // the bucket two tables ahead
-          const uint32_t* off2 = B.offsets + static_cast<int64_t>(l + 2) * (nb + 1);
+          const uint16_t* off2 = B.offsets + static_cast<int64_t>(l + 2) * (nb + 1);
           uint32_t b2 = static_cast<uint32_t>(qc[l + 2]) & low_mask;
           __builtin_prefetch(B.ids + (l + 2) * csr + off2[b2], 0, 3);
         }
         const uint32_t code = static_cast<uint32_t>(qc[l]);
         const uint32_t b = code & low_mask;
-        const uint32_t* off = B.offsets + static_cast<int64_t>(l) * (nb + 1);
+        const uint16_t* off = B.offsets + static_cast<int64_t>(l) * (nb + 1);
         const uint16_t* ids = B.ids + l * csr;
         const uint32_t e0 = off[b], e1 = off[b + 1];
         if (pass == 0) walked += e1 - e0;

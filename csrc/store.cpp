@@ -21,12 +21,12 @@ namespace {
 
 // Per-thread scratch of attend, allocated once per OS thread and kept zeroed between calls.
 struct ScratchStorage {
-  std::vector<uint16_t> counts = std::vector<uint16_t>(kBlockTokens, 0);
-  std::vector<uint8_t> heads = std::vector<uint8_t>(kBlockTokens, 0);
-  std::vector<uint64_t> bitmap = std::vector<uint64_t>(kBlockTokens / 64, 0);
-  std::vector<uint64_t> summary = std::vector<uint64_t>(kBlockTokens / 64 / 64, 0);
-  std::vector<uint16_t> cand = std::vector<uint16_t>(kBlockTokens);
-  std::vector<uint8_t> cand_heads = std::vector<uint8_t>(kBlockTokens);
+  std::vector<uint16_t> counts = std::vector<uint16_t>(kScratchTokens, 0);
+  std::vector<uint8_t> heads = std::vector<uint8_t>(kScratchTokens, 0);
+  std::vector<uint64_t> bitmap = std::vector<uint64_t>(kScratchTokens / 64, 0);
+  std::vector<uint64_t> summary = std::vector<uint64_t>(kScratchTokens / 64 / 64, 0);
+  std::vector<uint16_t> cand = std::vector<uint16_t>(kScratchTokens);
+  std::vector<uint8_t> cand_heads = std::vector<uint8_t>(kScratchTokens);
   std::vector<float> work = std::vector<float>(kMaxGroup * 2 * kChunk + kChunk + kMaxHeadDim);
   Scratch view() {
     return Scratch{counts.data(), heads.data(), bitmap.data(), summary.data(),
@@ -220,21 +220,24 @@ namespace {
 // Counting sort of table l's new tokens into the existing CSR of the block (new ids come after
 // the old ones of the same bucket, so every bucket stays ascending).
 template <typename Col>
-void merge_table(const Col* col, int64_t T, int64_t old_len, int low_bits, bool with_hi, const uint32_t* old_off,
-                 const uint16_t* old_ids, const uint8_t* old_hi, uint32_t* new_off, uint16_t* new_ids,
+void merge_table(const Col* col, int64_t T, int64_t old_len, int low_bits, bool with_hi, const uint16_t* old_off,
+                 const uint16_t* old_ids, const uint8_t* old_hi, uint16_t* new_off, uint16_t* new_ids,
                  uint8_t* new_hi, std::vector<uint32_t>& cnt) {
   const uint32_t nb = 1u << low_bits, mask = nb - 1;
   std::fill(cnt.begin(), cnt.begin() + nb, 0u);
   for (int64_t j = 0; j < T; ++j) ++cnt[col[j] & mask];
+  uint32_t start = 0;  // <= kBlockTokens = 65535, so it fits the uint16 offsets
   new_off[0] = 0;
   for (uint32_t b = 0; b < nb; ++b) {
-    const uint32_t old_count = old_len ? old_off[b + 1] - old_off[b] : 0;
-    new_off[b + 1] = new_off[b] + old_count + cnt[b];
+    const uint32_t old_count = old_len ? static_cast<uint32_t>(old_off[b + 1] - old_off[b]) : 0;
     if (old_count) {
-      std::memcpy(new_ids + new_off[b], old_ids + old_off[b], old_count * sizeof(uint16_t));
-      if (with_hi) std::memcpy(new_hi + new_off[b], old_hi + old_off[b], old_count);
+      std::memcpy(new_ids + start, old_ids + old_off[b], old_count * sizeof(uint16_t));
+      if (with_hi) std::memcpy(new_hi + start, old_hi + old_off[b], old_count);
     }
-    cnt[b] = new_off[b] + old_count;  // next write position of the bucket
+    const uint32_t next = start + old_count + cnt[b];
+    cnt[b] = start + old_count;  // next write position of the bucket
+    new_off[b + 1] = static_cast<uint16_t>(next);
+    start = next;
   }
   for (int64_t j = 0; j < T; ++j) {
     const uint32_t c = col[j];
@@ -279,7 +282,7 @@ void Store::merge_block(Sequence& seq, int64_t bi, const int32_t* new_codes, int
   if (col.capacity() < col_bytes) col.reset(col_bytes);
   for (int h = 0; h < num_kv_heads; ++h) {
     Block& b = seq.heads[h][bi];
-    Buf<uint32_t> offs;
+    Buf<uint16_t> offs;
     Buf<uint16_t> ids;
     Buf<uint8_t> his;
     offs.reset(static_cast<size_t>(L) * (nb + 1));
@@ -314,10 +317,10 @@ void Store::merge_block(Sequence& seq, int64_t bi, const int32_t* new_codes, int
       std::vector<uint32_t> cnt(nb);
 #pragma omp for schedule(dynamic, 4)
       for (int l = 0; l < L; ++l) {
-        const uint32_t* old_off = old_len ? b.offsets.data() + static_cast<int64_t>(l) * (nb + 1) : nullptr;
+        const uint16_t* old_off = old_len ? b.offsets.data() + static_cast<int64_t>(l) * (nb + 1) : nullptr;
         const uint16_t* old_ids = old_len ? b.ids.data() + l * old_len : nullptr;
         const uint8_t* old_hi = (old_len && with_hi) ? b.hi.data() + l * old_len : nullptr;
-        uint32_t* no = offs.data() + static_cast<int64_t>(l) * (nb + 1);
+        uint16_t* no = offs.data() + static_cast<int64_t>(l) * (nb + 1);
         uint16_t* ni = ids.data() + l * new_len;
         uint8_t* nh = with_hi ? his.data() + l * new_len : nullptr;
         if (narrow)

@@ -1,6 +1,6 @@
 // CPUStore: middle K/V and LSH bucket lists of one attention layer for many sequences.
 //
-// Layout per (sequence, KV head): blocks of up to 65536 consecutive tokens. A block holds its
+// Layout per (sequence, KV head): blocks of up to 65535 consecutive tokens. A block holds its
 // K and V rows in the store's dtype, fp32 key norms, and per hash table a CSR of bucket lists
 // (offsets over the low `low_bits` bits of the code, uint16 token ids inside the block, plus a
 // byte of high code bits when K > low_bits). Appends go to an unsorted tail of codes that
@@ -20,7 +20,10 @@
 
 namespace magicpig {
 
-constexpr int kBlockTokens = 65536;
+// 65535, not 65536: token ids and bucket offsets (<= block length) both fit uint16, which
+// halves the per-block offsets (L * (2^K + 1) of them) next to the 2-byte ids.
+constexpr int kBlockTokens = 65535;
+constexpr int kScratchTokens = 65536;
 constexpr int kMaxLowBits = 12;   // at most 4096 buckets per table per block
 constexpr int kTailMerge = 256;   // tail tokens that trigger a CSR merge
 
@@ -76,7 +79,7 @@ struct Block {
   int32_t cap = 0;  // tokens allocated in kv/norms
   Buf<uint8_t> kv;  // [cap][2][d]: key row then value row of each token (see BlockView)
   Buf<float> norms;
-  Buf<uint32_t> offsets;  // [L][nbuckets + 1]
+  Buf<uint16_t> offsets;  // [L][nbuckets + 1]
   Buf<uint16_t> ids;      // [L][csr_len]
   Buf<uint8_t> hi;        // [L][csr_len] when K > low_bits
   Buf<int32_t> tail;      // [len - csr_len][L]

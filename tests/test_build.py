@@ -31,7 +31,7 @@ def test_cpu_info_fields() -> None:
     assert LEVELS.index(info["simd"]) <= LEVELS.index(info["simd_supported"])
     assert isinstance(info["omp_max_threads"], int) and info["omp_max_threads"] >= 1
     assert info["omp_num_procs"] == os.cpu_count() or info["omp_num_procs"] >= 1
-    assert info["block_tokens"] == 65536
+    assert info["block_tokens"] == 65535
 
 
 def test_default_level_is_best_supported() -> None:

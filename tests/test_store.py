@@ -165,11 +165,28 @@ def test_appends_after_attends(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_crossing_a_64k_block(backend):
-    # 65,537+ tokens: candidates on both sides of the 65,536-token block boundary
+    # 65,537+ tokens: candidates on both sides of the 65,535-token block boundary
     _, _, seqs, _, qc = run_case(backend, H=1, G=2, d=16, K=4, L=12, m=3, lengths=(65536 + 1500,), chunks=3,
                                  seed=21)
     mask = candidate_mask(qc, seqs[0][3][None], 3)[0]
-    assert mask[:, :65536].any(-1).all() and mask[:, 65536:].any(-1).all()
+    assert mask[:, :65535].any(-1).all() and mask[:, 65535:].any(-1).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_bucket_holding_more_than_a_block(backend):
+    # every token in bucket 0 of every table: the bucket offsets of a full block reach its size
+    H, G, d, K, L, n = 1, 2, 8, 3, 2, 65535 + 10
+    gen = torch.Generator().manual_seed(5)
+    k, v = make_tokens(gen, H, n, d)
+    kc = torch.zeros(H, n, L, dtype=torch.int32)
+    store = CPUStore(H, d, K, L, 1, kv_dtype="fp32", backend=backend)
+    sid = store.add_sequence()
+    store.append(sid, k, v, kc)
+    q = torch.randn(1, H * G, d, generator=gen)
+    qc = torch.zeros(1, H * G, L, dtype=torch.int32)
+    got = store.attend([sid], q, qc)
+    assert torch.all(got[2] == n)
+    assert_matches(got, reference(q, qc, k, v, kc, K, L, 1, "fp32"))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -232,7 +249,7 @@ def test_remove_sequence_frees_memory(backend):
 @pytest.mark.skipif(not extension_available(), reason="extension not built")
 def test_index_and_norms_at_most_065x_of_bf16_kv():
     # K=10, L=150, d=128: ids are 2 bytes per table per token; bucket offsets are per block.
-    H, d, K, L, n = 1, 128, 10, 150, 65536
+    H, d, K, L, n = 1, 128, 10, 150, 65535
     store = CPUStore(H, d, K, L, kv_dtype="bf16", backend="cpp")
     sid = store.add_sequence()
     gen = torch.Generator().manual_seed(0)
