@@ -122,6 +122,24 @@ def test_tiny_offload_with_full_middle_read_equals_dense(tiny_pair):
         assert b.fill[0] <= 3 + 2 * 5
 
 
+def test_attention_with_middle_equals_merge_by_lse():
+    from magicpig.attention.reference import dense_attention, merge_by_lse
+    from magicpig.model.llama import attention_with_middle
+
+    g = torch.Generator().manual_seed(3)
+    b, hq, hkv, n, d = 3, 6, 2, 11, 8
+    q, k, v = (torch.randn(*s, generator=g) for s in ((b, hq, d), (b, hkv, n, d), (b, hkv, n, d)))
+    valid = torch.arange(n)[None, :] < torch.tensor([[11], [4], [1]])
+    out_mid = torch.randn(b, hq, d, generator=g)
+    lse_mid = 3 * torch.randn(b, hq, generator=g)
+    lse_mid[1, :2] = float("-inf")  # heads with no middle candidate
+    out_mid[1, :2] = 0
+    got = attention_with_middle(q, k, v, valid, d**-0.5, lambda: (out_mid, lse_mid))
+    o_dev, lse_dev = dense_attention(q, k, v, mask=valid[:, None, :].expand(b, hq, n))
+    want, _ = merge_by_lse(o_dev, lse_dev, out_mid, lse_mid)
+    assert (got - want).abs().max().item() < 1e-5
+
+
 def test_unsupported_architecture_is_named(tmp_path):
     from transformers import GPT2Config
 

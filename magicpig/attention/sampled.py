@@ -16,6 +16,8 @@ from magicpig.config import MagicPIGConfig
 from magicpig.lsh import hash_codes, layer_projection
 from magicpig.store import CPUStore
 
+APPEND_BLOCK = 4096
+
 
 def _make_store(config: MagicPIGConfig, num_kv_heads: int, head_dim: int) -> CPUStore:
     return CPUStore(
@@ -69,14 +71,19 @@ class SampledMiddle(MiddleAttention):
             )
         if values.shape != keys.shape:
             raise ValueError(f"values has shape {tuple(values.shape)}; expected {tuple(keys.shape)}")
-        codes = hash_codes(keys, self._projection(keys.device), self.config.K)
-        self.store.append(
-            seq_id,
-            keys.detach().to("cpu", torch.float32).contiguous(),
-            values.detach().to("cpu", torch.float32).contiguous(),
-            codes.to("cpu").contiguous(),
-        )
-        self._lengths[seq_id] = self.length(seq_id) + keys.shape[1]
+        proj = self._projection(keys.device)
+        # Blocks bound the [Hkv, t, K*L] projection temporaries (t can be ~100k at prefill).
+        for start in range(0, keys.shape[1], APPEND_BLOCK):
+            k = keys[:, start : start + APPEND_BLOCK]
+            v = values[:, start : start + APPEND_BLOCK]
+            codes = hash_codes(k, proj, self.config.K)
+            self.store.append(
+                seq_id,
+                k.detach().to("cpu", torch.float32).contiguous(),
+                v.detach().to("cpu", torch.float32).contiguous(),
+                codes.to("cpu").contiguous(),
+            )
+            self._lengths[seq_id] = self.length(seq_id) + k.shape[1]
 
     def _query_args(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if queries.dim() != 3 or queries.shape[2] != self.head_dim:

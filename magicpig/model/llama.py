@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -236,9 +236,12 @@ class LlamaModel:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     # -------------------------------------------------------------------- RoPE
-    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [N, 1, head_dim] (model dtype) for int64 positions [N]."""
-        need = int(positions.max()) + 1 if positions.numel() else 0
+    def rope(self, positions: torch.Tensor, max_position: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [N, 1, head_dim] (model dtype) for int64 positions [N]. Pass
+        ``max_position`` (the largest position) to avoid a device sync."""
+        if max_position is None:
+            max_position = int(positions.max()) if positions.numel() else -1
+        need = max_position + 1
         if need > self._cos.shape[0]:
             size = max(need, min(2 * self._cos.shape[0], self.args.max_positions), 256)
             pos = torch.arange(size, device=self.device, dtype=torch.float32)
@@ -329,19 +332,31 @@ def decode_attention(
     return out.reshape(b, hq, d)
 
 
-def attention_with_lse(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Like :func:`decode_attention` but float32 and also returning lse [B, Hq] (for merging).
-    Rows with no valid key give out = 0, lse = -inf."""
+def attention_with_middle(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    valid: torch.Tensor | None,
+    scale: float,
+    middle: "Callable[[], tuple[torch.Tensor, torch.Tensor]]",
+) -> torch.Tensor:
+    """Exact attention over the device keys merged with a middle result, float32 [B, Hq, d].
+
+    q [B, Hq, d]; k, v [B, Hkv, n, d]; valid bool [B, n] or None. ``middle()`` returns
+    (out [B, Hq, d], lse [B, Hq]) of the middle keys (it waits for the CPU store, so the
+    device scores are computed first). The merge by log-sum-exp
+    (:func:`magicpig.attention.reference.merge_by_lse`) is done inside the softmax: the middle
+    acts as one more key with score ``lse`` and value ``out``. Same math, a handful of ops
+    instead of two dozen per layer and step, which is most of a small model's decode time.
+    """
     b, hq, d = q.shape
-    hkv = k.shape[1]
-    qg = q.float().view(b, hkv, hq // hkv, d)
-    scores = torch.matmul(qg, k.float().transpose(-1, -2)) * scale  # [B, Hkv, G, n]
+    hkv, n = k.shape[1], k.shape[2]
+    g = hq // hkv
+    scores = torch.matmul(q.float().view(b, hkv, g, d), k.float().transpose(-1, -2)) * scale
     if valid is not None:
         scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # [B, Hkv, G]
-    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    p = torch.exp(scores - safe.unsqueeze(-1))
-    out = torch.matmul(p, v.float())
-    return out.reshape(b, hq, d), lse.reshape(b, hq)
+    out_mid, lse_mid = middle()
+    scores = torch.cat([scores, lse_mid.float().view(b, hkv, g, 1)], dim=-1)
+    p = torch.softmax(scores, dim=-1)
+    out = torch.matmul(p[..., :n], v.float()) + p[..., n:] * out_mid.float().view(b, hkv, g, d)
+    return out.view(b, hq, d)

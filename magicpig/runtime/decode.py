@@ -9,7 +9,8 @@ A :class:`DecodeSession` starts from a read-only :class:`PrefillState` and a
   sequence and KV head) in a device cache, and hands the centred middle to the layer's
   :class:`~magicpig.attention.base.MiddleAttention` (``make_method``). A step starts the
   middle attention (``attend_async``; the CPU store runs it off the GIL), computes the exact
-  sinks+window attention with its LSE on the device meanwhile, waits, and merges by LSE.
+  sinks+window scores on the device meanwhile, waits, and merges by LSE (inside one softmax,
+  see :func:`magicpig.model.llama.attention_with_middle`).
   When a window buffer fills up, its oldest ``spill`` tokens move into the middle, so decode
   length is unbounded.
 """
@@ -19,9 +20,8 @@ from __future__ import annotations
 import torch
 
 from magicpig.attention.base import MiddleAttention, make_method
-from magicpig.attention.reference import merge_by_lse
 from magicpig.config import MagicPIGConfig
-from magicpig.model.llama import LlamaModel, attention_with_lse, decode_attention
+from magicpig.model.llama import LlamaModel, attention_with_middle, decode_attention
 from magicpig.runtime.prefill import PrefillState
 from magicpig.store.device_cache import StaticKVCache
 
@@ -34,6 +34,16 @@ class _SparseLayer:
         self.mu = mu  # [B, Hkv, d] model dtype
         self.method = method
         self.seq_ids = seq_ids
+
+
+class _Rows:
+    """Batch rows [r0, r1) of one micro-batch and their per-step positions and masks."""
+
+    def __init__(self, r0: int, r1: int):
+        self.r0, self.r1 = r0, r1
+        self.dense_valid: torch.Tensor | None = None
+        self.dev_valid: torch.Tensor | None = None
+        self.reads: list[torch.Tensor] = []
 
 
 class DecodeSession:
@@ -124,54 +134,114 @@ class DecodeSession:
             if need > cache.capacity:
                 cache.grow(max(need, 2 * cache.capacity))
 
+    def _rows(self, r0: int, r1: int) -> "_Rows":
+        """Per-step indexing data of the batch rows [r0, r1)."""
+        device = self.model.device
+        lengths = self.lengths[r0:r1]
+        rows = _Rows(r0, r1)
+        rows.pos = torch.tensor(lengths, dtype=torch.int64, device=device)
+        rows.cos, rows.sin = self.model.rope(rows.pos, max(lengths))
+        rows.n_dense = max(lengths) + 1
+        rows.dense_slot = lengths[0] if min(lengths) == max(lengths) else None
+        if rows.dense_slot is None:
+            rows.dense_valid = torch.arange(rows.n_dense, device=device)[None, :] <= rows.pos[:, None]
+        if self.sparse:
+            fill = self.fill[r0:r1]
+            rows.slots = torch.tensor(fill, dtype=torch.int64, device=device)
+            rows.n_dev = max(fill) + 1
+            rows.dev_slot = fill[0] if min(fill) == max(fill) else None
+            if rows.dev_slot is None:
+                rows.dev_valid = torch.arange(rows.n_dev, device=device)[None, :] <= rows.slots[:, None]
+        return rows
+
+    def _layer_start(self, layer: int, x: torch.Tensor, rows: "_Rows") -> tuple:
+        """First half of a layer for some rows: QKV, cache write, and either the whole dense
+        attention or the start of the middle attention (returns what _layer_finish needs)."""
+        m = self.model
+        q, k, v = m.attention_input(layer, x, rows.cos, rows.sin)
+        sl = slice(rows.r0, rows.r1)
+        if layer in self.dense:
+            cache = self.dense[layer]
+            cache.write(sl, rows.dense_slot, rows.pos, k, v)
+            n = rows.n_dense
+            attn = decode_attention(q, cache.keys[sl, :, :n], cache.values[sl, :, :n], rows.dense_valid, m.scale)
+            return attn, None
+        sp = self.sparse[layer]
+        sp.cache.write(sl, rows.dev_slot, rows.slots, k - sp.mu[sl], v)
+        return q, sp.method.attend_async(sp.seq_ids[rows.r0 : rows.r1], q)
+
+    def _layer_finish(self, layer: int, x: torch.Tensor, rows: "_Rows", started: tuple) -> torch.Tensor:
+        """Second half: (wait for the middle and merge,) O-projection and MLP."""
+        m = self.model
+        first, pending = started
+        if pending is None:
+            attn = first
+        else:
+            sp, sl, device = self.sparse[layer], slice(rows.r0, rows.r1), m.device
+
+            def middle():
+                out_mid, lse_mid, num_read = pending.wait()
+                rows.reads.append(num_read)
+                return out_mid.to(device), lse_mid.to(device)
+
+            n = rows.n_dev
+            # Sinks + window scores on the device while the CPU store attends the middle;
+            # one softmax then merges both (the LSE merge of DESIGN.md §2, step 5).
+            attn = attention_with_middle(
+                first, sp.cache.keys[sl, :, :n], sp.cache.values[sl, :, :n], rows.dev_valid, m.scale, middle
+            )
+        x = m.attention_output(layer, x, attn)
+        return m.mlp(layer, x)
+
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed tokens int64 [B] (one per sequence); returns float32 logits [B, vocab]."""
+        """Feed tokens int64 [B] (one per sequence); returns float32 logits [B, vocab].
+
+        With sparse layers and B >= 2 the batch runs as two micro-batches in ping-pong
+        (DESIGN.md §4): while the CPU store attends one half's middle for layer l, the device
+        finishes the other half's layer l-1 and starts its layer l.
+        """
         m = self.model
-        device = m.device
         if self.sparse:
             self._spill_full_windows()
         self._ensure_dense_capacity()
-        pos = torch.tensor(self.lengths, dtype=torch.int64, device=device)
-        cos, sin = m.rope(pos)
-        n_dense = max(self.lengths) + 1
-        same = min(self.lengths) == max(self.lengths)
-        dense_valid = None if same else torch.arange(n_dense, device=device)[None, :] <= pos[:, None]
+        x_all = m.embed(tokens.to(m.device))
+        if self.sparse and self.batch >= 2:
+            half = self.batch // 2
+            parts = [self._rows(0, half), self._rows(half, self.batch)]
+        else:
+            parts = [self._rows(0, self.batch)]
+        xs = [x_all[r.r0 : r.r1] for r in parts]
+        started: list = [None] * len(parts)
+        num_layers = m.args.num_layers
+        if len(parts) == 1:
+            for layer in range(num_layers):
+                xs[0] = self._layer_finish(layer, xs[0], parts[0], self._layer_start(layer, xs[0], parts[0]))
+        else:
+            a, b = parts
+            for layer in range(num_layers):
+                started[0] = self._layer_start(layer, xs[0], a)
+                if layer > 0:
+                    xs[1] = self._layer_finish(layer - 1, xs[1], b, started[1])
+                started[1] = self._layer_start(layer, xs[1], b)
+                xs[0] = self._layer_finish(layer, xs[0], a, started[0])
+            xs[1] = self._layer_finish(num_layers - 1, xs[1], b, started[1])
         if self.sparse:
-            slots = torch.tensor(self.fill, dtype=torch.int64, device=device)
-            n_dev = max(self.fill) + 1
-            dev_valid = None
-            if min(self.fill) != max(self.fill):
-                dev_valid = torch.arange(n_dev, device=device)[None, :] <= slots[:, None]
-            middle = torch.tensor(self.middle, dtype=torch.float64, device=device)
-            has_middle = (middle > 0).double()
-        x = m.embed(tokens.to(device))
-        for layer in range(m.args.num_layers):
-            q, k, v = m.attention_input(layer, x, cos, sin)
-            if layer in self.dense:
-                cache = self.dense[layer]
-                cache.write(pos, k, v)
-                attn = decode_attention(
-                    q, cache.keys[:, :, :n_dense], cache.values[:, :, :n_dense], dense_valid, m.scale
-                )
-            else:
-                sp = self.sparse[layer]
-                sp.cache.write(slots, k - sp.mu, v)
-                pending = sp.method.attend_async(sp.seq_ids, q)
-                o_dev, lse_dev = attention_with_lse(
-                    q, sp.cache.keys[:, :, :n_dev], sp.cache.values[:, :, :n_dev], dev_valid, m.scale
-                )
-                o_mid, lse_mid, num_read = pending.wait()
-                attn, _ = merge_by_lse(o_dev, lse_dev, o_mid.to(device), lse_mid.to(device))
-                frac = num_read.to(device).double().mean(dim=-1) / middle.clamp_min(1.0)
-                self.cost_sum += frac * has_middle
-                self.cost_count += has_middle
-            x = m.attention_output(layer, x, attn)
-            x = m.mlp(layer, x)
+            self._account([torch.cat([r.reads[i] for r in parts]) for i in range(len(parts[0].reads))])
+        x = xs[0] if len(xs) == 1 else torch.cat(xs)
         self.lengths = [n + 1 for n in self.lengths]
         if self.sparse:
             self.fill = [f + 1 for f in self.fill]
         return m.logits(x)
+
+    def _account(self, reads: list[torch.Tensor]) -> None:
+        """Add this step's fraction of middle keys read (mean over sparse layers and heads)."""
+        device = self.cost_sum.device
+        middle = torch.tensor(self.middle, dtype=torch.float64, device=device)
+        has_middle = (middle > 0).double()
+        per_seq = torch.stack(reads).to(device).double().mean(dim=(0, 2))  # [B]
+        self.cost_sum += per_seq / middle.clamp_min(1.0) * has_middle
+        self.cost_count += has_middle
 
     # ----------------------------------------------------------------------- stats
     def computation_cost(self) -> list[float]:

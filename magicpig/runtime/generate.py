@@ -126,7 +126,7 @@ def decode_loop(
                 out_ids[b].append(tok)
                 if tok in eos_ids:
                     done[b], reason[b] = True, "eos"
-                else:
+                elif tokenizer is not None:
                     text = tokenizer.decode(out_ids[b], skip_special_tokens=True)
                     cut = min((text.find(s) for s in stop if s in text), default=-1)
                     if cut >= 0:

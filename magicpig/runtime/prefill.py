@@ -94,7 +94,7 @@ def prefill_sequence(
     for start in range(0, n, chunk_size):
         end = min(n, start + chunk_size)
         positions = torch.arange(start, end, device=model.device)
-        cos, sin = model.rope(positions)
+        cos, sin = model.rope(positions, end - 1)
         x = model.embed(ids[start:end])
         for layer in range(a.num_layers):
             q, k, v = model.attention_input(layer, x, cos, sin)
