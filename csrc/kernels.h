@@ -60,10 +60,11 @@ struct Partial {
   int64_t* stats = nullptr;
 };
 
-// Per-thread scratch of the candidate search, sized for one block. All arrays are kept zeroed
-// between calls: the kernel clears exactly the entries it touched.
+// Per-thread scratch of the candidate search, sized for one block. heads, bitmap and summary
+// are kept zeroed between calls (the kernel clears what it set); counts are stamped.
 struct Scratch {
-  uint16_t* counts = nullptr;  // [65536] collisions of the current head
+  uint32_t* counts = nullptr;  // [65536] (stamp << 11) | collisions of the current head walk
+  uint32_t* stamp = nullptr;   // the last stamp used
   uint8_t* heads = nullptr;    // [65536] bit g set when the token is a candidate of head g
   uint64_t* bitmap = nullptr;  // [1024] candidate tokens (union over the group)
   uint64_t* summary = nullptr; // [16] non-zero words of bitmap

@@ -4,9 +4,9 @@
 //
 // attend_block = collision search over the bucket lists of one 64k-token block + fused
 // sampled attention of the group's query heads over the union of their candidates:
-//   1. per head, walk the L buckets of its codes, count collisions in a uint16 counter per
-//      token, mark tokens reaching m (head bit + bitmap); clear by walking the same entries;
-//      scan the short unsorted tail directly;
+//   1. per head, walk the L buckets of its codes, count collisions in a stamped counter per
+//      token (no clearing), mark tokens reaching m (head bit + bitmap); scan the short
+//      unsorted tail directly;
 //   2. visit the union of candidates in ascending order (bitmap), in chunks of kChunk: read
 //      each key row once (bf16/fp16 expanded in registers) and dot it with every head of the
 //      group; vectorised weights -log u(cos); online softmax; read each value row once and
@@ -162,59 +162,53 @@ inline int find_candidates(const BlockView& B, const QueryGroup& Q, const Attend
   const uint32_t nb = 1u << P.low_bits;
   const uint32_t low_mask = nb - 1;
   const int64_t csr = B.csr_len;
-  uint16_t* counts = S.counts;
+  uint32_t* counts = S.counts;
   uint8_t* heads = S.heads;
   uint64_t* bitmap = S.bitmap;
   uint64_t* summary = S.summary;
   int64_t walked = 0;
   for (int g = 0; g < Q.G; ++g) {
     if (csr == 0) break;
+    // Counters carry a stamp (one per head walk) above 11 count bits (L <= 1024), so a counter
+    // of an earlier walk reads as 0 and nothing needs clearing; on wrap-around, clear once.
+    uint32_t stamp = ++*S.stamp;
+    if (stamp >= (1u << 20)) {
+      std::memset(counts, 0, sizeof(uint32_t) * 65536);
+      *S.stamp = stamp = 1;
+    }
+    const uint32_t base = stamp << 11, target = base + static_cast<uint32_t>(m);
     const int32_t* qc = Q.codes + static_cast<int64_t>(g) * L;
     const uint8_t bit = static_cast<uint8_t>(1u << g);
-    for (int pass = 0; pass < 2; ++pass) {  // pass 0 counts, pass 1 clears the same entries
-      for (int l = 0; l < L; ++l) {
-        if (l + 2 < L) {  // the bucket two tables ahead
-          const uint16_t* off2 = B.offsets + static_cast<int64_t>(l + 2) * (nb + 1);
-          uint32_t b2 = static_cast<uint32_t>(qc[l + 2]) & low_mask;
-          __builtin_prefetch(B.ids + (l + 2) * csr + off2[b2], 0, 3);
-        }
-        const uint32_t code = static_cast<uint32_t>(qc[l]);
-        const uint32_t b = code & low_mask;
-        const uint16_t* off = B.offsets + static_cast<int64_t>(l) * (nb + 1);
-        const uint16_t* ids = B.ids + l * csr;
-        const uint32_t e0 = off[b], e1 = off[b + 1];
-        if (pass == 0) walked += e1 - e0;
-        if (B.hi == nullptr) {
-          if (pass == 0) {
-            for (uint32_t e = e0; e < e1; ++e) {
-              const uint16_t id = ids[e];
-              if (++counts[id] == m) {
-                if (heads[id] == 0) {
-                  bitmap[id >> 6] |= 1ull << (id & 63);
-                  summary[id >> 12] |= 1ull << ((id >> 6) & 63);
-                }
-                heads[id] |= bit;
-              }
-            }
-          } else {
-            for (uint32_t e = e0; e < e1; ++e) counts[ids[e]] = 0;
+    for (int l = 0; l < L; ++l) {
+      // Look ahead: the bucket offsets 8 tables on, the bucket entries 4 tables on (their
+      // offsets were prefetched 4 tables ago), so the dependent misses overlap.
+      if (l + 8 < L)
+        __builtin_prefetch(B.offsets + static_cast<int64_t>(l + 8) * (nb + 1) + (static_cast<uint32_t>(qc[l + 8]) & low_mask), 0, 3);
+      if (l + 4 < L) {
+        const uint16_t* off4 = B.offsets + static_cast<int64_t>(l + 4) * (nb + 1);
+        const uint32_t b4 = static_cast<uint32_t>(qc[l + 4]) & low_mask;
+        __builtin_prefetch(B.ids + (l + 4) * csr + off4[b4], 0, 3);
+      }
+      const uint32_t code = static_cast<uint32_t>(qc[l]);
+      const uint32_t b = code & low_mask;
+      const uint16_t* off = B.offsets + static_cast<int64_t>(l) * (nb + 1);
+      const uint16_t* ids = B.ids + l * csr;
+      const uint32_t e0 = off[b], e1 = off[b + 1];
+      walked += e1 - e0;
+      const uint8_t* his = B.hi ? B.hi + l * csr : nullptr;
+      const uint8_t want = static_cast<uint8_t>(code >> P.low_bits);
+      for (uint32_t e = e0; e < e1; ++e) {
+        if (his && his[e] != want) continue;
+        const uint16_t id = ids[e];
+        uint32_t v = counts[id];
+        v = v >= base ? v + 1 : base + 1;
+        counts[id] = v;
+        if (v == target) {
+          if (heads[id] == 0) {
+            bitmap[id >> 6] |= 1ull << (id & 63);
+            summary[id >> 12] |= 1ull << ((id >> 6) & 63);
           }
-        } else {
-          const uint8_t* his = B.hi + l * csr;
-          const uint8_t want = static_cast<uint8_t>(code >> P.low_bits);
-          for (uint32_t e = e0; e < e1; ++e) {
-            if (his[e] != want) continue;
-            const uint16_t id = ids[e];
-            if (pass == 1) {
-              counts[id] = 0;
-            } else if (++counts[id] == m) {
-              if (heads[id] == 0) {
-                bitmap[id >> 6] |= 1ull << (id & 63);
-                summary[id >> 12] |= 1ull << ((id >> 6) & 63);
-              }
-              heads[id] |= bit;
-            }
-          }
+          heads[id] |= bit;
         }
       }
     }
@@ -328,7 +322,8 @@ void attend_block(const BlockView& B, const QueryGroup& Q, const AttendParams& P
       float* s = scores + g * kChunk;
       chunk_scores(dots + g * kChunk, inv_kn, hs, cn, g, inv_qn[g], P, s);
       float cm = -__builtin_inff();
-      for (int j = 0; j < cn; ++j) cm = fmax_(cm, s[j]);
+#pragma omp simd reduction(max : cm)
+      for (int j = 0; j < cn; ++j) cm = cm > s[j] ? cm : s[j];
       if (!(cm > -__builtin_inff())) continue;
       const float mx = out.mx[g] > cm ? out.mx[g] : cm;
       if (out.mx[g] < mx) {

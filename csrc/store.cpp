@@ -21,7 +21,8 @@ namespace {
 
 // Per-thread scratch of attend, allocated once per OS thread and kept zeroed between calls.
 struct ScratchStorage {
-  std::vector<uint16_t> counts = std::vector<uint16_t>(kScratchTokens, 0);
+  std::vector<uint32_t> counts = std::vector<uint32_t>(kScratchTokens, 0);
+  uint32_t stamp = 0;
   std::vector<uint8_t> heads = std::vector<uint8_t>(kScratchTokens, 0);
   std::vector<uint64_t> bitmap = std::vector<uint64_t>(kScratchTokens / 64, 0);
   std::vector<uint64_t> summary = std::vector<uint64_t>(kScratchTokens / 64 / 64, 0);
@@ -29,7 +30,7 @@ struct ScratchStorage {
   std::vector<uint8_t> cand_heads = std::vector<uint8_t>(kScratchTokens);
   std::vector<float> work = std::vector<float>(kMaxGroup * 2 * kChunk + kChunk + kMaxHeadDim);
   Scratch view() {
-    return Scratch{counts.data(), heads.data(), bitmap.data(), summary.data(),
+    return Scratch{counts.data(), &stamp, heads.data(), bitmap.data(), summary.data(),
                    cand.data(),   cand_heads.data(), work.data()};
   }
 };

@@ -257,9 +257,10 @@ class CPUStore:
 
     def attend_async(self, seq_ids: Sequence[int], queries: ArrayLike, query_codes: ArrayLike) -> AttendHandle:
         """:meth:`attend` on a worker thread (the native call releases the GIL); returns a handle
-        whose ``wait()`` gives the same tuple. Inputs are validated (and copied where converted)
-        before this returns, so raising happens here, not in ``wait()``."""
+        whose ``wait()`` gives the same tuple. Inputs are validated and copied before this
+        returns, so errors raise here (not in ``wait()``) and the caller may reuse its buffers."""
         ids, B, Hq, q, qc, out, lse, ncand = self._prepare(seq_ids, queries, query_codes)
+        q, qc = q.copy(), qc.copy()  # the caller may reuse its buffers before wait()
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="magicpig-store")
 
