@@ -14,7 +14,7 @@ import torch
 
 from magicpig.model.llama import LlamaModel, causal_chunk_attention
 
-DEFAULT_CHUNK = 1024
+DEFAULT_CHUNK = 4096  # rows per prefill chunk: big enough for efficient kernels, bounded memory
 PROGRESS_MIN_TOKENS = 4096
 
 
