@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=6000, help="prompt length in tokens (default 6000)")
     parser.add_argument("--model", default=None, help="model (default: the embedded smollm2-135m-instruct)")
     parser.add_argument("--depth", type=float, default=0.5, help="needle position in [0, 1] (default 0.5)")
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=20)
     parser.add_argument("--K", type=int, default=10)
     parser.add_argument("--L", type=int, default=150)
     parser.add_argument("--seed", type=int, default=0)
@@ -103,12 +103,12 @@ def run_demo(args: argparse.Namespace) -> int:
         result = model.generate_from(state, cfg, max_new_tokens=args.max_new_tokens)[0]
         rows.append((name, cfg, result))
     print()
-    print(f"{'method':<9} {'answer':<40} {'correct':<8} {'cost':>7} {'decode tok/s':>13} "
-          f"{'device KV':>11} {'CPU store':>11}")
-    for name, cfg, r in rows:
-        text = r.text.strip().replace("\n", " ")
-        shown = text if len(text) <= 38 else text[:37] + "…"
-        print(f"{name:<9} {shown!r:<40} {str(answer in r.text):<8} {r.stats.computation_cost:>7.3f} "
+    for name, _, r in rows:
+        print(f"{name + ' answer:':<17} {r.text.strip()!r}")
+    print()
+    print(f"{'method':<9} {'correct':>8} {'cost':>7} {'decode tok/s':>13} {'device KV':>11} {'CPU store':>11}")
+    for name, _, r in rows:
+        print(f"{name:<9} {str(answer in r.text):>8} {r.stats.computation_cost:>7.3f} "
               f"{r.stats.decode_tokens_per_second:>13.1f} {_fmt_bytes(r.stats.device_bytes):>11} "
               f"{_fmt_bytes(r.stats.cpu_bytes):>11}")
     mp = rows[1][1]
