@@ -35,7 +35,7 @@ using magicpig::kChunk;
 inline int prefetch_rows() {
   static const int rows = [] {
     const char* e = std::getenv("MAGICPIG_PREFETCH");
-    return e ? std::atoi(e) : 16;
+    return e ? std::atoi(e) : 8;
   }();
   return rows;
 }
