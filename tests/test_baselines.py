@@ -188,9 +188,10 @@ def test_oracle_sampling_converges_as_budget_grows():
 
 def test_oracle_sampling_is_unbiased():
     n = 30
-    m, sid, q, k, v = _filled("oracle_sampling", n, budget=0.1)
+    # 30 draws per call x 400 calls: the mean's error per channel is ~0.01, the tolerance 0.05.
+    m, sid, q, k, v = _filled("oracle_sampling", n, budget=1.0)
     ref_out, _ = _brute(q, k, v, torch.ones(HQ, n, dtype=torch.bool))
-    mean = sum(m.attend([sid], q)[0][0].double() for _ in range(3000)) / 3000
+    mean = sum(m.attend([sid], q)[0][0].double() for _ in range(400)) / 400
     torch.testing.assert_close(mean, ref_out, atol=0.05, rtol=0)
 
 
