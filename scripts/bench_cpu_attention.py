@@ -8,7 +8,7 @@ the same run), the append throughput (token-heads/s from unsorted hash codes; al
 bucket-list build alone), and the bytes held per token per KV head against the bf16 KV alone.
 
 Usage: python scripts/bench_cpu_attention.py [--quick] [--lengths 16384 32768 98304]
-       [--batches 1 8] [--threads N] [--repeats R]
+       [--batches 1 8] [--threads N] [--repeats R] [--shared-group-queries]
 """
 
 from __future__ import annotations
@@ -68,11 +68,14 @@ def make_sequence(gen: torch.Generator, n: int, projection: torch.Tensor):
     return k.bfloat16(), v.bfloat16(), codes
 
 
-def make_queries(gen: torch.Generator, k: torch.Tensor, near: int = 4) -> torch.Tensor:
-    """[HQ, D]: each query head near `near` random keys of its KV head (a peaked attention)."""
+def make_queries(gen: torch.Generator, k: torch.Tensor, near: int = 4, shared: bool = False) -> torch.Tensor:
+    """[HQ, D]: each query head near `near` random keys of its KV head (a peaked attention);
+    with `shared`, the query heads of a GQA group are near the same keys (different noise)."""
     n = k.shape[1]
     G = HQ // HKV
     idx = torch.randint(0, n, (HQ, near), generator=gen)
+    if shared:
+        idx = idx[::G].repeat_interleave(G, 0)
     heads = torch.arange(HQ) // G
     q = k[heads[:, None], idx].float().mean(1) * 2.0
     return q + 0.3 * torch.randn(HQ, D, generator=gen) * q.std()
@@ -119,7 +122,7 @@ class Row:
     bytes_per_token_head: float
 
 
-def run_case(n: int, batch: int, threads: int | None, repeats: int, gen: torch.Generator) -> Row:
+def run_case(n: int, batch: int, threads: int | None, repeats: int, gen: torch.Generator, shared: bool) -> Row:
     projection = layer_projection(0, 1, HKV, D, K, L)  # [HKV, D, K*L]
     store = CPUStore(HKV, D, K, L, M, kv_dtype="bf16", num_threads=threads, backend="cpp")
     ids, queries = [], []
@@ -132,7 +135,7 @@ def run_case(n: int, batch: int, threads: int | None, repeats: int, gen: torch.G
         store.append(sid, k, v, codes)
         append_s += time.perf_counter() - t0
         index_s += store._impl.last_append_seconds()[1]
-        q = make_queries(gen, k)
+        q = make_queries(gen, k, shared=shared)
         ids.append(sid)
         queries.append(q)
         # Dense over this row's own KV: a batch of distinct sequences costs the sum of its rows
@@ -201,6 +204,11 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--threads", type=int, default=None, help="store and torch threads (default: all cores)")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument(
+        "--shared-group-queries",
+        action="store_true",
+        help="the 4 query heads of a KV group are near the same keys (default: each head near its own keys)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.lengths, args.batches, args.repeats = [16384], [1, 2], 3
@@ -212,13 +220,16 @@ def main() -> None:
         f"cpu_info: {_C.cpu_info()}; torch threads: {torch.get_num_threads()}; "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}"
     )
-    print(f"shapes: Hq={HQ}, Hkv={HKV}, d={D}, bf16 KV, K={K}, L={L}, m={M}")
+    print(
+        f"shapes: Hq={HQ}, Hkv={HKV}, d={D}, bf16 KV, K={K}, L={L}, m={M}; query heads of a group near "
+        f"{'the same' if args.shared_group_queries else 'their own'} keys"
+    )
     copy_bw = copy_bandwidth(64 if args.quick else 512, args.repeats)
     gen = torch.Generator().manual_seed(0)
     rows = []
     for n in args.lengths:
         for batch in args.batches:
-            rows.append(run_case(n, batch, args.threads, args.repeats, gen))
+            rows.append(run_case(n, batch, args.threads, args.repeats, gen, args.shared_group_queries))
             print(f"done n={n} batch={batch}", flush=True)
     print_table(rows, copy_bw)
 

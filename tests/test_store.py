@@ -407,3 +407,12 @@ def test_bad_inputs_raise_clear_errors():
             CPUStore(**args)
     with pytest.raises(TypeError, match="head_dim"):
         CPUStore(H, 16.0, K, L)
+
+
+def test_auto_backend_falls_back_to_numba_without_extension(monkeypatch):
+    import magicpig.store.cpu_store as cpu_store
+
+    monkeypatch.setattr(cpu_store, "_C", None)
+    assert CPUStore(1, 8, 3, 4).backend == "numba"
+    with pytest.raises(RuntimeError, match="extension magicpig._C is not built"):
+        CPUStore(1, 8, 3, 4, backend="cpp")
