@@ -1,6 +1,14 @@
 """magicpig: a heterogeneous CPU-GPU runtime for long-context generation with LSH-sampled attention."""
 
-from magicpig.config import MagicPIGConfig
+import os
+
+# torch and the C++ store share one OpenMP runtime. With the default (active) wait policy the
+# idle threads of one spin on the cores the other needs while decode overlaps them: measured
+# here, a 100-token attend took 11 ms instead of 0.17 ms. Must be set before torch is imported;
+# a value the user set wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from magicpig.config import MagicPIGConfig  # noqa: E402
 
 __all__ = ["MagicPIGConfig", "LongContextModel"]
 __version__ = "0.1.0"

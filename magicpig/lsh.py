@@ -60,7 +60,7 @@ def hash_codes(x: torch.Tensor, projection: torch.Tensor, K: int) -> torch.Tenso
 
         return simhash_codes(x, proj, K)
     bits = (torch.matmul(x.float(), proj) > 0).to(torch.int32)
-    bits = bits.view(*bits.shape[:-1], -1, K)
+    bits = bits.view(*bits.shape[:-1], projection.shape[-1] // K, K)  # explicit L: t may be 0
     weights = torch.ones(K, dtype=torch.int32, device=x.device) << torch.arange(K, device=x.device, dtype=torch.int32)
     return (bits * weights).sum(-1, dtype=torch.int32)
 

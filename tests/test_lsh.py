@@ -154,3 +154,9 @@ def test_bad_simhash_arguments_raise():
         SimHash(8, 25, 4)
     with pytest.raises(ValueError, match="last dim 7"):
         SimHash(8, 4, 4).hash(torch.randn(3, 7))
+
+
+def test_hash_of_no_vectors_is_empty():
+    h = SimHash(16, 4, 6, seed=0)
+    assert h.hash(torch.zeros(0, 16)).shape == (0, 6)
+    assert hash_codes(torch.zeros(2, 3, 0, 16), layer_projection(0, 0, 3, 16, 4, 6), 4).shape == (2, 3, 0, 6)
