@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -215,4 +216,21 @@ def test_cli_end_to_end_real_model_and_resume(tmp_path, capsys):
     adapter.generate = lambda *a, **k: calls.append(1) or real_generate(*a, **k)
     assert cli.main(argv, adapter=adapter) == 0
     assert calls == [] and (tmp_path / "predictions.jsonl").read_text() == before
+    capsys.readouterr()
+
+
+def test_cli_longbench_on_fixture(tmp_path, capsys):
+    """`magicpig eval longbench` on the tiny fixture with the real model and dense attention."""
+    from magicpig.eval.runner import load_model
+
+    data = Path(__file__).parent / "data" / "longbench"
+    adapter = load_model("smollm2-135m-instruct")
+    argv = ["longbench", "--data", str(data), "--tasks", "hotpotqa", "passage_count", "--samples", "1",
+            "--methods", "dense", "--out", str(tmp_path), "--no-progress", "--max-new-tokens", "8"]
+    assert cli.main(argv, adapter=adapter) == 0
+    recs = {r["task"]: r for r in read_records(tmp_path)}
+    assert set(recs) == {"hotpotqa", "passage_count"}
+    assert recs["hotpotqa"]["length"] == adapter.max_context and recs["hotpotqa"]["answers"] == ["Paris"]
+    assert 0.0 <= recs["passage_count"]["score"] <= 1.0
+    assert "### longbench @" in (tmp_path / "summary.md").read_text()
     capsys.readouterr()
