@@ -1,4 +1,5 @@
-"""``magicpig eval ruler|longbench|summary``: run the benchmarks and write the summaries.
+"""``magicpig eval ruler|longbench|summary|pick-kl``: run the benchmarks, write the summaries,
+pick (K, L) for a budget.
 
 Examples::
 
