@@ -163,7 +163,7 @@ class _TorchMiddle(MiddleAttention):
         hkv, n, d = keys.shape
         # Query heads of a GQA group are consecutive: score them as [Hkv, G, d] x [Hkv, n, d]
         # rather than gathering a copy of the keys per query head.
-        return torch.einsum("hgd,hnd->hgn", q.view(hkv, -1, d), keys).reshape(q.shape[0], n)
+        return torch.einsum("hgd,hnd->hgn", q.reshape(hkv, -1, d), keys).reshape(q.shape[0], n)
 
 
 @register_method("dense")
@@ -332,12 +332,12 @@ class StreamingMiddle(_TorchMiddle):
         # The stored key tensors stay empty; answer from the tracked lengths instead.
         for seq_id in seq_ids:
             self._check_seq(seq_id)
-        b, hq = queries.shape[0], queries.shape[1]
-        if queries.dim() != 3 or b != len(seq_ids) or queries.shape[2] != self.head_dim:
+        if queries.dim() != 3 or queries.shape[0] != len(seq_ids) or queries.shape[2] != self.head_dim:
             raise ValueError(
                 f"queries has shape {tuple(queries.shape)}; expected [B={len(seq_ids)}, Hq, "
                 f"d={self.head_dim}]"
             )
+        b, hq = queries.shape[0], queries.shape[1]
         _kv_head_of(hq, self.num_kv_heads)
         dev = queries.device
         return (
