@@ -102,6 +102,12 @@ class SampledMiddle(MiddleAttention):
 
     def attend_async(self, seq_ids: list[int], queries: torch.Tensor) -> PendingAttention:
         q, codes = self._query_args(queries)
+        if queries.device.type == "cpu":
+            # No separate device: the "device" work would run on the same cores as the store,
+            # so a worker thread overlaps nothing and only adds a hand-off (measured on 2
+            # cores: ~1 ms per layer-step, 75 vs 45 ms per SmolLM2 decode step at 8k).
+            result = self.store.attend(list(seq_ids), q, codes)
+            return PendingAttention(lambda: result)
         handle = self.store.attend_async(list(seq_ids), q, codes)
         device = queries.device
 
