@@ -103,23 +103,24 @@ def classification(prediction: str, reference: str, all_classes: Sequence[str]) 
     return 1.0 / len(matches) if reference in matches else 0.0
 
 
+def _paragraph_match(prediction: str, reference: str, pattern: str, label: str) -> float:
+    """Share of the numbers in the prediction equal to the paragraph number in the reference."""
+    found = re.findall(pattern, reference)
+    if not found:
+        raise ValueError(f"reference={reference!r}: expected '{label}'")
+    numbers = re.findall(r"\d+", prediction)
+    return sum(n == found[0] for n in numbers) / len(numbers) if numbers else 0.0
+
+
 def retrieval(prediction: str, reference: str) -> float:
     """LongBench passage retrieval: share of the numbers in the prediction equal to the
     reference's "Paragraph N"."""
-    found = re.findall(r"Paragraph (\d+)", reference)
-    if not found:
-        raise ValueError(f"reference={reference!r}: expected 'Paragraph N'")
-    numbers = re.findall(r"\d+", prediction)
-    return sum(n == found[0] for n in numbers) / len(numbers) if numbers else 0.0
+    return _paragraph_match(prediction, reference, r"Paragraph (\d+)", "Paragraph N")
 
 
 def retrieval_zh(prediction: str, reference: str) -> float:
     """Chinese passage retrieval: as :func:`retrieval` with "段落N"."""
-    found = re.findall(r"段落(\d+)", reference)
-    if not found:
-        raise ValueError(f"reference={reference!r}: expected '段落N'")
-    numbers = re.findall(r"\d+", prediction)
-    return sum(n == found[0] for n in numbers) / len(numbers) if numbers else 0.0
+    return _paragraph_match(prediction, reference, r"段落(\d+)", "段落N")
 
 
 def count(prediction: str, reference: str) -> float:
