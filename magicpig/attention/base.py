@@ -40,6 +40,26 @@ class MiddleAttention(ABC):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
 
+    def check_kv(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Raise a ValueError unless keys and values are both [Hkv, t, d] of this layer."""
+        if keys.dim() != 3 or keys.shape[0] != self.num_kv_heads or keys.shape[2] != self.head_dim:
+            raise ValueError(
+                f"keys has shape {tuple(keys.shape)}; expected [Hkv={self.num_kv_heads}, t, d={self.head_dim}]"
+            )
+        if values.shape != keys.shape:
+            raise ValueError(f"values has shape {tuple(values.shape)}; expected the keys' shape {tuple(keys.shape)}")
+
+    def check_queries(self, seq_ids: list[int], queries: torch.Tensor) -> None:
+        """Raise a ValueError unless queries is [B=len(seq_ids), Hq, d] with Hq a multiple of Hkv."""
+        if queries.dim() != 3 or queries.shape[0] != len(seq_ids) or queries.shape[2] != self.head_dim:
+            raise ValueError(
+                f"queries has shape {tuple(queries.shape)}; expected [B={len(seq_ids)}, Hq, d={self.head_dim}]"
+            )
+        if queries.shape[1] == 0 or queries.shape[1] % self.num_kv_heads:
+            raise ValueError(
+                f"queries have {queries.shape[1]} heads, not a positive multiple of num_kv_heads={self.num_kv_heads}"
+            )
+
     @abstractmethod
     def add_sequence(self) -> int:
         """Register an empty sequence and return its id."""

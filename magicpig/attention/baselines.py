@@ -43,12 +43,8 @@ def budget_keys(n: int, budget: float) -> int:
 
 
 def _kv_head_of(num_q_heads: int, num_kv_heads: int) -> torch.Tensor:
-    """[Hq] int64: the KV head each query head reads (GQA: h // (Hq // Hkv))."""
-    if num_q_heads % num_kv_heads != 0:
-        raise ValueError(
-            f"queries have {num_q_heads} heads, which is not a multiple of num_kv_heads="
-            f"{num_kv_heads}"
-        )
+    """[Hq] int64: the KV head each query head reads (GQA: h // (Hq // Hkv)); Hq is checked by
+    :meth:`MiddleAttention.check_queries`."""
     return torch.arange(num_q_heads) // (num_q_heads // num_kv_heads)
 
 
@@ -91,16 +87,7 @@ class _TorchMiddle(MiddleAttention):
 
     def append(self, seq_id: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         self._check_seq(seq_id)
-        for name, t in (("keys", keys), ("values", values)):
-            if t.dim() != 3 or t.shape[0] != self.num_kv_heads or t.shape[2] != self.head_dim:
-                raise ValueError(
-                    f"{name} has shape {tuple(t.shape)}; expected [Hkv={self.num_kv_heads}, t, "
-                    f"d={self.head_dim}]"
-                )
-        if values.shape != keys.shape:
-            raise ValueError(
-                f"values has shape {tuple(values.shape)}; expected the keys' shape {tuple(keys.shape)}"
-            )
+        self.check_kv(keys, values)
         k = keys.detach().to("cpu", torch.float32)
         v = values.detach().to("cpu", torch.float32)
         self._keys[seq_id] = torch.cat([self._keys[seq_id], k], dim=1)
@@ -117,11 +104,7 @@ class _TorchMiddle(MiddleAttention):
     def attend(
         self, seq_ids: list[int], queries: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if queries.dim() != 3 or queries.shape[0] != len(seq_ids) or queries.shape[2] != self.head_dim:
-            raise ValueError(
-                f"queries has shape {tuple(queries.shape)}; expected [B={len(seq_ids)}, Hq, "
-                f"d={self.head_dim}]"
-            )
+        self.check_queries(seq_ids, queries)
         device = queries.device
         hq = queries.shape[1]
         kv_of = _kv_head_of(hq, self.num_kv_heads)
@@ -305,13 +288,7 @@ class StreamingMiddle(_TorchMiddle):
 
     def append(self, seq_id: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         self._check_seq(seq_id)
-        if keys.dim() != 3 or keys.shape[0] != self.num_kv_heads or keys.shape[2] != self.head_dim:
-            raise ValueError(
-                f"keys has shape {tuple(keys.shape)}; expected [Hkv={self.num_kv_heads}, t, "
-                f"d={self.head_dim}]"
-            )
-        if values.shape != keys.shape:
-            raise ValueError(f"values has shape {tuple(values.shape)}; expected {tuple(keys.shape)}")
+        self.check_kv(keys, values)
         self._lengths[seq_id] += keys.shape[1]
 
     def length(self, seq_id: int) -> int:
@@ -332,13 +309,8 @@ class StreamingMiddle(_TorchMiddle):
         # The stored key tensors stay empty; answer from the tracked lengths instead.
         for seq_id in seq_ids:
             self._check_seq(seq_id)
-        if queries.dim() != 3 or queries.shape[0] != len(seq_ids) or queries.shape[2] != self.head_dim:
-            raise ValueError(
-                f"queries has shape {tuple(queries.shape)}; expected [B={len(seq_ids)}, Hq, "
-                f"d={self.head_dim}]"
-            )
+        self.check_queries(seq_ids, queries)
         b, hq = queries.shape[0], queries.shape[1]
-        _kv_head_of(hq, self.num_kv_heads)
         dev = queries.device
         return (
             torch.zeros(b, hq, self.head_dim, device=dev),

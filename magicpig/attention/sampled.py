@@ -65,12 +65,7 @@ class SampledMiddle(MiddleAttention):
 
     def append(self, seq_id: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """keys, values [Hkv, t, d] (keys centred), any device; hashed where they are."""
-        if keys.dim() != 3 or keys.shape[0] != self.num_kv_heads or keys.shape[2] != self.head_dim:
-            raise ValueError(
-                f"keys has shape {tuple(keys.shape)}; expected [Hkv={self.num_kv_heads}, t, d={self.head_dim}]"
-            )
-        if values.shape != keys.shape:
-            raise ValueError(f"values has shape {tuple(values.shape)}; expected {tuple(keys.shape)}")
+        self.check_kv(keys, values)
         proj = self._projection(keys.device)
         # Blocks bound the [Hkv, t, K*L] projection temporaries (t can be ~100k at prefill).
         for start in range(0, keys.shape[1], APPEND_BLOCK):
@@ -85,12 +80,9 @@ class SampledMiddle(MiddleAttention):
             )
             self._lengths[seq_id] = self.length(seq_id) + k.shape[1]
 
-    def _query_args(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if queries.dim() != 3 or queries.shape[2] != self.head_dim:
-            raise ValueError(f"queries has shape {tuple(queries.shape)}; expected [B, Hq, d={self.head_dim}]")
+    def _query_args(self, seq_ids: list[int], queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.check_queries(seq_ids, queries)
         b, hq, d = queries.shape
-        if hq % self.num_kv_heads:
-            raise ValueError(f"queries have {hq} heads, not a multiple of num_kv_heads={self.num_kv_heads}")
         # GQA: query head h uses KV head h // G's projection; grouping the heads reads each
         # projection once instead of materialising it per query head.
         grouped = queries.reshape(b, self.num_kv_heads, hq // self.num_kv_heads, d)
@@ -101,7 +93,7 @@ class SampledMiddle(MiddleAttention):
         return self.attend_async(seq_ids, queries).wait()
 
     def attend_async(self, seq_ids: list[int], queries: torch.Tensor) -> PendingAttention:
-        q, codes = self._query_args(queries)
+        q, codes = self._query_args(seq_ids, queries)
         if queries.device.type == "cpu":
             # No separate device: the "device" work would run on the same cores as the store,
             # so a worker thread overlaps nothing and only adds a hand-off (measured on 2
