@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from magicpig.attention.reference import candidate_mask
-from magicpig.eval.budget import calibration_cosines, choose_kl, kl_options, predicted_cost
+from magicpig.eval.budget import calibration_cosines, choose_kl, kl_options, predicted_cost, top_recall
 from magicpig.lsh import SimHash
 
 
@@ -43,6 +43,51 @@ def test_options_are_minimal_and_monotone():
     assert choose_kl(cos, 0.03, K_range=(6, 10), max_tables=60).L <= 60
 
 
+def test_options_cover_every_threshold_with_minimal_tables():
+    q, k = _data(2)
+    cos = calibration_cosines(q, k)
+    opts = kl_options(cos, 0.03, K_range=(7, 9), min_collisions=(1, 4), max_tables=400)
+    assert {(o.K, o.min_collisions) for o in opts} == {(K, m) for K in range(7, 10) for m in range(1, 5)}
+    for o in opts:
+        assert predicted_cost(cos, o.K, o.L, o.min_collisions) >= 0.03
+        assert o.L == o.min_collisions or predicted_cost(cos, o.K, o.L - 1, o.min_collisions) < 0.03
+    for K in range(7, 10):  # a higher threshold needs more tables for the same cost
+        ls = [o.L for o in sorted((o for o in opts if o.K == K), key=lambda o: o.min_collisions)]
+        assert ls == sorted(ls) and len(set(ls)) == len(ls)
+
+
+def test_choice_reads_the_top_keys_more_reliably_than_the_most_bits_rule():
+    """Among equal-cost options the chosen one has the highest recall of the top keys, and
+    that holds when measured with real hash functions, not only in the formula."""
+    q, k = _data(3)
+    cos = calibration_cosines(q, k)
+    target = 0.03
+    opts = kl_options(cos, target, K_range=(6, 10), min_collisions=(1, 5), max_tables=300)
+    best = choose_kl(cos, target, K_range=(6, 10), min_collisions=(1, 5), max_tables=300)
+    recalls = {(o.K, o.L, o.min_collisions): top_recall(cos, o.K, o.L, o.min_collisions, target / 4) for o in opts}
+    assert best.recall == pytest.approx(max(recalls.values()), abs=1e-6)
+    most_bits = max((o for o in opts if o.min_collisions == 2), key=lambda o: o.K)  # the old rule
+    assert best.recall > recalls[(most_bits.K, most_bits.L, 2)] + 0.02
+    # Measured: fraction of each query's top keys (by cosine) that become candidates.
+    top_n = max(1, round(target / 4 * k.shape[0]))
+    sims = torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(k, dim=-1).T
+    top_idx = sims.topk(top_n, dim=-1).indices
+
+    def measured(choice_k: int, choice_l: int, m: int) -> tuple[float, float]:
+        rec, frac = [], []
+        for seed in range(4):
+            h = SimHash(q.shape[1], choice_k, choice_l, seed=seed)
+            mask = candidate_mask(h.hash(q)[None], h.hash(k)[None, None], m)[0]  # [Nq, Nk]
+            rec.append(mask.gather(-1, top_idx).float().mean().item())
+            frac.append(mask.float().mean().item())
+        return sum(rec) / len(rec), sum(frac) / len(frac)
+
+    rec_best, frac_best = measured(best.K, best.L, best.min_collisions)
+    rec_old, frac_old = measured(most_bits.K, most_bits.L, 2)
+    assert frac_best == pytest.approx(target, rel=0.2) and frac_old == pytest.approx(target, rel=0.2)
+    assert rec_best > rec_old
+
+
 def test_errors():
     cos = torch.zeros(10)
     with pytest.raises(ValueError, match="target_cost"):
@@ -51,6 +96,10 @@ def test_errors():
         choose_kl(cos, 0.9, K_range=(16, 16), max_tables=3)
     with pytest.raises(ValueError, match="queries"):
         calibration_cosines(torch.zeros(2, 3), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="min_collisions"):
+        kl_options(torch.rand(10), 0.1, min_collisions=(3, 2))
+    with pytest.raises(ValueError, match="top_fraction"):
+        choose_kl(torch.rand(100), 0.1, K_range=(2, 4), top_fraction=0.0)
 
 
 def test_model_calibration_predicts_the_measured_cost():
@@ -75,3 +124,21 @@ def test_model_calibration_predicts_the_measured_cost():
     from magicpig.attention.baselines import TopKMiddle
 
     assert type(make_method(cfg.replace(method="topk"), 1, 3, 64)) is TopKMiddle
+
+
+def test_pick_kl_command_prints_a_parseable_choice_near_the_target(capsys):
+    """`magicpig eval pick-kl` on the real model: its choice parses as a method spec and its
+    predicted cost is the target's."""
+    import re
+
+    from magicpig.eval import cli
+    from magicpig.eval.runner import parse_method
+
+    assert cli.main(["pick-kl", "--cost", "0.05", "--length", "1024", "--steps", "2",
+                     "--k-range", "6", "9", "--min-collisions", "1", "4"]) == 0
+    out = capsys.readouterr().out
+    found = re.search(r"chosen: (magicpig:\S+) \(predicted cost ([\d.]+)%\)", out)
+    assert found, out
+    cfg = parse_method(found.group(1)).config
+    assert 6 <= cfg.K <= 9 and 1 <= cfg.min_collisions <= 4 and cfg.L <= 300
+    assert float(found.group(2)) == pytest.approx(5.0, rel=0.1)

@@ -79,14 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--steps", type=int, default=8, help="decode steps whose queries are recorded")
     k.add_argument("--k-range", type=int, nargs=2, default=[6, 14], metavar=("KMIN", "KMAX"))
     k.add_argument("--max-tables", type=int, default=300)
-    k.add_argument("--min-collisions", type=int, default=2)
+    k.add_argument("--min-collisions", type=int, nargs="+", default=[2, 8], metavar="M",
+                   help="collision threshold, or an inclusive range MIN MAX to search (default 2 8)")
     k.add_argument("--device", default=None)
     return parser
 
 
 def _pick_kl(args: argparse.Namespace) -> int:
     from magicpig import LongContextModel
-    from magicpig.eval.budget import choose_kl, kl_options, model_cosines
+    from magicpig.eval.budget import choose_kl, kl_options, model_cosines, top_recall
 
     model = LongContextModel.from_pretrained(args.model, device=args.device)
     sample = ruler.generate_sample("niah_single_2", args.length, 0, model.tokenizer,
@@ -94,12 +95,20 @@ def _pick_kl(args: argparse.Namespace) -> int:
     ids = model.tokenizer(sample.prompt, add_special_tokens=False)["input_ids"]
     cos = model_cosines(model, ids, steps=args.steps)
     k_range = (args.k_range[0], args.k_range[1])
+    if len(args.min_collisions) not in (1, 2):
+        raise SystemExit(f"--min-collisions {args.min_collisions}: expected one threshold or MIN MAX")
+    m_range = (args.min_collisions[0], args.min_collisions[-1])
+    top = args.cost / 4
     print(f"calibration: {cos.numel()} (query, key) pairs from {args.steps} decode steps at {len(ids)} tokens")
-    print("  K    L  predicted cost")
-    for o in kl_options(cos, args.cost, k_range, args.min_collisions, args.max_tables):
-        print(f"{o.K:3d} {o.L:4d}  {100 * o.predicted_cost:.2f}%")
-    best = choose_kl(cos, args.cost, k_range, args.min_collisions, args.max_tables)
-    print(f"chosen: magicpig:K={best.K},L={best.L} (predicted cost {100 * best.predicted_cost:.2f}%)")
+    options = kl_options(cos, args.cost, k_range, m_range, args.max_tables)
+    scored = sorted(((top_recall(cos, o.K, o.L, o.min_collisions, top), o) for o in options),
+                    key=lambda ro: -ro[0])
+    print(f"  K    L  m  predicted cost  recall of the top {100 * top:.2f}% pairs")
+    for recall, o in scored[:12]:
+        print(f"{o.K:3d} {o.L:4d} {o.min_collisions:2d}  {100 * o.predicted_cost:13.2f}%  {recall:.3f}")
+    best = choose_kl(cos, args.cost, k_range, m_range, args.max_tables, top)
+    print(f"chosen: magicpig:K={best.K},L={best.L},min_collisions={best.min_collisions} "
+          f"(predicted cost {100 * best.predicted_cost:.2f}%)")
     return 0
 
 
