@@ -118,6 +118,29 @@ def test_generation_longer_than_window_buffer(model):
     assert 0 < first.stats.computation_cost < 1 and first.stats.cpu_bytes > 0
 
 
+def test_short_prompt_is_centred_at_the_first_spill(model):
+    """A prompt inside sinks + window has no middle at prefill (mu = 0). At the first spill the
+    session centres every key of the row by the spilled block's mean: exact middle attention
+    (topk at budget 1) must still give dense's logits across that spill."""
+    cfg = MagicPIGConfig(method="topk", budget=1.0, window_tokens=40, sink_tokens=4, kv_dtype="fp32")
+    state = model.prefill([PROMPTS[0]])
+    n = state.lengths[0]
+    assert n <= 4 + 40  # no middle at prefill
+    steps = 60  # the buffer holds 4 + 40 + 40 tokens: spills once
+    la, ta = _session_logits(model, state, DENSE, steps)
+    with model.decode_session(state, cfg, steps) as s:
+        lb = []
+        for i in range(steps):
+            lb.append(s.step(ta[i]))
+        assert s.middle[0] > 0
+        for sp in s.sparse.values():
+            assert sp.mu[0].abs().sum() > 0  # centred at the first spill
+            held = sp.method._keys[sp.seq_ids[0]]  # [Hkv, n_mid, d] what the middle holds
+            first = held[:, :40]
+            assert first.mean(1).abs().max() < 1e-4 * (1 + first.abs().max())  # first block centred
+    assert (la - torch.stack(lb)).abs().max().item() < 1e-3
+
+
 def test_stream_stop_eos_and_sampling(model):
     full = model.generate(PROMPTS[0], max_new_tokens=24)
     pieces = list(model.generate(PROMPTS[0], max_new_tokens=24, stream=True))

@@ -12,7 +12,7 @@ A :class:`DecodeSession` starts from a read-only :class:`PrefillState` and a
   sinks+window scores on the device meanwhile, waits, and merges by LSE (inside one softmax,
   see :func:`magicpig.model.llama.attention_with_middle`).
   When a window buffer fills up, its oldest ``spill`` tokens move into the middle, so decode
-  length is unbounded.
+  length is unbounded (a prompt too short to have a middle gets its ``mu`` at the first spill).
 """
 
 from __future__ import annotations
@@ -123,10 +123,21 @@ class DecodeSession:
             if self.fill[b] < self.device_capacity:
                 continue
             for sp in self.sparse.values():
+                if self.middle[b] == 0:
+                    self._centre_first_middle(sp, b)
                 k, v = sp.cache.evict(b, S, self.spill, self.fill[b])
                 sp.method.append(sp.seq_ids[b], k, v)
             self.fill[b] -= self.spill
             self.middle[b] += self.spill
+
+    def _centre_first_middle(self, sp: _SparseLayer, b: int) -> None:
+        """A prompt that fit in sinks + window had no middle to centre by (mu = 0): centre now,
+        by the mean of the first block to spill. Every key of the row shifts by the same mu,
+        so each query's softmax is unchanged; only the hashing gets the centred keys."""
+        S, keys = self.config.sink_tokens, sp.cache.keys
+        mu = keys[b, :, S : S + self.spill].float().mean(dim=1).to(keys.dtype)  # [Hkv, d]
+        keys[b, :, : self.fill[b]] -= mu[:, None, :]
+        sp.mu[b] += mu
 
     def _ensure_dense_capacity(self) -> None:
         need = max(self.lengths) + 1
