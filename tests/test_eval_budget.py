@@ -119,7 +119,7 @@ def test_model_calibration_predicts_the_measured_cost():
     measured = model.generate_from(state, cfg, max_new_tokens=4)[0].stats.computation_cost
     assert 0.01 < measured < 0.2
     assert measured == pytest.approx(predicted, rel=0.15)  # agreement seen: within 3%
-    # The default topk method is restored after recording.
+    # Recording used a session-local method: the registered topk class is untouched.
     from magicpig.attention.base import make_method
     from magicpig.attention.baselines import TopKMiddle
 

@@ -169,7 +169,6 @@ def model_cosines(model: Any, token_ids: list[int], steps: int = 8, max_pairs: i
     (query head, its KV head's keys) pairs, subsampled to at most ``max_pairs``.
     """
     from magicpig.attention import baselines
-    from magicpig.attention.base import register_method
 
     records: list[torch.Tensor] = []
 
@@ -183,15 +182,14 @@ def model_cosines(model: Any, token_ids: list[int], steps: int = 8, max_pairs: i
             records.append(torch.einsum("hgd,hnd->hgn", qn.view(hkv, -1, d), keys).flatten())
             return super()._attend_one(seq_id, q, kv_of)
 
-    # Stand in for "topk" while recording: a sparse method (so layers are offloaded with
-    # centred keys, as the store sees them) whose answers are exact.
-    register_method("topk")(_Recorder)
-    try:
-        cfg = model.config.replace(method="topk", budget=1.0)
-        state = model.prefill([list(token_ids)], progress=False)
-        model.generate_from(state, cfg, max_new_tokens=steps)
-    finally:
-        register_method("topk")(baselines.TopKMiddle)
+    # A sparse config (so layers are offloaded with centred keys, as the store sees them)
+    # whose middle attention, for this session only, is the exact recorder.
+    cfg = model.config.replace(method="topk", budget=1.0)
+    state = model.prefill([list(token_ids)], progress=False)
+    with model.decode_session(state, cfg, steps, method_factory=_Recorder) as session:
+        tokens = state.last_logits.argmax(-1)
+        for _ in range(steps):
+            tokens = session.step(tokens).argmax(-1)
     if not records:
         raise ValueError("no middle keys were attended: the prompt is shorter than sinks + window")
     cos = torch.cat(records)

@@ -4,8 +4,7 @@
 from __future__ import annotations
 
 import os
-import time
-from typing import Any, Iterator, Sequence, Union
+from typing import Any, Callable, Iterator, Sequence, Union
 
 import torch
 
@@ -163,14 +162,18 @@ class LongContextModel:
         return prefill(self.model, ids, chunk_size, progress)
 
     def decode_session(
-        self, state: PrefillState, config: MagicPIGConfig | None = None, max_new_tokens: int = 256
+        self, state: PrefillState, config: MagicPIGConfig | None = None, max_new_tokens: int = 256,
+        method_factory: Callable[..., Any] | None = None,
     ) -> DecodeSession:
         """A decode session from ``state`` with ``config`` (default: the model's). Feed tokens
-        with ``session.step(tokens [B]) -> logits [B, V]``; close it when done."""
+        with ``session.step(tokens [B]) -> logits [B, V]``; close it when done.
+        ``method_factory``: see :class:`DecodeSession` (default: ``config.method``'s class)."""
         config = self.config if config is None else config
         if not isinstance(config, MagicPIGConfig):
             raise TypeError(f"config={config!r}: expected a MagicPIGConfig or None")
-        return DecodeSession(self.model, state, config, max_new_tokens)
+        if method_factory is None:
+            return DecodeSession(self.model, state, config, max_new_tokens)
+        return DecodeSession(self.model, state, config, max_new_tokens, method_factory)
 
     def generate_from(
         self,

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from typing import Callable
+
 from magicpig.attention.base import MiddleAttention, make_method
 from magicpig.config import MagicPIGConfig
 from magicpig.model.llama import LlamaModel, attention_with_middle, decode_attention
@@ -60,8 +62,13 @@ class DecodeSession:
         state: PrefillState,
         config: MagicPIGConfig,
         max_new_tokens: int = 256,
+        method_factory: Callable[[MagicPIGConfig, int, int, int], MiddleAttention] = make_method,
     ):
+        """``method_factory(config, layer, num_kv_heads, head_dim)`` builds each sparse layer's
+        middle attention (default: the method registered under ``config.method``); a custom
+        one lets a tool observe or replace the middle attention of one session only."""
         a = model.args
+        self.method_factory = method_factory
         self.model = model
         self.config = config
         self.batch = state.batch_size
@@ -97,7 +104,7 @@ class DecodeSession:
         S, W = self.config.sink_tokens, self.config.window_tokens
         cache = StaticKVCache(self.batch, a.num_kv_heads, self.device_capacity, a.head_dim, m.device, m.dtype)
         mu = torch.zeros(self.batch, a.num_kv_heads, a.head_dim, device=m.device, dtype=m.dtype)
-        method = make_method(self.config, layer, a.num_kv_heads, a.head_dim)
+        method = self.method_factory(self.config, layer, a.num_kv_heads, a.head_dim)
         seq_ids = []
         for b in range(self.batch):
             k, v = state.keys[b][layer], state.values[b][layer]
