@@ -167,6 +167,32 @@ def test_summary_tables(tmp_path):
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_summary_merges_pieces_of_a_run(tmp_path, capsys):
+    """Two processes ran different tasks into their own --out; `summary --merge` makes one table,
+    skips records already present (a second merge adds nothing) and refuses mixed models."""
+    fake = FakeAdapter({})
+    a, b = tmp_path / "a", tmp_path / "b"
+    run(fake, _groups(fake, samples=2), [parse_method("dense")], a, progress=False)
+    run(fake, _groups(fake, samples=2), [parse_method("dense"), parse_method("topk:0.03")], b, progress=False)
+    both = tmp_path / "all"
+    argv = ["summary", "--out", str(both), "--merge", str(a), str(b), "--methods", "topk:0.03", "dense"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    n_b = len(read_records(b))
+    assert f"merged {n_b} records" in out  # a's records are all in b too: no duplicates
+    assert "| task | topk:0.03 | dense |" in out
+    assert len(read_records(both)) == n_b
+    assert cli.main(argv) == 0 and "merged 0 records" in capsys.readouterr().out
+    other = FakeAdapter({})
+    other.name = "other"
+    c = tmp_path / "c"
+    run(other, _groups(other, samples=1), [parse_method("dense")], c, progress=False)
+    assert cli.main(["summary", "--out", str(both), "--merge", str(c)]) == 2
+    assert "several models" in capsys.readouterr().err
+    assert len(read_records(both)) == n_b  # nothing written on refusal
+    assert cli.main(["summary", "--out", str(both), "--merge", str(tmp_path / "none")]) == 2
+
+
 def test_cli_rejects_bad_arguments(capsys):
     fake = FakeAdapter({})
     assert cli.main(["ruler", "--tasks", "nope", "--out", "/tmp/x"], adapter=fake) == 2

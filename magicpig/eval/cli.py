@@ -8,6 +8,7 @@ Examples::
     magicpig eval longbench --data ~/LongBench/data --tasks hotpotqa trec --samples 50 \\
         --methods dense magicpig --out results-lb/
     magicpig eval summary --out results/
+    magicpig eval summary --out all/ --merge part-a/ part-b/   # pieces of one run, one table
     magicpig eval pick-kl --cost 0.03        # (K, L) for a 3% budget on the model
 
 A bare method name uses its defaults (MagicPIGConfig); ``name:key=value,...`` overrides them and
@@ -28,6 +29,7 @@ from magicpig.eval.runner import (
     EvalItem,
     ModelAdapter,
     load_model,
+    merge_records,
     parse_method,
     read_records,
     run,
@@ -72,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="prompt + generation token limit (default: the model's context)")
     s = sub.add_parser("summary", help="rebuild summary.md / .csv / .png from predictions.jsonl")
     s.add_argument("--out", required=True)
+    s.add_argument("--merge", nargs="+", default=[], metavar="DIR",
+                   help="first add the predictions of these output directories (pieces of one run)")
+    s.add_argument("--methods", nargs="+", default=[], help="column order of the tables (method labels)")
     k = sub.add_parser("pick-kl", help="(K, L) for a target computation cost, calibrated on the model")
     k.add_argument("--model", default="smollm2-135m-instruct")
     k.add_argument("--cost", type=float, required=True, help="target fraction of middle keys, e.g. 0.03")
@@ -169,11 +174,18 @@ def main(argv: list[str] | None = None, adapter: ModelAdapter | None = None) -> 
             return 2
     out = Path(args.out)
     if args.bench == "summary":
+        try:
+            added = merge_records(out, args.merge) if args.merge else 0
+        except ValueError as err:
+            print(f"magicpig eval summary: {err}", file=sys.stderr)
+            return 2
+        if args.merge:
+            print(f"merged {added} records into {out / 'predictions.jsonl'}")
         records = read_records(out)
         if not records:
             print(f"magicpig eval: no predictions in {out}", file=sys.stderr)
             return 2
-        paths = write_summary(out, records)
+        paths = write_summary(out, records, args.methods)
         print(paths["md"].read_text())
         return 0
     try:

@@ -174,6 +174,32 @@ def read_records(out_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
+def merge_records(out_dir: str | Path, sources: Sequence[str | Path]) -> int:
+    """Append to ``out_dir/predictions.jsonl`` the records of ``sources`` (other output
+    directories, e.g. pieces of one run split over processes or machines) that it lacks;
+    returns how many were added. All records must come from one model."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    records = read_records(out)
+    done = {record_key(r) for r in records}
+    models = {r.get("model") for r in records}
+    added = []
+    for src in sources:
+        if not (Path(src) / PREDICTIONS).is_file():
+            raise ValueError(f"merge source {src}: no {PREDICTIONS} there")
+        for rec in read_records(Path(src)):
+            models.add(rec.get("model"))
+            if record_key(rec) not in done:
+                done.add(record_key(rec))
+                added.append(rec)
+    if len(models) > 1:
+        raise ValueError(f"merge: records of several models {sorted(map(str, models))}; keep one model per --out")
+    with open(out / PREDICTIONS, "a", encoding="utf-8") as sink:
+        for rec in added:
+            sink.write(json.dumps(rec) + "\n")
+    return len(added)
+
+
 # ----------------------------------------------------------------------------- running
 
 ItemGroups = Iterable[tuple[tuple[str, str, int], Callable[[], list[EvalItem]], int]]
