@@ -134,26 +134,31 @@ def top_recall(cosines: torch.Tensor, K: int, L: int, min_collisions: int, top_f
     return float(collision_probability(top, K, L, min_collisions).mean())
 
 
-def choose_kl(cosines: torch.Tensor, target_cost: float, K_range: tuple[int, int] = (4, 16),
-              min_collisions: int | tuple[int, int] = 2, max_tables: int = 300,
-              top_fraction: float | None = None) -> KLChoice:
-    """The option of :func:`kl_options` that reads the keys that matter most reliably.
-
-    Each option reaches ``target_cost``; the one chosen has the highest :func:`top_recall`
-    over the ``top_fraction`` (default ``target_cost / 4``) highest cosines, fewer tables
-    breaking ties. Raises ValueError when no option fits ``max_tables``.
-    """
+def ranked_options(cosines: torch.Tensor, target_cost: float, K_range: tuple[int, int] = (4, 16),
+                   min_collisions: int | tuple[int, int] = 2, max_tables: int = 300,
+                   top_fraction: float | None = None) -> list[KLChoice]:
+    """The options of :func:`kl_options`, each with its :func:`top_recall` over the
+    ``top_fraction`` (default ``target_cost / 4``) highest cosines, best first (fewer tables
+    breaking ties). Raises ValueError when no option fits ``max_tables``."""
+    top = target_cost / 4 if top_fraction is None else top_fraction
+    if not 0 < top <= 1:
+        raise ValueError(f"top_fraction={top_fraction!r}: expected a fraction in (0, 1]")
     options = kl_options(cosines, target_cost, K_range, min_collisions, max_tables)
     if not options:
         raise ValueError(
             f"no K in {K_range} reaches cost {target_cost} with at most {max_tables} tables; "
             "raise max_tables or lower K_range"
         )
-    top = target_cost / 4 if top_fraction is None else top_fraction
-    if not 0 < top <= 1:
-        raise ValueError(f"top_fraction={top_fraction!r}: expected a fraction in (0, 1]")
     scored = [replace(o, recall=top_recall(cosines, o.K, o.L, o.min_collisions, top)) for o in options]
-    return max(scored, key=lambda o: (round(o.recall, 6), -o.L))
+    return sorted(scored, key=lambda o: (-round(o.recall, 6), o.L))
+
+
+def choose_kl(cosines: torch.Tensor, target_cost: float, K_range: tuple[int, int] = (4, 16),
+              min_collisions: int | tuple[int, int] = 2, max_tables: int = 300,
+              top_fraction: float | None = None) -> KLChoice:
+    """The option that reads the keys that matter most reliably: the first of
+    :func:`ranked_options`. Raises ValueError when no option fits ``max_tables``."""
+    return ranked_options(cosines, target_cost, K_range, min_collisions, max_tables, top_fraction)[0]
 
 
 # ----------------------------------------------------------------------------- calibration on a model

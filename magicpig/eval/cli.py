@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _pick_kl(args: argparse.Namespace) -> int:
     from magicpig import LongContextModel
-    from magicpig.eval.budget import choose_kl, kl_options, model_cosines, top_recall
+    from magicpig.eval.budget import model_cosines, ranked_options
 
     model = LongContextModel.from_pretrained(args.model, device=args.device)
     sample = ruler.generate_sample("niah_single_2", args.length, 0, model.tokenizer,
@@ -105,13 +105,11 @@ def _pick_kl(args: argparse.Namespace) -> int:
     m_range = (args.min_collisions[0], args.min_collisions[-1])
     top = args.cost / 4
     print(f"calibration: {cos.numel()} (query, key) pairs from {args.steps} decode steps at {len(ids)} tokens")
-    options = kl_options(cos, args.cost, k_range, m_range, args.max_tables)
-    scored = sorted(((top_recall(cos, o.K, o.L, o.min_collisions, top), o) for o in options),
-                    key=lambda ro: -ro[0])
+    ranked = ranked_options(cos, args.cost, k_range, m_range, args.max_tables, top)
     print(f"  K    L  m  predicted cost  recall of the top {100 * top:.2f}% pairs")
-    for recall, o in scored[:12]:
-        print(f"{o.K:3d} {o.L:4d} {o.min_collisions:2d}  {100 * o.predicted_cost:13.2f}%  {recall:.3f}")
-    best = choose_kl(cos, args.cost, k_range, m_range, args.max_tables, top)
+    for o in ranked[:12]:
+        print(f"{o.K:3d} {o.L:4d} {o.min_collisions:2d}  {100 * o.predicted_cost:13.2f}%  {o.recall:.3f}")
+    best = ranked[0]
     print(f"chosen: magicpig:K={best.K},L={best.L},min_collisions={best.min_collisions} "
           f"(predicted cost {100 * best.predicted_cost:.2f}%)")
     return 0

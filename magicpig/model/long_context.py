@@ -171,8 +171,6 @@ class LongContextModel:
         config = self.config if config is None else config
         if not isinstance(config, MagicPIGConfig):
             raise TypeError(f"config={config!r}: expected a MagicPIGConfig or None")
-        if method_factory is None:
-            return DecodeSession(self.model, state, config, max_new_tokens)
         return DecodeSession(self.model, state, config, max_new_tokens, method_factory)
 
     def generate_from(

@@ -62,13 +62,13 @@ class DecodeSession:
         state: PrefillState,
         config: MagicPIGConfig,
         max_new_tokens: int = 256,
-        method_factory: Callable[[MagicPIGConfig, int, int, int], MiddleAttention] = make_method,
+        method_factory: Callable[[MagicPIGConfig, int, int, int], MiddleAttention] | None = None,
     ):
         """``method_factory(config, layer, num_kv_heads, head_dim)`` builds each sparse layer's
         middle attention (default: the method registered under ``config.method``); a custom
         one lets a tool observe or replace the middle attention of one session only."""
         a = model.args
-        self.method_factory = method_factory
+        self.method_factory = make_method if method_factory is None else method_factory
         self.model = model
         self.config = config
         self.batch = state.batch_size
