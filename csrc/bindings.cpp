@@ -1,4 +1,4 @@
-// pybind11 module magicpig._C: cpu_info(), the SIMD level switch and the Store.
+// pybind11 module magicpig._C: cpu_info(), the SIMD level switch, SimHash codes and the Store.
 // Arrays arrive already validated by magicpig/store (shape, dtype, contiguity, ranges); the
 // heavy calls release the GIL.
 #include <omp.h>
@@ -10,6 +10,7 @@
 #include <stdexcept>
 
 #include "dispatch.h"
+#include "simhash.h"
 #include "store.h"
 
 namespace py = pybind11;
@@ -54,6 +55,21 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "set_simd", [](const std::string& level) { magicpig::set_simd_level(magicpig::parse_simd_level(level)); },
       py::arg("level"), "Force the SIMD level ('avx512', 'avx2' or 'scalar'; not above what the CPU supports).");
+
+  m.def(
+      "simhash_codes",
+      [](const py::buffer& x, int H, int64_t n, int d, const py::buffer& projection, int K, int L, py::buffer& codes,
+         int num_threads) {
+        const float* xp = const_ptr<float>(x, "x");
+        const float* pp = const_ptr<float>(projection, "projection");
+        int32_t* cp = mutable_ptr<int32_t>(codes, "codes");
+        py::gil_scoped_release release;
+        magicpig::simhash_codes(xp, H, n, d, pp, K, L, cp, num_threads);
+      },
+      py::arg("x"), py::arg("H"), py::arg("n"), py::arg("d"), py::arg("projection"), py::arg("K"), py::arg("L"),
+      py::arg("codes"), py::arg("num_threads"),
+      "SimHash codes into codes [H, n, L] int32 of x [H, n, d] float32 against projection [H, d, K*L] float32 "
+      "(all C-contiguous; validated by magicpig.lsh.hash_codes).");
 
   py::class_<Store>(m, "Store")
       .def(py::init([](int num_kv_heads, int head_dim, int K, int L, int m_, int dtype, int num_threads,

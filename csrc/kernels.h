@@ -84,6 +84,9 @@ struct Kernels {
   void (*transpose_codes16)(const int32_t* rows, int64_t count, int L, uint16_t* col, int64_t col_stride);
   // norms[i] = |row_i| of n rows of d elements of the given dtype, rows `stride` bytes apart.
   void (*row_norms)(const void* rows, KvDtype dtype, int64_t n, int d, int64_t stride, float* norms);
+  // SimHash of n rows of d floats (x, row-major) against proj [d][K*L] (row-major), fused with
+  // the packing: codes[i * L + l] = sum_k [x_i . proj[:, l*K + k] > 0] << k.
+  void (*simhash_codes)(const float* x, int64_t n, int d, const float* proj, int K, int L, int32_t* codes);
 };
 
 }  // namespace magicpig

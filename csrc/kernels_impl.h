@@ -13,10 +13,12 @@
 //      accumulate it into the heads that selected it. Rows are prefetched ahead.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #include "kernels.h"
 #include "simd.h"
@@ -400,8 +402,81 @@ void transpose_codes16(const int32_t* rows, int64_t count, int L, uint16_t* col,
 #endif
 }
 
+// SimHash fused with the packing of the bits into codes. A tile of kHashRows rows x
+// kHashVecs vectors of hyperplanes is accumulated in registers over d; the signs of the tile
+// go straight into per-row bit strings (bit c = hyperplane c), whose K-bit fields are the
+// codes. The [n, K*L] projections are never written to memory: the torch path writes them,
+// compares them and converts the comparison to float before packing, three passes over
+// n * K * L values that cost several times the matmul itself.
+constexpr int kHashRows = 4;
+constexpr int kHashVecs = simd::W == 8 ? 2 : 4;  // AVX2 has 16 registers: 4 x 2 accumulators
+
+// The `width` bits of `bits` starting at bit `off` (width < 32; the string has a spare word).
+inline int32_t bit_field(const uint64_t* bits, int64_t off, int width) {
+  const int64_t w = off >> 6;
+  const int sh = static_cast<int>(off & 63);
+  uint64_t v = bits[w] >> sh;
+  if (sh != 0) v |= bits[w + 1] << (64 - sh);
+  return static_cast<int32_t>(v & ((uint64_t{1} << width) - 1));
+}
+
+void simhash_codes(const float* x, int64_t n, int d, const float* proj, int K, int L, int32_t* codes) {
+  constexpr int R = kHashRows, V = kHashVecs, TC = kHashVecs * simd::W;
+  const int KL = K * L;
+  const int full = KL / TC * TC;
+  const int64_t words = KL / 64 + 2;
+  std::vector<uint64_t> bits(static_cast<size_t>(n * words), 0);
+  // Blocks of rows (8 KB of them) x column tiles x row tiles: a tile's hyperplanes (d x TC
+  // floats: 16 KB at d=64 on AVX-512) and the block's rows stay in L1 while the tile is used.
+  const int64_t block = std::max<int64_t>(R, 8192 / (4 * static_cast<int64_t>(d)) / R * R);
+  for (int64_t b0 = 0; b0 < n; b0 += block) {
+    const int64_t b1 = std::min(n, b0 + block);
+    for (int c0 = 0; c0 < full; c0 += TC) {
+      for (int64_t i0 = b0; i0 < b1; i0 += R) {
+        const int rows = static_cast<int>(std::min<int64_t>(R, b1 - i0));
+        const float* xr[R];
+        for (int r = 0; r < R; ++r) xr[r] = x + (i0 + (r < rows ? r : rows - 1)) * d;  // pad with the last row
+        simd::vf acc[R][V];
+        for (int r = 0; r < R; ++r)
+          for (int v = 0; v < V; ++v) acc[r][v] = simd::zero();
+        const float* p = proj + c0;
+        for (int j = 0; j < d; ++j, p += KL) {
+          simd::vf pv[V];
+          for (int v = 0; v < V; ++v) pv[v] = simd::load(p + v * simd::W);
+          for (int r = 0; r < R; ++r) {
+            const simd::vf xv = simd::set1(xr[r][j]);
+            for (int v = 0; v < V; ++v) acc[r][v] = simd::fmadd(xv, pv[v], acc[r][v]);
+          }
+        }
+        // Masks of all R rows first: indexing acc with the run-time `rows` would make the
+        // compiler keep acc in memory, storing 16 vectors per step of the d loop.
+        uint32_t mask[R][V];
+        for (int r = 0; r < R; ++r)
+          for (int v = 0; v < V; ++v) mask[r][v] = simd::positive_mask(acc[r][v]);
+        // W divides 64 and c is a multiple of W, so a vector's mask never straddles two words.
+        for (int r = 0; r < rows; ++r)
+          for (int v = 0; v < V; ++v) {
+            const int c = c0 + v * simd::W;
+            bits[(i0 + r) * words + (c >> 6)] |= static_cast<uint64_t>(mask[r][v]) << (c & 63);
+          }
+      }
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const float* xi = x + i * d;
+    for (int c = full; c < KL; ++c) {  // the last < TC hyperplanes, one at a time
+      float s = 0.0f;
+      for (int j = 0; j < d; ++j) s += xi[j] * proj[static_cast<int64_t>(j) * KL + c];
+      if (s > 0.0f) bits[i * words + (c >> 6)] |= uint64_t{1} << (c & 63);
+    }
+    int32_t* out = codes + i * L;
+    for (int l = 0; l < L; ++l) out[l] = bit_field(bits.data() + i * words, static_cast<int64_t>(l) * K, K);
+  }
+}
+
 const magicpig::Kernels& kernels() {
-  static const magicpig::Kernels table{MAGICPIG_ISA_NAME, &attend_block, &transpose_codes16, &row_norms};
+  static const magicpig::Kernels table{MAGICPIG_ISA_NAME, &attend_block, &transpose_codes16, &row_norms,
+                                             &simhash_codes};
   return table;
 }
 

@@ -49,6 +49,8 @@ inline void store(float* p, vf x) { _mm512_storeu_ps(p, x); }
 inline vf fmadd(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 inline vf mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
 inline float reduce_add(vf x) { return _mm512_reduce_add_ps(x); }
+// Bit i set when lane i is > 0 (false for NaN, like torch's x > 0).
+inline uint32_t positive_mask(vf x) { return _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ); }
 inline vf load_bf16(const uint16_t* p) {
   __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
@@ -71,6 +73,9 @@ inline float reduce_add(vf x) {
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
+inline uint32_t positive_mask(vf x) {
+  return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GT_OQ)));
+}
 inline vf load_bf16(const uint16_t* p) {
   __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
@@ -88,6 +93,7 @@ inline void store(float* p, vf x) { *p = x; }
 inline vf fmadd(vf a, vf b, vf c) { return a * b + c; }
 inline vf mul(vf a, vf b) { return a * b; }
 inline float reduce_add(vf x) { return x; }
+inline uint32_t positive_mask(vf x) { return x > 0.0f ? 1u : 0u; }
 inline vf load_bf16(const uint16_t* p) { return bf16_to_f32(*p); }
 inline vf load_f16(const uint16_t* p) { return f16_to_f32(*p); }
 #endif

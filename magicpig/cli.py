@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 _REPO = Path(__file__).resolve().parent.parent
-_BENCHMARKS = {"cpu-attention": "bench_cpu_attention.py", "generate": "bench_generate.py"}
+_BENCHMARKS = {"cpu-attention": "bench_cpu_attention.py", "generate": "bench_generate.py", "hashing": "bench_hashing.py"}
 
 
 def _info(argv: list[str]) -> int:

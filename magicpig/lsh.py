@@ -14,6 +14,11 @@ import torch
 
 from magicpig.config import MAX_K, MAX_L
 
+try:  # the C++ extension hashes on the CPU; without it the torch path does
+    from magicpig import _C
+except ImportError:  # pragma: no cover - depends on the build
+    _C = None
+
 # log u_i is clamped from below so that a candidate whose collision probability underflows
 # still gets a finite (huge) importance weight instead of +inf. The C++ store uses the same.
 LOG_U_FLOOR = -69.0
@@ -47,8 +52,14 @@ def hash_codes(x: torch.Tensor, projection: torch.Tensor, K: int) -> torch.Tenso
     """SimHash codes of ``x``.
 
     x: [..., d] any float dtype. projection: float32 [d, K*L], or [H, d, K*L] broadcast
-    against x's leading dims (e.g. x [B, H, n, d]). Returns int32 [..., L].
+    against x's leading dims (e.g. x [B, H, n, d]). Returns int32 [..., L] on x's device.
+    On a GPU the fused Triton kernel computes them, on the CPU the extension's fused kernel
+    (``magicpig._C.simhash_codes``), otherwise :func:`hash_codes_torch`; all three agree
+    except where a projection is within rounding of 0.
     """
+    if projection.dim() not in (2, 3):
+        raise ValueError(f"projection shape {tuple(projection.shape)}: expected [d, K*L] or [H, d, K*L]")
+    _check_kl(max(projection.shape[-2], 1), K, max(projection.shape[-1] // max(K, 1), 1))
     if projection.shape[-1] % K != 0:
         raise ValueError(f"projection last dim {projection.shape[-1]} is not a multiple of K={K}")
     if x.shape[-1] != projection.shape[-2]:
@@ -59,11 +70,53 @@ def hash_codes(x: torch.Tensor, projection: torch.Tensor, K: int) -> torch.Tenso
         from magicpig.kernels.simhash import simhash_codes
 
         return simhash_codes(x, proj, K)
+    if x.device.type == "cpu" and _C is not None:
+        return _hash_codes_cpp(x.detach(), proj, K)
+    return hash_codes_torch(x, proj, K)
+
+
+def hash_codes_torch(x: torch.Tensor, projection: torch.Tensor, K: int) -> torch.Tensor:
+    """The torch reference of :func:`hash_codes` (same arguments): matmul, sign, pack."""
+    proj = projection.to(device=x.device, dtype=torch.float32)
     signs = torch.matmul(x.float(), proj) > 0
     bits = signs.view(*signs.shape[:-1], projection.shape[-1] // K, K).to(torch.float32)  # explicit L: t may be 0
     # Packing as a float matvec is exact (codes < 2^20 < 2^24) and faster than an int multiply-sum.
     weights = torch.pow(2.0, torch.arange(K, device=x.device, dtype=torch.float32))
     return torch.matmul(bits, weights).to(torch.int32)
+
+
+def _hash_codes_cpp(x: torch.Tensor, proj: torch.Tensor, K: int) -> torch.Tensor:
+    """hash_codes on the CPU through the extension, which takes x as [H, rows, d] and the
+    projection as [H, d, K*L] (no copy of x for x [H, n, d] or [n, d] float32)."""
+    d, KL = proj.shape[-2], proj.shape[-1]
+    L = KL // K
+    if proj.dim() == 2:
+        out_shape = (*x.shape[:-1], L)
+        heads = proj.unsqueeze(0)
+    else:
+        if x.dim() < 2:
+            raise ValueError(f"x shape {tuple(x.shape)}: expected [..., n, d] with a projection per head")
+        heads = proj
+        lead = torch.broadcast_shapes(x.shape[:-2], proj.shape[:1])
+        out_shape = (*lead, x.shape[-2], L)
+    H = heads.shape[0]
+    if math.prod(out_shape) == 0:
+        return torch.empty(out_shape, dtype=torch.int32)
+    n = out_shape[-2] if proj.dim() == 3 else 0
+    if proj.dim() == 2:
+        rows = x.reshape(1, -1, d)
+    elif x.dim() >= 3 and x.shape[-3] == H and math.prod(x.shape[:-3]) == 1:
+        rows = x.reshape(H, n, d)  # [H, n, d] or one sequence's [1, H, n, d]: already in place
+    else:
+        # [..., H, n, d] -> [H, (...) * n, d]: each head's rows together, as the kernel takes them.
+        rows = x.expand(*out_shape[:-1], d).reshape(-1, H, n, d).transpose(0, 1).reshape(H, -1, d)
+    rows = rows.to(torch.float32).contiguous()
+    codes = torch.empty(H, rows.shape[1], L, dtype=torch.int32)
+    _C.simhash_codes(rows.numpy(), H, rows.shape[1], d, heads.contiguous().numpy(), K, L, codes.numpy(),
+                     torch.get_num_threads())
+    if proj.dim() == 2 or rows.shape[1] == n:
+        return codes.reshape(out_shape)
+    return codes.reshape(H, -1, n, L).transpose(0, 1).reshape(out_shape)
 
 
 class SimHash:

@@ -7,6 +7,7 @@ import torch
 
 from magicpig.lsh import (
     SimHash,
+    hash_codes_torch,
     collision_probability,
     hash_codes,
     head_seed,
@@ -160,3 +161,109 @@ def test_hash_of_no_vectors_is_empty():
     h = SimHash(16, 4, 6, seed=0)
     assert h.hash(torch.zeros(0, 16)).shape == (0, 6)
     assert hash_codes(torch.zeros(2, 3, 0, 16), layer_projection(0, 0, 3, 16, 4, 6), 4).shape == (2, 3, 0, 6)
+
+
+# ----------------------------------------------------------------- the CPU kernel (magicpig._C)
+
+try:
+    from magicpig import _C
+except ImportError:  # pragma: no cover - depends on the build
+    _C = None
+needs_cpp = pytest.mark.skipif(_C is None, reason="C++ extension not built")
+SIMD_LEVELS = ("scalar", "avx2", "avx512")
+
+
+def _supported_levels() -> list[str]:
+    best = _C.cpu_info()["simd_supported"] if _C is not None else "scalar"
+    return list(SIMD_LEVELS[: SIMD_LEVELS.index(best) + 1])
+
+
+def _assert_codes_agree(got: torch.Tensor, want: torch.Tensor, x: torch.Tensor, proj: torch.Tensor, K: int):
+    """Codes equal bit for bit, except bits whose projection is within float rounding of 0
+    (the kernel and BLAS sum the d products in different orders)."""
+    assert got.shape == want.shape and got.dtype == torch.int32
+    dots = torch.matmul(x.double(), proj.double())  # [..., K*L], broadcast as in hash_codes
+    scale = torch.matmul(x.double().abs(), proj.double().abs())
+    shifts = torch.arange(K)
+    got_bits = ((got.unsqueeze(-1) >> shifts) & 1).flatten(-2)
+    want_bits = ((want.unsqueeze(-1) >> shifts) & 1).flatten(-2)
+    differ = got_bits != want_bits
+    assert torch.all(dots[differ].abs() <= 1e-5 * scale[differ] + 1e-30), "a clear-cut bit differs"
+    assert differ.float().mean() < 1e-3
+
+
+@needs_cpp
+@pytest.mark.parametrize("level", SIMD_LEVELS)
+@pytest.mark.parametrize(
+    "x_shape, heads, d, K, L",
+    [
+        ((3, 257, 64), 3, 64, 10, 400),  # prefill rows: 257 = 4 tasks + a partial row tile
+        ((1, 3, 3, 64), 3, 64, 10, 150),  # decode: [B, Hkv, G, d]
+        ((2, 1, 5, 128), 3, 128, 7, 13),  # broadcast over heads; K*L = 91: a partial column tile
+        ((37, 3), None, 3, 20, 7),  # odd d, K at its maximum, one projection
+        ((1, 64), None, 64, 1, 1),  # one token, one one-bit table
+        ((2, 64), None, 64, 20, 1024),  # the largest K*L
+    ],
+)
+def test_cpu_kernel_matches_torch_reference(level, x_shape, heads, d, K, L):
+    if level not in _supported_levels():
+        pytest.skip(f"this CPU has no {level}")
+    gen = torch.Generator().manual_seed(hash((x_shape, K, L)) % 2**31)
+    x = torch.randn(*x_shape, generator=gen)
+    proj = layer_projection(5, 2, heads, d, K, L) if heads else SimHash(d, K, L, seed=5).projection
+    start = _C.cpu_info()["simd"]
+    try:
+        _C.set_simd(level)
+        got = hash_codes(x, proj, K)
+    finally:
+        _C.set_simd(start)
+    want = hash_codes_torch(x, proj, K)
+    _assert_codes_agree(got, want, x, proj, K)
+
+
+@needs_cpp
+def test_cpu_kernel_adversarial_inputs():
+    proj = layer_projection(0, 0, 2, 32, 8, 40)
+    # All-zero and all-equal keys: every projection is exactly 0 or shared by every row.
+    assert torch.all(hash_codes(torch.zeros(2, 9, 32), proj, 8) == 0)
+    same = hash_codes(torch.ones(2, 9, 32), proj, 8)
+    assert torch.equal(same, same[:, :1].expand_as(same))
+    assert torch.equal(same, hash_codes_torch(torch.ones(2, 9, 32), proj, 8))
+    # Huge and tiny magnitudes: only the signs matter (no overflow at 1e30 * N(0,1) * 32).
+    x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(hash_codes(x * 1e30, proj, 8), hash_codes(x, proj, 8))
+    assert torch.equal(hash_codes(x * 1e-30, proj, 8), hash_codes(x, proj, 8))
+    # Half precision inputs are hashed as their float32 values.
+    for dtype in (torch.float16, torch.bfloat16):
+        xh = x.to(dtype)
+        _assert_codes_agree(hash_codes(xh, proj, 8), hash_codes_torch(xh, proj, 8), xh.float(), proj, 8)
+    # A non-contiguous view hashes like its contiguous copy.
+    view = torch.randn(9, 2, 32).transpose(0, 1)
+    assert torch.equal(hash_codes(view, proj, 8), hash_codes(view.contiguous(), proj, 8))
+
+
+@needs_cpp
+def test_cpu_kernel_result_does_not_depend_on_the_thread_count():
+    x = torch.randn(3, 1000, 64, generator=torch.Generator().manual_seed(1))
+    proj = layer_projection(0, 3, 3, 64, 10, 150)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = hash_codes(x, proj, 10)
+        torch.set_num_threads(2)
+        two = hash_codes(x, proj, 10)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+def test_hash_codes_rejects_bad_k_and_projection():
+    proj = SimHash(16, 4, 6, seed=0).projection
+    with pytest.raises(ValueError, match="K=0"):
+        hash_codes(torch.randn(2, 16), proj, 0)
+    with pytest.raises(ValueError, match="K=24"):
+        hash_codes(torch.randn(2, 16), torch.randn(16, 48), 24)
+    with pytest.raises(ValueError, match="not a multiple of K=5"):
+        hash_codes(torch.randn(2, 16), proj, 5)
+    with pytest.raises(ValueError, match="projection shape"):
+        hash_codes(torch.randn(2, 16), proj.reshape(1, 1, 16, 24), 4)
