@@ -19,9 +19,13 @@ import time
 import torch
 
 
-def _decode_rate(model, state, config, steps: int) -> tuple[float, float]:
-    """(decode tokens/s, computation cost) of ``steps`` greedy steps from ``state``."""
+def _decode_rate(model, state, config, steps: int) -> tuple[float, float, float]:
+    """(decode tokens/s, computation cost, session setup seconds) of ``steps`` greedy steps
+    from ``state``. Setup is opening the session: for magicpig, hashing the middle keys and
+    building the CPU store's tables from the prefill."""
+    t_open = time.perf_counter()
     with model.decode_session(state, config, steps) as session:
+        setup = time.perf_counter() - t_open
         tokens = state.last_logits.argmax(-1)
         tokens = session.step(tokens).argmax(-1)  # warm-up step (first-call allocations)
         t0 = time.perf_counter()
@@ -29,7 +33,7 @@ def _decode_rate(model, state, config, steps: int) -> tuple[float, float]:
             tokens = session.step(tokens).argmax(-1)
         seconds = time.perf_counter() - t0
         cost = session.computation_cost()[0]
-    return steps / seconds, cost
+    return steps / seconds, cost, setup
 
 
 def _hf_rates(source: str, ids: list[int], steps: int) -> tuple[float, float]:
@@ -84,11 +88,11 @@ def main() -> None:
     t0 = time.perf_counter()
     state = model.prefill([ids])
     ours_prefill = n / (time.perf_counter() - t0)
-    dense_rate, _ = _decode_rate(model, state, MagicPIGConfig(method="dense"), args.new_tokens)
-    mp_rate, mp_cost = _decode_rate(model, state, MagicPIGConfig(), args.new_tokens)
+    dense_rate, _, dense_setup = _decode_rate(model, state, MagicPIGConfig(method="dense"), args.new_tokens)
+    mp_rate, mp_cost, mp_setup = _decode_rate(model, state, MagicPIGConfig(), args.new_tokens)
     rows = [
-        ("magicpig runner, dense", ours_prefill, dense_rate),
-        (f"magicpig runner, magicpig (cost {mp_cost:.3f})", ours_prefill, mp_rate),
+        ("magicpig runner, dense", ours_prefill, dense_rate, dense_setup),
+        (f"magicpig runner, magicpig (cost {mp_cost:.3f})", ours_prefill, mp_rate, mp_setup),
     ]
     if args.bf16:
         # Same weights held in bf16 (decode on a CPU is bound by reading the weights).
@@ -97,21 +101,22 @@ def main() -> None:
         t0 = time.perf_counter()
         state = model.prefill([ids])
         bf_prefill = n / (time.perf_counter() - t0)
-        bf_dense, _ = _decode_rate(model, state, MagicPIGConfig(method="dense"), args.new_tokens)
-        bf_mp, bf_cost = _decode_rate(model, state, MagicPIGConfig(), args.new_tokens)
+        bf_dense, _, bf_dense_setup = _decode_rate(model, state, MagicPIGConfig(method="dense"), args.new_tokens)
+        bf_mp, bf_cost, bf_mp_setup = _decode_rate(model, state, MagicPIGConfig(), args.new_tokens)
         rows += [
-            ("magicpig runner bf16, dense", bf_prefill, bf_dense),
-            (f"magicpig runner bf16, magicpig (cost {bf_cost:.3f})", bf_prefill, bf_mp),
+            ("magicpig runner bf16, dense", bf_prefill, bf_dense, bf_dense_setup),
+            (f"magicpig runner bf16, magicpig (cost {bf_cost:.3f})", bf_prefill, bf_mp, bf_mp_setup),
         ]
     if not args.skip_transformers:
         state = model = None  # free memory before loading transformers' copy
         hf_prefill, hf_rate = _hf_rates(source, ids, args.new_tokens)
-        rows.append(("transformers generate", hf_prefill, hf_rate))
+        rows.append(("transformers generate", hf_prefill, hf_rate, float("nan")))
     print()
-    print(f"| {'runner':<42} | {'prefill tok/s':>13} | {'decode tok/s':>12} |")
-    print(f"|{'-' * 44}|{'-' * 15}|{'-' * 14}|")
-    for name, p, d in rows:
-        print(f"| {name:<42} | {p:>13.1f} | {d:>12.2f} |")
+    print(f"| {'runner':<42} | {'prefill tok/s':>13} | {'session setup s':>15} | {'decode tok/s':>12} |")
+    print(f"|{'-' * 44}|{'-' * 15}|{'-' * 17}|{'-' * 14}|")
+    for name, p, d, setup in rows:
+        setup_text = "-" if setup != setup else f"{setup:.2f}"
+        print(f"| {name:<42} | {p:>13.1f} | {setup_text:>15} | {d:>12.2f} |")
     print()
     if not args.skip_transformers:
         print(f"dense decode / transformers decode:   {dense_rate / hf_rate:.2f}x")

@@ -8,8 +8,13 @@ reference it replaced (``hash_codes_torch``: matmul, sign, pack), and the bare t
 codes of the two paths are compared too (bits that differ have a projection within rounding
 of 0).
 
+With ``--session-tokens N ...`` it also times a whole magicpig session setup on the embedded
+model (hashing the middle keys of a needle prompt of N tokens plus building the CPU store's
+tables: what opening ``decode_session`` costs after a prefill), with the fused kernel and with
+the torch hashing, side by side.
+
 Usage: python scripts/bench_hashing.py [--tokens 4096] [--threads N] [--repeats R]
-       (also ``magicpig bench hashing``)
+       [--session-tokens 4000 8000]   (also ``magicpig bench hashing``)
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from typing import Callable  # noqa: E402
 
 import torch  # noqa: E402
 
+import magicpig.lsh as lsh  # noqa: E402
 from magicpig.lsh import hash_codes, hash_codes_torch, layer_projection  # noqa: E402
 
 # (model, KV heads, head dim, K, L)
@@ -66,11 +72,36 @@ def run_case(name: str, heads: int, d: int, K: int, L: int, tokens: int, repeats
         )
 
 
+def session_setup(tokens: int, repeats: int) -> None:
+    """Seconds to open a magicpig decode session from one prefill, fused vs torch hashing."""
+    from magicpig import LongContextModel, MagicPIGConfig
+    from magicpig.demo import needle_prompt
+
+    model = LongContextModel.from_pretrained("smollm2-135m-instruct", device="cpu", dtype=torch.float32)
+    prompt, _ = needle_prompt(model.tokenizer, tokens)
+    ids = model.encode(prompt)[0][0]
+    state = model.prefill([ids], progress=False)
+    extension = lsh._C
+    for K, L, m in ((10, 150, 2), (10, 400, 4)):
+        config = MagicPIGConfig(K=K, L=L, min_collisions=m)
+        seconds = {}
+        for name, ext in (("fused", extension), ("torch", None)):
+            lsh._C = ext  # hash_codes takes the torch path when the extension is absent
+            try:
+                seconds[name] = median_seconds(lambda: model.decode_session(state, config, 4).close(), repeats)
+            finally:
+                lsh._C = extension
+        print(f"session setup, {len(ids)} tokens, K={K} L={L} m={m}: fused {seconds['fused']:.2f} s | "
+              f"torch hashing {seconds['torch']:.2f} s ({seconds['torch'] / seconds['fused']:.1f}x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=4096, help="keys hashed per KV head (a prefill chunk)")
     parser.add_argument("--threads", type=int, default=None, help="torch / kernel threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--session-tokens", type=int, nargs="*", default=[],
+                        help="also time a magicpig session setup on the embedded model at these prompt lengths")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -79,6 +110,8 @@ def main() -> None:
     print(f"threads {torch.get_num_threads()}, SIMD {_C.cpu_info()['simd']}; ratios are torch time / fused time")
     for case in CASES:
         run_case(*case, tokens=args.tokens, repeats=args.repeats)
+    for tokens in args.session_tokens:
+        session_setup(tokens, max(1, min(args.repeats, 3)))
 
 
 if __name__ == "__main__":
