@@ -26,14 +26,16 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from typing import Callable  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
 import magicpig.lsh as lsh  # noqa: E402
 from magicpig.lsh import hash_codes, hash_codes_torch, layer_projection  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when run by `magicpig bench`
+from bench_cpu_attention import median_seconds  # noqa: E402
 
 # (model, KV heads, head dim, K, L)
 CASES = [
@@ -41,16 +43,6 @@ CASES = [
     ("SmolLM2-135M", 3, 64, 10, 400),
     ("Llama-3.1-8B", 8, 128, 10, 150),
 ]
-
-
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def run_case(name: str, heads: int, d: int, K: int, L: int, tokens: int, repeats: int) -> None:
