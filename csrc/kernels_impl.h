@@ -428,7 +428,7 @@ void simhash_codes(const float* x, int64_t n, int d, const float* proj, int K, i
   std::vector<uint64_t> bits(static_cast<size_t>(n * words), 0);
   // Blocks of rows (8 KB of them) x column tiles x row tiles: a tile's hyperplanes (d x TC
   // floats: 16 KB at d=64 on AVX-512) and the block's rows stay in L1 while the tile is used.
-  const int64_t block = std::max<int64_t>(R, 8192 / (4 * static_cast<int64_t>(d)) / R * R);
+  const int64_t block = std::max<int64_t>(R, 8192 / (4 * std::max<int64_t>(d, 1)) / R * R);
   for (int64_t b0 = 0; b0 < n; b0 += block) {
     const int64_t b1 = std::min(n, b0 + block);
     for (int c0 = 0; c0 < full; c0 += TC) {

@@ -59,7 +59,7 @@ def hash_codes(x: torch.Tensor, projection: torch.Tensor, K: int) -> torch.Tenso
     """
     if projection.dim() not in (2, 3):
         raise ValueError(f"projection shape {tuple(projection.shape)}: expected [d, K*L] or [H, d, K*L]")
-    _check_kl(max(projection.shape[-2], 1), K, max(projection.shape[-1] // max(K, 1), 1))
+    _check_kl(projection.shape[-2], K, projection.shape[-1] // K if isinstance(K, int) and K > 0 else 1)
     if projection.shape[-1] % K != 0:
         raise ValueError(f"projection last dim {projection.shape[-1]} is not a multiple of K={K}")
     if x.shape[-1] != projection.shape[-2]:

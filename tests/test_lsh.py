@@ -267,3 +267,5 @@ def test_hash_codes_rejects_bad_k_and_projection():
         hash_codes(torch.randn(2, 16), proj, 5)
     with pytest.raises(ValueError, match="projection shape"):
         hash_codes(torch.randn(2, 16), proj.reshape(1, 1, 16, 24), 4)
+    with pytest.raises(ValueError, match="head_dim=0"):
+        hash_codes(torch.randn(2, 0), torch.randn(0, 24), 4)
