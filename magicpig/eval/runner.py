@@ -388,7 +388,7 @@ def plot_accuracy_vs_cost(rows: Sequence[dict[str, Any]], path: Path, method_ord
     import matplotlib.pyplot as plt
 
     avg = [r for r in rows if r["task"] == "average"]
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = plt.subplots(figsize=(9.5, 4.5))
     markers = "osD^v<>ph*"
     lengths = sorted({r["length"] for r in avg})
     for i, m in enumerate(_ordered_methods(avg, method_order)):
@@ -401,7 +401,8 @@ def plot_accuracy_vs_cost(rows: Sequence[dict[str, Any]], path: Path, method_ord
     ax.set_ylabel("average score (0-100)")
     ax.set_title("accuracy vs cost")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    # Outside the axes: with many methods a legend inside covers points.
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
