@@ -102,22 +102,20 @@ def _hash_codes_cpp(x: torch.Tensor, proj: torch.Tensor, K: int) -> torch.Tensor
     H = heads.shape[0]
     if math.prod(out_shape) == 0:
         return torch.empty(out_shape, dtype=torch.int32)
-    n = out_shape[-2] if proj.dim() == 3 else 0
     if proj.dim() == 2:
         rows = x.reshape(1, -1, d)
-    elif x.dim() >= 3 and x.shape[-3] == H and math.prod(x.shape[:-3]) == 1:
-        rows = x.reshape(H, n, d)  # [H, n, d] or one sequence's [1, H, n, d]: already in place
     else:
-        # [..., H, n, d] -> [H, (...) * n, d]: each head's rows together, as the kernel takes them.
+        # [..., H, n, d] -> [H, (...) * n, d]: each head's rows together, as the kernel takes
+        # them. A view, not a copy, for x [H, n, d] or one sequence's [1, H, n, d].
+        n = out_shape[-2]
         rows = x.expand(*out_shape[:-1], d).reshape(-1, H, n, d).transpose(0, 1).reshape(H, -1, d)
     rows = rows.to(torch.float32).contiguous()
     codes = torch.empty(H, rows.shape[1], L, dtype=torch.int32)
     _C.simhash_codes(rows.numpy(), H, rows.shape[1], d, heads.contiguous().numpy(), K, L, codes.numpy(),
                      torch.get_num_threads())
-    if proj.dim() == 2 or rows.shape[1] == n:
+    if proj.dim() == 2:
         return codes.reshape(out_shape)
     return codes.reshape(H, -1, n, L).transpose(0, 1).reshape(out_shape)
-
 
 class SimHash:
     """L tables of K random hyperplanes each over vectors of size ``head_dim``."""

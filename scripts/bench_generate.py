@@ -110,12 +110,12 @@ def main() -> None:
     if not args.skip_transformers:
         state = model = None  # free memory before loading transformers' copy
         hf_prefill, hf_rate = _hf_rates(source, ids, args.new_tokens)
-        rows.append(("transformers generate", hf_prefill, hf_rate, float("nan")))
+        rows.append(("transformers generate", hf_prefill, hf_rate, None))  # no separate setup
     print()
     print(f"| {'runner':<42} | {'prefill tok/s':>13} | {'session setup s':>15} | {'decode tok/s':>12} |")
     print(f"|{'-' * 44}|{'-' * 15}|{'-' * 17}|{'-' * 14}|")
     for name, p, d, setup in rows:
-        setup_text = "-" if setup != setup else f"{setup:.2f}"
+        setup_text = "-" if setup is None else f"{setup:.2f}"
         print(f"| {name:<42} | {p:>13.1f} | {setup_text:>15} | {d:>12.2f} |")
     print()
     if not args.skip_transformers:

@@ -17,9 +17,9 @@ A :class:`DecodeSession` starts from a read-only :class:`PrefillState` and a
 
 from __future__ import annotations
 
-import torch
-
 from typing import Callable
+
+import torch
 
 from magicpig.attention.base import MiddleAttention, make_method
 from magicpig.config import MagicPIGConfig
