@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -11,18 +14,55 @@ METHODS = ("magicpig", "dense", "topk", "quest", "oracle_sampling", "streaming",
 CPU_BACKENDS = ("auto", "cpp", "numba")
 MAX_K = 20  # codes are int32 and a table has 2^K buckets; 2^20 offsets per block is the cap
 MAX_L = 1024
+# Sinks and window live on the device per sparse layer; no model has more positions than this.
+MAX_TOKENS = 1 << 22
+MAX_SEED = 2**63 - 1
 
 
-def _check_int(name: str, value: object, low: int, high: Optional[int]) -> None:
-    allowed = f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}"
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"MagicPIGConfig.{name}={value!r}: expected {allowed}")
-    if value < low or (high is not None and value > high):
-        raise ValueError(f"MagicPIGConfig.{name}={value!r}: expected {allowed}")
+def max_cpu_threads() -> int:
+    """The most threads a CPU store may be given: 4x this machine's cores. More buys nothing and
+    a huge count makes OpenMP abort the process (thread creation fails) instead of raising."""
+    return 4 * (os.cpu_count() or 1)
+
+
+def check_int(name: str, value: object, low: Optional[int] = None, high: Optional[int] = None) -> int:
+    """The package's one integer check; returns ``value`` as a Python int.
+
+    Accepts Python and numpy integers (not bool). A non-integer raises TypeError, a value
+    outside ``[low, high]`` ValueError; both messages name the argument and the range.
+    """
+    if low is not None and high is not None:
+        allowed = f"an integer in [{low}, {high}]"
+    elif low is not None:
+        allowed = f"an integer >= {low}"
+    elif high is not None:
+        allowed = f"an integer <= {high}"
+    else:
+        allowed = "an integer"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}={value!r}: expected {allowed}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{name}={value!r}: expected {allowed}")
+    return int(value)
+
+
+def check_float(name: str, value: object, low: float, high: float, low_open: bool = False,
+                high_open: bool = False) -> float:
+    """The package's one real-number check: a finite int or float in the interval (NaN and
+    infinities refused); TypeError for a non-number, ValueError out of range."""
+    interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}={value!r}: expected a number in {interval}")
+    v = float(value)
+    below = v <= low if low_open else v < low
+    above = v >= high if high_open else v > high
+    if not math.isfinite(v) or below or above:
+        raise ValueError(f"{name}={value!r}: expected a finite number in {interval}")
+    return v
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
+    if not isinstance(value, str) or value not in choices:
         raise ValueError(f"MagicPIGConfig.{name}={value!r}: expected one of {choices}")
 
 
@@ -56,29 +96,43 @@ class MagicPIGConfig:
     cpu_backend: str = "auto"
 
     def __post_init__(self) -> None:
-        _check_int("K", self.K, 1, MAX_K)
-        _check_int("L", self.L, 1, MAX_L)
-        _check_int("min_collisions", self.min_collisions, 1, self.L)
-        _check_int("sink_tokens", self.sink_tokens, 0, None)
-        _check_int("window_tokens", self.window_tokens, 1, None)
-        _check_int("seed", self.seed, 0, 2**63 - 1)
+        ints = {
+            "K": (1, MAX_K), "L": (1, MAX_L), "sink_tokens": (0, MAX_TOKENS),
+            "window_tokens": (1, MAX_TOKENS), "seed": (0, MAX_SEED),
+        }
+        for name, (low, high) in ints.items():
+            self._set(name, check_int(f"MagicPIGConfig.{name}", getattr(self, name), low, high))
+        self._set("min_collisions", check_int("MagicPIGConfig.min_collisions", self.min_collisions, 1, self.L))
+        if self.cpu_threads is not None:
+            self._set("cpu_threads", check_int("MagicPIGConfig.cpu_threads", self.cpu_threads, 1, max_cpu_threads()))
         _check_choice("kv_dtype", self.kv_dtype, KV_DTYPES)
         _check_choice("method", self.method, METHODS)
         _check_choice("cpu_backend", self.cpu_backend, CPU_BACKENDS)
-        if self.cpu_threads is not None:
-            _check_int("cpu_threads", self.cpu_threads, 1, None)
-        if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or not (
-            0.0 < self.budget <= 1.0
-        ):
-            raise ValueError(f"MagicPIGConfig.budget={self.budget!r}: expected a float in (0, 1]")
+        self._set("budget", check_float("MagicPIGConfig.budget", self.budget, 0.0, 1.0, low_open=True))
         if self.dense_layers is not None:
             layers = tuple(self.dense_layers) if isinstance(self.dense_layers, (list, tuple)) else None
-            if layers is None or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
+            if layers is None or any(
+                isinstance(i, bool) or not isinstance(i, numbers.Integral) or i < 0 for i in layers
+            ):
                 raise ValueError(
                     f"MagicPIGConfig.dense_layers={self.dense_layers!r}: expected None or a "
                     "sequence of non-negative layer indices"
                 )
-            object.__setattr__(self, "dense_layers", tuple(sorted(set(layers))))
+            self._set("dense_layers", tuple(sorted({int(i) for i in layers})))
+
+    def _set(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)  # frozen: normalise (np.int64 -> int) once, here
+
+    def check_model(self, num_layers: int, max_positions: int) -> None:
+        """Raise ValueError where this config cannot run on a model of ``num_layers`` layers and
+        ``max_positions`` positions (dense layers that do not exist, sinks + window longer than
+        the model can attend)."""
+        self.resolve_dense_layers(num_layers)
+        if self.sink_tokens + self.window_tokens > max_positions:
+            raise ValueError(
+                f"MagicPIGConfig.sink_tokens={self.sink_tokens} + window_tokens={self.window_tokens} "
+                f"exceed the model's {max_positions} positions (expected a sum <= {max_positions})"
+            )
 
     def resolve_dense_layers(self, num_layers: int) -> tuple[int, ...]:
         """The layers that run exact attention in a model of ``num_layers`` layers."""

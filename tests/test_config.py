@@ -19,25 +19,32 @@ def test_defaults_follow_the_design():
         ("K", 0, r"\[1, 20\]"),
         ("K", 21, r"\[1, 20\]"),
         ("K", 2.5, "integer"),
+        ("K", True, "integer"),
+        ("seed", 2**64, r"\[0, "),
+        ("window_tokens", 10**7, r"\[1, 4194304\]"),
+        ("sink_tokens", 2**70, r"\[0, 4194304\]"),
+        ("budget", float("nan"), r"\(0.0, 1.0\]"),
+        ("cpu_threads", 100_000, r"\[1, \d+\]"),
         ("L", 0, r"\[1, 1024\]"),
         ("L", 1025, r"\[1, 1024\]"),
         ("min_collisions", 0, r"\[1, 150\]"),
         ("min_collisions", 151, r"\[1, 150\]"),
-        ("sink_tokens", -1, ">= 0"),
-        ("window_tokens", 0, ">= 1"),
+        ("sink_tokens", -1, r"\[0, "),
+        ("window_tokens", 0, r"\[1, "),
         ("kv_dtype", "int8", "bf16"),
         ("method", "flash", "magicpig"),
-        ("cpu_threads", 0, ">= 1"),
+        ("cpu_threads", 0, r"\[1, "),
         ("cpu_backend", "cuda", "numba"),
-        ("budget", 0.0, r"\(0, 1\]"),
-        ("budget", 1.5, r"\(0, 1\]"),
+        ("budget", 0.0, r"\(0.0, 1.0\]"),
+        ("budget", 1.5, r"\(0.0, 1.0\]"),
         ("dense_layers", (0, -1), "non-negative"),
         ("dense_layers", "0,1", "non-negative"),
         ("seed", -3, r"\[0, "),
     ],
 )
 def test_bad_values_name_the_field_value_and_range(field, value, expected):
-    with pytest.raises(ValueError, match=field) as err:
+    # A wrong type is a TypeError, a wrong value a ValueError; both name the field.
+    with pytest.raises((ValueError, TypeError), match=field) as err:
         MagicPIGConfig(**{field: value})
     assert repr(value) in str(err.value)
     assert re.search(expected, str(err.value))
@@ -62,3 +69,18 @@ def test_replace_validates_again():
     assert cfg.replace(K=8).K == 8
     with pytest.raises(ValueError, match="K"):
         cfg.replace(K=99)
+
+
+def test_numpy_integers_are_integers_and_normalised():
+    np = pytest.importorskip("numpy")
+    cfg = MagicPIGConfig(K=np.int64(8), L=np.int32(20), min_collisions=np.int16(2), dense_layers=[np.int64(3)])
+    assert (cfg.K, cfg.L, cfg.min_collisions, cfg.dense_layers) == (8, 20, 2, (3,))
+    assert all(type(v) is int for v in (cfg.K, cfg.L, cfg.min_collisions, *cfg.dense_layers))
+
+
+def test_check_model_bounds_sinks_and_window_by_the_model():
+    MagicPIGConfig(sink_tokens=4, window_tokens=8188).check_model(30, 8192)
+    with pytest.raises(ValueError, match=r"window_tokens=8189.*8192"):
+        MagicPIGConfig(sink_tokens=4, window_tokens=8189).check_model(30, 8192)
+    with pytest.raises(ValueError, match="dense_layers"):
+        MagicPIGConfig(dense_layers=(30,)).check_model(30, 8192)

@@ -9,6 +9,7 @@ from magicpig import LongContextModel, MagicPIGConfig
 from magicpig.attention.reference import candidate_mask, sampled_attention
 from magicpig.attention.sampled import SampledMiddle
 from magicpig.lsh import SimHash, head_seed
+from numerics import reorder_tolerance
 
 DENSE = MagicPIGConfig(method="dense")
 PROMPTS = [
@@ -71,7 +72,8 @@ def test_magicpig_equals_dense_when_window_covers_context(model):
     la, ta = _session_logits(model, state, DENSE, 8)
     lb, tb = _session_logits(model, state, wide, 8)
     assert torch.equal(ta, tb)
-    assert (la - lb).abs().max().item() < 1e-4
+    # Same keys, but centred by mu on the sparse layers: equal up to float32 reordering.
+    assert (la - lb).abs().max().item() < reorder_tolerance(la, model.args.num_layers)
     dense = model.generate_from(state, DENSE, max_new_tokens=12)
     sparse = model.generate_from(state, wide, max_new_tokens=12)
     assert [r.token_ids for r in dense] == [r.token_ids for r in sparse]
@@ -79,7 +81,13 @@ def test_magicpig_equals_dense_when_window_covers_context(model):
         assert s.middle == [0, 0, 0]  # nothing offloaded
 
 
-@pytest.mark.parametrize("config", [DENSE, MagicPIGConfig(window_tokens=16, sink_tokens=4)], ids=["dense", "magicpig"])
+# The CPU store holds K/V in fp32 here: stored in bf16, a key element that float32 reordering
+# moved across a bf16 rounding boundary jumps by one bf16 ulp (2^-8 relative), which turns the
+# 1e-7-relative noise of a different batch shape into ~1e-5-relative logit noise at random.
+# bf16 storage is exercised by the other tests; this one checks the batching arithmetic.
+@pytest.mark.parametrize(
+    "config", [DENSE, MagicPIGConfig(window_tokens=16, sink_tokens=4, kv_dtype="fp32")], ids=["dense", "magicpig"]
+)
 def test_batched_equals_alone(model, config):
     batch = model.generate(PROMPTS, max_new_tokens=10, config=config)
     assert len({len(r.stats.__dict__) for r in batch}) == 1 and len(batch) == 3
@@ -89,11 +97,13 @@ def test_batched_equals_alone(model, config):
         alone = model.generate(prompt, max_new_tokens=10, config=config)
         assert alone.token_ids == got.token_ids
         assert alone.text == got.text
-    # Per-step logits too, not only the argmax.
+    # Per-step logits too, not only the argmax: equal up to float32 reordering (row 1 runs in a
+    # micro-batch of 2 here, alone in one of 1).
     ids, _ = model.encode(PROMPTS)
     both, _ = _session_logits(model, model.prefill(ids), config, 4)
     one, _ = _session_logits(model, model.prefill([ids[1]]), config, 4)
-    assert (both[:, 1] - one[:, 0]).abs().max().item() < 1e-4
+    tol = reorder_tolerance(one, model.args.num_layers)
+    assert (both[:, 1] - one[:, 0]).abs().max().item() < tol
 
 
 def test_generation_longer_than_window_buffer(model):
