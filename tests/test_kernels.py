@@ -43,7 +43,32 @@ _CHECK = textwrap.dedent(
 
 
 def test_simhash_kernel_matches_reference_under_the_interpreter():
+    pytest.importorskip("triton", reason="triton is in the [gpu] and [test] extras")
     # TRITON_INTERPRET must be set before triton is imported, hence the subprocess.
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-c", _CHECK], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
+
+
+def test_cpu_path_never_imports_triton():
+    """triton is an extra ([gpu]): hashing, the store and a sparse decode on the CPU run without it."""
+    code = textwrap.dedent(
+        """
+        import sys
+        import torch
+        from magicpig import MagicPIGConfig
+        from magicpig.attention.sampled import SampledMiddle
+        from magicpig.lsh import SimHash
+        h = SimHash(16, 4, 8, seed=0)
+        assert h.hash(torch.randn(5, 16)).shape == (5, 8)
+        m = SampledMiddle(MagicPIGConfig(K=4, L=8), layer=1, num_kv_heads=1, head_dim=16)
+        sid = m.add_sequence()
+        m.append(sid, torch.randn(1, 50, 16), torch.randn(1, 50, 16))
+        out, lse, n = m.attend([sid], torch.randn(1, 2, 16))
+        assert torch.isfinite(out).all()
+        print("triton" in sys.modules)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "False"
