@@ -207,3 +207,61 @@ def test_bad_inputs(model):
         model.generate("hi", stop=[""])
     with pytest.raises(TypeError, match="MagicPIGConfig"):
         model.generate("hi", config="magicpig")
+
+
+def test_finished_row_stats_stop_when_it_finishes(model):
+    """A row that finishes on its first token (here by a stop string) and then rides along in
+    the batch reports the same stats as when run alone: nothing read or held after it ended."""
+    cfg = MagicPIGConfig(window_tokens=16, sink_tokens=4, kv_dtype="fp32")
+    first = model.generate(PROMPTS[1], max_new_tokens=1, config=cfg)
+    stop = first.text.strip()[:3]
+    assert stop, first.text
+    alone = model.generate(PROMPTS[1], max_new_tokens=12, config=cfg, stop=stop)
+    batch = model.generate([PROMPTS[1], PROMPTS[2]], max_new_tokens=12, config=cfg, stop=stop)
+    assert alone.finish_reason == batch[0].finish_reason == "stop" and len(alone.token_ids) == 1
+    assert len(batch[1].token_ids) > 1  # its mate kept decoding
+    a, b = alone.stats, batch[0].stats
+    assert a.computation_cost == b.computation_cost == 0.0  # finished before any decode step
+    assert (a.device_bytes, a.cpu_bytes, a.new_tokens) == (b.device_bytes, b.cpu_bytes, b.new_tokens)
+    assert b.decode_seconds <= batch[1].stats.decode_seconds
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda m: m.generate("hi", temperature=float("nan")), ValueError, "temperature=nan"),
+        (lambda m: m.generate("hi", temperature=float("inf")), ValueError, "temperature=inf"),
+        (lambda m: m.generate("hi", seed=2**64), ValueError, r"seed=18446744073709551616"),
+        (lambda m: m.generate("hi", seed=1.5), TypeError, r"seed=1.5"),
+        (lambda m: m.generate("hi", top_k=-1), ValueError, "top_k"),
+        (lambda m: m.generate("hi", max_new_tokens=2.0), TypeError, "max_new_tokens"),
+        (lambda m: m.generate("a\ud800b"), ValueError, "surrogate"),
+        (lambda m: m.generate(["ok", "a\udfffb"]), ValueError, "surrogate"),
+        (lambda m: m.forward_logits([1] * (m.args.max_context + 1)), ValueError, "positions"),
+        (lambda m: m.forward_logits([1, 2, m.args.vocab_size]), ValueError, "token ids outside"),
+        (lambda m: m.forward_logits("text"), TypeError, "token_ids"),
+        (lambda m: m.generate("hi", config=MagicPIGConfig(window_tokens=m.args.max_context)), ValueError,
+         "window_tokens"),
+        (lambda m: m.generate("hi", config=MagicPIGConfig(dense_layers=(m.args.num_layers,))), ValueError,
+         "dense_layers"),
+    ],
+)
+def test_bad_arguments_name_themselves(model, call, error, match):
+    with pytest.raises(error, match=match):
+        call(model)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(dtype=torch.int32), ValueError, "dtype=torch.int32"),
+        (dict(dtype="int8"), ValueError, "dtype='int8'"),
+        (dict(device="nosuch"), ValueError, "device='nosuch'"),
+        (dict(device="meta"), ValueError, "device='meta'"),
+        (dict(config=MagicPIGConfig(window_tokens=10**6)), ValueError, "window_tokens"),
+        (dict(config=MagicPIGConfig(dense_layers=(99,))), ValueError, "dense_layers"),
+    ],
+)
+def test_from_pretrained_refuses_what_cannot_run(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        LongContextModel.from_pretrained(**kwargs)

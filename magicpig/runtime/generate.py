@@ -8,7 +8,11 @@ from typing import Any, Generator, Sequence
 
 import torch
 
+from magicpig.config import MAX_SEED, check_float, check_int
 from magicpig.runtime.decode import DecodeSession
+
+# Beyond this the softmax is uniform to float32 precision anyway; a bound keeps inf and 1e308 out.
+MAX_TEMPERATURE = 1e4
 
 
 @dataclass
@@ -41,7 +45,7 @@ class GenerationResult:
 
 @dataclass
 class SamplingParams:
-    """temperature 0 = greedy; top_k 0 = off; top_p 1.0 = off."""
+    """temperature 0 = greedy; top_k 0 = off; top_p 1.0 = off; seed None = nondeterministic."""
 
     temperature: float = 0.0
     top_p: float = 1.0
@@ -49,14 +53,11 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature!r}: expected a float >= 0 (0 = greedy)")
-        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p!r}: expected a float in (0, 1]")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k!r}: expected an integer >= 0 (0 = off)")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed={self.seed!r}: expected None or an integer")
+        self.temperature = check_float("temperature", self.temperature, 0.0, MAX_TEMPERATURE)
+        self.top_p = check_float("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        self.top_k = check_int("top_k", self.top_k, 0)
+        if self.seed is not None:
+            self.seed = check_int("seed", self.seed, 0, MAX_SEED)
 
 
 def select_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
@@ -89,6 +90,53 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return hold
 
 
+@dataclass
+class _Row:
+    """Generation state of one sequence of the batch."""
+
+    prompt_tokens: int
+    prefill_seconds: float
+    out_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0
+    reason: str = "length"
+    done: bool = False
+    steps: int = 0
+    stats: GenerationStats | None = None  # frozen when the row finishes
+
+    def add_token(self, tok: int, tokenizer: Any, eos_ids: set[int], stop: Sequence[str]) -> None:
+        self.out_ids.append(tok)
+        if tok in eos_ids:
+            self.done, self.reason = True, "eos"
+        elif tokenizer is not None:
+            text = tokenizer.decode(self.out_ids, skip_special_tokens=True)
+            cut = min((text.find(s) for s in stop if s in text), default=-1)
+            if cut >= 0:
+                text, self.done, self.reason = text[:cut], True, "stop"
+            self.text = text
+
+    def new_text(self, final: bool, stop: Sequence[str]) -> str:
+        """The text that became final since the last call (held back: a possible stop string)."""
+        upto = len(self.text) if final else len(self.text) - _held_back(self.text, stop)
+        piece = self.text[self.emitted : upto] if upto > self.emitted else ""
+        self.emitted = max(self.emitted, upto)
+        return piece
+
+    def freeze_stats(self, session: DecodeSession, b: int, seconds: float) -> None:
+        """Record row b's stats now: a finished row stays in the batch until the loop ends, but
+        what it reads and holds afterwards is not its own."""
+        self.stats = GenerationStats(
+            prefill_seconds=self.prefill_seconds,
+            decode_tokens_per_second=self.steps / seconds if seconds > 0 and self.steps else 0.0,
+            computation_cost=float(session.computation_cost()[b]),
+            device_bytes=int(session.device_bytes()[b]),
+            cpu_bytes=int(session.cpu_bytes()[b]),
+            prompt_tokens=self.prompt_tokens,
+            new_tokens=len(self.out_ids),
+            decode_seconds=seconds,
+        )
+
+
 def decode_loop(
     session: DecodeSession,
     first_logits: torch.Tensor,
@@ -101,68 +149,30 @@ def decode_loop(
 ) -> Generator[tuple[int, str], None, list[GenerationResult]]:
     """Generate for every sequence of the session; yields (sequence index, text piece) as text
     becomes final and returns the results. The session is closed at the end."""
-    B = session.batch
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device=first_logits.device).manual_seed(params.seed)
-    out_ids: list[list[int]] = [[] for _ in range(B)]
-    texts = [""] * B
-    emitted = [0] * B
-    reason = ["length"] * B
-    done = [False] * B
-    steps = [0] * B
-    finish_time = [0.0] * B
-    prompt_lengths = list(session.lengths)
+    rows = [_Row(n, float(t)) for n, t in zip(session.lengths, prefill_seconds)]
     logits = first_logits
     t0 = time.perf_counter()
     try:
         for i in range(max_new_tokens):
-            tokens = select_tokens(logits, params, generator)
-            chosen = tokens.tolist()
-            for b in range(B):
-                if done[b]:
+            last = i == max_new_tokens - 1
+            chosen = select_tokens(logits, params, generator).tolist()
+            for b, row in enumerate(rows):
+                if row.done:
                     continue
-                tok = chosen[b]
-                out_ids[b].append(tok)
-                if tok in eos_ids:
-                    done[b], reason[b] = True, "eos"
-                elif tokenizer is not None:
-                    text = tokenizer.decode(out_ids[b], skip_special_tokens=True)
-                    cut = min((text.find(s) for s in stop if s in text), default=-1)
-                    if cut >= 0:
-                        text, done[b], reason[b] = text[:cut], True, "stop"
-                    texts[b] = text
-                final = done[b] or i == max_new_tokens - 1
-                upto = len(texts[b]) if final else len(texts[b]) - _held_back(texts[b], stop)
-                if upto > emitted[b]:
-                    yield b, texts[b][emitted[b] : upto]
-                    emitted[b] = upto
-                if done[b]:
-                    finish_time[b] = time.perf_counter() - t0
-            if all(done) or i == max_new_tokens - 1:
+                row.add_token(chosen[b], tokenizer, eos_ids, stop)
+                piece = row.new_text(row.done or last, stop)
+                if piece:
+                    yield b, piece
+                if row.done or last:
+                    row.freeze_stats(session, b, time.perf_counter() - t0)
+            if all(r.done for r in rows) or last:
                 break
-            logits = session.step(tokens)
-            for b in range(B):
-                if not done[b]:
-                    steps[b] += 1
-        elapsed = time.perf_counter() - t0
-        cost = session.computation_cost()
-        dev_bytes = session.device_bytes()
-        cpu_bytes = session.cpu_bytes()
+            logits = session.step(torch.tensor(chosen, dtype=torch.int64))
+            for row in rows:
+                row.steps += not row.done
     finally:
         session.close()
-    results = []
-    for b in range(B):
-        seconds = finish_time[b] if done[b] else elapsed
-        stats = GenerationStats(
-            prefill_seconds=float(prefill_seconds[b]),
-            decode_tokens_per_second=steps[b] / seconds if seconds > 0 and steps[b] else 0.0,
-            computation_cost=float(cost[b]),
-            device_bytes=int(dev_bytes[b]),
-            cpu_bytes=int(cpu_bytes[b]),
-            prompt_tokens=prompt_lengths[b],
-            new_tokens=len(out_ids[b]),
-            decode_seconds=seconds,
-        )
-        results.append(GenerationResult(texts[b], out_ids[b], stats, reason[b]))
-    return results
+    return [GenerationResult(r.text, r.out_ids, r.stats, r.reason) for r in rows]
