@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-from magicpig.config import MAX_K, MAX_L
+from magicpig.config import MAX_K, MAX_L, check_int
 
 try:  # the C++ extension hashes on the CPU; without it the torch path does
     from magicpig import _C
@@ -25,10 +25,19 @@ LOG_U_FLOOR = -69.0
 
 
 def _check_kl(head_dim: int, K: int, L: int) -> None:
-    for name, value, low, high in (("head_dim", head_dim, 1, None), ("K", K, 1, MAX_K), ("L", L, 1, MAX_L)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low or (high and value > high):
-            bound = f"[{low}, {high}]" if high else f">= {low}"
-            raise ValueError(f"{name}={value!r}: expected an integer in {bound}")
+    check_int("head_dim", head_dim, 1)
+    check_int("K", K, 1, MAX_K)
+    check_int("L", L, 1, MAX_L)
+
+
+def _check_vectors(name: str, x: object, head_dim: int) -> None:
+    """x must be a real floating-point torch tensor [..., head_dim] with at least one dim."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor [..., {head_dim}], got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: expected a real floating-point tensor, got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] != head_dim:
+        raise ValueError(f"{name}: expected shape [..., head_dim={head_dim}], got {list(x.shape)}")
 
 
 def head_seed(seed: int, layer: int, kv_head: int) -> int:
@@ -57,13 +66,12 @@ def hash_codes(x: torch.Tensor, projection: torch.Tensor, K: int) -> torch.Tenso
     (``magicpig._C.simhash_codes``), otherwise :func:`hash_codes_torch`; all three agree
     except where a projection is within rounding of 0.
     """
-    if projection.dim() not in (2, 3):
+    if not isinstance(projection, torch.Tensor) or projection.dim() not in (2, 3):
         raise ValueError(f"projection shape {tuple(projection.shape)}: expected [d, K*L] or [H, d, K*L]")
     _check_kl(projection.shape[-2], K, projection.shape[-1] // K if isinstance(K, int) and K > 0 else 1)
     if projection.shape[-1] % K != 0:
         raise ValueError(f"projection last dim {projection.shape[-1]} is not a multiple of K={K}")
-    if x.shape[-1] != projection.shape[-2]:
-        raise ValueError(f"x last dim {x.shape[-1]} != projection head_dim {projection.shape[-2]}")
+    _check_vectors("x", x, projection.shape[-2])
     proj = projection.to(device=x.device, dtype=torch.float32)
     if x.is_cuda and proj.dim() == 2:
         # On a GPU the fused Triton kernel avoids writing the [..., K*L] projections out.
@@ -121,11 +129,14 @@ class SimHash:
     """L tables of K random hyperplanes each over vectors of size ``head_dim``."""
 
     def __init__(self, head_dim: int, K: int, L: int, seed: int = 0):
-        self.head_dim, self.K, self.L, self.seed = head_dim, K, L, seed
-        self.projection = gaussian_projection(head_dim, K, L, seed)
+        _check_kl(head_dim, K, L)
+        self.head_dim, self.K, self.L = int(head_dim), int(K), int(L)
+        self.seed = check_int("seed", seed, 0, 2**64 - 1)  # head_seed gives 64-bit seeds
+        self.projection = gaussian_projection(self.head_dim, self.K, self.L, self.seed)
 
     def hash(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [..., head_dim] -> int32 codes [..., L] in [0, 2^K)."""
+        """x: real float [..., head_dim] -> int32 codes [..., L] in [0, 2^K)."""
+        _check_vectors("x", x, self.head_dim)
         return hash_codes(x, self.projection, self.K)
 
 
@@ -155,8 +166,7 @@ def log_collision_probability(cos_sim: torch.Tensor, K: int, L: int, min_collisi
     probabilities (p -> 0, where 1 - lower would cancel) keep their relative precision.
     """
     _check_kl(1, K, L)
-    if isinstance(min_collisions, bool) or not isinstance(min_collisions, int) or not 1 <= min_collisions <= L:
-        raise ValueError(f"min_collisions={min_collisions!r}: expected an integer in [1, L={L}]")
+    check_int("min_collisions", min_collisions, 1, L)
     cos = torch.as_tensor(cos_sim, dtype=torch.float64).clamp(-1.0, 1.0)
     logp = K * torch.log1p(-torch.arccos(cos) / math.pi)
     logq = torch.log(-torch.expm1(logp))

@@ -153,8 +153,31 @@ def test_bad_simhash_arguments_raise():
         SimHash(0, 4, 4)
     with pytest.raises(ValueError, match="K=25"):
         SimHash(8, 25, 4)
-    with pytest.raises(ValueError, match="last dim 7"):
+    with pytest.raises(ValueError, match=r"head_dim=8\], got \[3, 7\]"):
         SimHash(8, 4, 4).hash(torch.randn(3, 7))
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda: SimHash(8, 4, 4, seed=1.5), TypeError, "seed=1.5"),
+        (lambda: SimHash(8, 4, 4, seed=-1), ValueError, "seed=-1"),
+        (lambda: SimHash(8.0, 4, 4), TypeError, "head_dim"),
+        (lambda: SimHash(8, 4, 4).hash(torch.randn(3, 8, dtype=torch.complex64)), TypeError, "real floating"),
+        (lambda: SimHash(8, 4, 4).hash(torch.tensor(1.0)), ValueError, r"got \[\]"),
+        (lambda: SimHash(8, 4, 4).hash(torch.ones(3, 8).numpy()), TypeError, "torch.Tensor"),
+        (lambda: SimHash(8, 4, 4).hash(torch.ones(3, 8, dtype=torch.int64)), TypeError, "torch.int64"),
+    ],
+)
+def test_simhash_rejects_bad_inputs_by_name(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_simhash_accepts_numpy_integers():
+    np = pytest.importorskip("numpy")
+    h = SimHash(np.int64(8), np.int32(4), np.int16(4), seed=np.uint64(3))
+    assert torch.equal(h.projection, SimHash(8, 4, 4, seed=3).projection)
 
 
 def test_hash_of_no_vectors_is_empty():

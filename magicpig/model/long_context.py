@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterator, Sequence, Union
 
 import torch
 
-from magicpig.config import MagicPIGConfig
+from magicpig.config import MagicPIGConfig, check_int
 from magicpig.model.llama import LlamaModel, ModelArgs, rope_inverse_frequencies
 from magicpig.model.loading import load_config, load_state_dict, load_tokenizer, resolve_model_dir
 from magicpig.runtime.decode import DecodeSession
@@ -22,10 +22,35 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r}: expected an integer >= 1")
-    return value
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return default_device()
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device={device!r}: expected 'cpu', 'cuda', 'cuda:N' or a torch.device ({err})") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={device!r}: expected a CPU or CUDA device")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}: CUDA is not available on this machine (use device='cpu')")
+    return resolved
+
+
+# Model dtypes the runner computes in; an integer or complex dtype fails deep inside a matmul.
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)} or a torch.dtype")
+        return DTYPES[dtype]
+    if dtype not in DTYPES.values():
+        raise ValueError(f"dtype={dtype!r}: expected torch.float32, torch.bfloat16 or torch.float16")
+    return dtype
 
 
 class LongContextModel:
@@ -60,21 +85,15 @@ class LongContextModel:
             config = MagicPIGConfig()
         if not isinstance(config, MagicPIGConfig):
             raise TypeError(f"config={config!r}: expected a MagicPIGConfig or None")
-        device = default_device() if device is None else torch.device(device)
-        if isinstance(dtype, str):
-            names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                     "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-            if dtype not in names:
-                raise ValueError(f"dtype={dtype!r}: expected one of {sorted(names)} or a torch.dtype")
-            dtype = names[dtype]
-        if dtype is None:
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        device = _resolve_device(device)
+        dtype = _resolve_dtype(dtype, device)
         model_dir = resolve_model_dir(name_or_path)
         hf_config = load_config(model_dir)
         args = ModelArgs.from_hf_config(hf_config)  # unsupported architectures fail before weights load
         tokenizer = load_tokenizer(model_dir)
         state = load_state_dict(model_dir)
         inv_freq, scaling = rope_inverse_frequencies(hf_config, args.head_dim)
+        config.check_model(args.num_layers, args.max_context)
         model = LlamaModel(args, state, inv_freq, scaling, device, dtype)
         del state
         return cls(model, tokenizer, hf_config, config, source=str(model_dir))
@@ -132,6 +151,13 @@ class LongContextModel:
             raise ValueError(f"model {self.source!r} has no tokenizer: pass prompts as token ids")
         if not text:
             return []
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ValueError(
+                f"prompt text is not valid Unicode: {err.reason} at index {err.start} ({text[err.start:err.end]!r}); "
+                "expected a str without lone surrogates"
+            ) from None
         if chat and getattr(self.tokenizer, "chat_template", None):
             rendered = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
@@ -171,6 +197,7 @@ class LongContextModel:
         config = self.config if config is None else config
         if not isinstance(config, MagicPIGConfig):
             raise TypeError(f"config={config!r}: expected a MagicPIGConfig or None")
+        config.check_model(self.args.num_layers, self.args.max_context)
         return DecodeSession(self.model, state, config, max_new_tokens, method_factory)
 
     def generate_from(
@@ -188,7 +215,7 @@ class LongContextModel:
         """Decode every sequence of a prefill state with ``config``. Returns a list of results,
         or with ``stream=True`` a generator of (sequence index, text piece) whose return
         value (``StopIteration.value``) is that list."""
-        _check_positive_int("max_new_tokens", max_new_tokens)
+        check_int("max_new_tokens", max_new_tokens, 1)
         params = SamplingParams(temperature, top_p, top_k, seed)
         stops = _stop_list(stop)
         self._check_lengths(state.token_ids, max_new_tokens)
@@ -219,7 +246,7 @@ class LongContextModel:
         A single prompt returns one :class:`GenerationResult`, a list returns a list. With
         ``stream=True`` returns a generator of text pieces (single prompt) or of
         (prompt index, piece) pairs (a list); its return value holds the results."""
-        _check_positive_int("max_new_tokens", max_new_tokens)
+        check_int("max_new_tokens", max_new_tokens, 1)
         params = SamplingParams(temperature, top_p, top_k, seed)
         stops = _stop_list(stop)
         ids, single = self.encode(prompts, chat)
@@ -238,7 +265,12 @@ class LongContextModel:
     @torch.inference_mode()
     def forward_logits(self, token_ids: Sequence[int], chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
         """Dense float32 logits [n, vocab] of every position of one sequence (for checks)."""
-        _, _, logits = prefill_sequence(self.model, list(token_ids), chunk_size, False, all_logits=True)
+        if not _is_token_ids(token_ids):
+            raise TypeError(f"token_ids: expected a non-empty list of int token ids, got {type(token_ids).__name__}")
+        check_int("chunk_size", chunk_size, 1)
+        ids, _ = self.encode(token_ids)  # checks the id range
+        self._check_lengths(ids, 0)
+        _, _, logits = prefill_sequence(self.model, ids[0], chunk_size, False, all_logits=True)
         return logits
 
 
