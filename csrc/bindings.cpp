@@ -1,6 +1,8 @@
 // pybind11 module magicpig._C: cpu_info(), the SIMD level switch, SimHash codes and the Store.
-// Arrays arrive already validated by magicpig/store (shape, dtype, contiguity, ranges); the
-// heavy calls release the GIL.
+// magicpig/store and magicpig/lsh validate arrays before calling in, but these entry points may
+// be called directly, so each also checks its scalars (checks.h, Store, simhash_codes) and that
+// every buffer holds exactly the items its sizes imply, C-contiguous (checked_ptr): bad arguments
+// raise ValueError / IndexError instead of crashing the process. The heavy calls release the GIL.
 #include <omp.h>
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -9,30 +11,52 @@
 #include <cstdint>
 #include <stdexcept>
 
+#include "checks.h"
 #include "dispatch.h"
 #include "simhash.h"
 #include "store.h"
 
 namespace py = pybind11;
+using magicpig::checked_product;
 using magicpig::KvDtype;
 using magicpig::Store;
 
 namespace {
 
-template <typename T>
-T* mutable_ptr(py::buffer& b, const char* name) {
-  py::buffer_info info = b.request(true);
-  if (info.itemsize != static_cast<py::ssize_t>(sizeof(T)))
-    throw std::invalid_argument(std::string(name) + ": wrong item size");
-  return static_cast<T*>(info.ptr);
+// True when the buffer's elements are laid out densely in C order (dimensions of size 1 may
+// carry any stride, as numpy gives them).
+bool c_contiguous(const py::buffer_info& info) {
+  py::ssize_t expected = info.itemsize;
+  for (py::ssize_t i = info.ndim - 1; i >= 0; --i) {
+    if (info.shape[i] != 1 && info.strides[i] != expected) return false;
+    expected *= info.shape[i];
+  }
+  return true;
+}
+
+// The data pointer of a buffer holding exactly `count` C-contiguous items of `itemsize` bytes
+// (`what` says what the count is made of, for the message). Every entry point takes its sizes
+// as separate arguments, so a buffer smaller than they imply would be read or written past its
+// end; this turns that into a ValueError naming the argument.
+void* checked_ptr(const py::buffer& b, const char* name, int64_t count, py::ssize_t itemsize, const std::string& what,
+                  bool writable) {
+  py::buffer_info info = b.request(writable);
+  if (info.itemsize != itemsize || info.size != count)
+    throw std::invalid_argument(std::string(name) + ": expected " + std::to_string(count) + " items of " +
+                                std::to_string(itemsize) + " bytes (" + what + "), got " + std::to_string(info.size) +
+                                " of " + std::to_string(info.itemsize));
+  if (!c_contiguous(info)) throw std::invalid_argument(std::string(name) + ": expected a C-contiguous buffer");
+  return info.ptr;
 }
 
 template <typename T>
-const T* const_ptr(const py::buffer& b, const char* name) {
-  py::buffer_info info = b.request();
-  if (info.itemsize != static_cast<py::ssize_t>(sizeof(T)))
-    throw std::invalid_argument(std::string(name) + ": wrong item size");
-  return static_cast<const T*>(info.ptr);
+const T* const_ptr(const py::buffer& b, const char* name, int64_t count, const std::string& what) {
+  return static_cast<const T*>(checked_ptr(b, name, count, sizeof(T), what, false));
+}
+
+template <typename T>
+T* mutable_ptr(const py::buffer& b, const char* name, int64_t count, const std::string& what) {
+  return static_cast<T*>(checked_ptr(b, name, count, sizeof(T), what, true));
 }
 
 py::dict cpu_info() {
@@ -60,16 +84,18 @@ PYBIND11_MODULE(_C, m) {
       "simhash_codes",
       [](const py::buffer& x, int H, int64_t n, int d, const py::buffer& projection, int K, int L, py::buffer& codes,
          int num_threads) {
-        const float* xp = const_ptr<float>(x, "x");
-        const float* pp = const_ptr<float>(projection, "projection");
-        int32_t* cp = mutable_ptr<int32_t>(codes, "codes");
+        magicpig::check_simhash_args(H, n, d, K, L, num_threads);
+        const float* xp = const_ptr<float>(x, "x", checked_product("x", {H, n, d}), "H * n * d float32");
+        const float* pp = const_ptr<float>(projection, "projection", checked_product("projection", {H, d, K, L}),
+                                           "H * d * K * L float32");
+        int32_t* cp = mutable_ptr<int32_t>(codes, "codes", checked_product("codes", {H, n, L}), "H * n * L int32");
         py::gil_scoped_release release;
         magicpig::simhash_codes(xp, H, n, d, pp, K, L, cp, num_threads);
       },
       py::arg("x"), py::arg("H"), py::arg("n"), py::arg("d"), py::arg("projection"), py::arg("K"), py::arg("L"),
       py::arg("codes"), py::arg("num_threads"),
       "SimHash codes into codes [H, n, L] int32 of x [H, n, d] float32 against projection [H, d, K*L] float32 "
-      "(all C-contiguous; validated by magicpig.lsh.hash_codes).");
+      "(all C-contiguous; sizes and ranges checked: ValueError).");
 
   py::class_<Store>(m, "Store")
       .def(py::init([](int num_kv_heads, int head_dim, int K, int L, int m_, int dtype, int num_threads,
@@ -81,7 +107,9 @@ PYBIND11_MODULE(_C, m) {
            py::arg("dtype"), py::arg("num_threads"), py::arg("table"), py::arg("t_lo"), py::arg("h"),
            py::arg("log_u_floor"))
       .def("add_sequence", &Store::add_sequence)
-      .def("remove_sequence", &Store::remove_sequence, py::arg("seq_id"))
+      // Without the GIL: it waits for running attends (the store's lock) and frees their memory.
+      .def("remove_sequence", &Store::remove_sequence, py::arg("seq_id"),
+           py::call_guard<py::gil_scoped_release>())
       .def("has_sequence", &Store::has_sequence, py::arg("seq_id"))
       .def("length", &Store::length, py::arg("seq_id"))
       .def("nbytes", py::overload_cast<>(&Store::nbytes, py::const_))
@@ -95,9 +123,14 @@ PYBIND11_MODULE(_C, m) {
           "append",
           [](Store& s, int64_t seq_id, const py::buffer& keys, const py::buffer& values, const py::buffer& codes,
              int64_t t) {
-            const void* k = keys.request().ptr;
-            const void* v = values.request().ptr;
-            const int32_t* c = const_ptr<int32_t>(codes, "key_codes");
+            s.check_append(t);
+            const int64_t kv_items = checked_product("keys", {s.num_kv_heads, t, s.head_dim});
+            const int kv_bytes = magicpig::kv_itemsize(s.dtype);
+            const std::string kv_what = "num_kv_heads * t * head_dim of the store dtype";
+            const void* k = checked_ptr(keys, "keys", kv_items, kv_bytes, kv_what, false);
+            const void* v = checked_ptr(values, "values", kv_items, kv_bytes, kv_what, false);
+            const int64_t code_items = checked_product("key_codes", {s.num_kv_heads, t, s.L});
+            const int32_t* c = const_ptr<int32_t>(codes, "key_codes", code_items, "num_kv_heads * t * L int32");
             py::gil_scoped_release release;
             s.append(seq_id, k, v, c, t);
           },
@@ -106,12 +139,17 @@ PYBIND11_MODULE(_C, m) {
           "attend",
           [](const Store& s, const py::buffer& seq_ids, int B, int Hq, const py::buffer& queries,
              const py::buffer& query_codes, py::buffer& out, py::buffer& lse, py::buffer& ncand) {
-            const int64_t* ids = const_ptr<int64_t>(seq_ids, "seq_ids");
-            const float* q = const_ptr<float>(queries, "queries");
-            const int32_t* qc = const_ptr<int32_t>(query_codes, "query_codes");
-            float* o = mutable_ptr<float>(out, "out");
-            float* l = mutable_ptr<float>(lse, "lse");
-            int32_t* n = mutable_ptr<int32_t>(ncand, "num_candidates");
+            s.check_attend(B, Hq);
+            const int64_t rows = static_cast<int64_t>(B) * Hq;
+            const int64_t* ids = const_ptr<int64_t>(seq_ids, "seq_ids", B, "B int64");
+            const float* q = const_ptr<float>(queries, "queries", checked_product("queries", {rows, s.head_dim}),
+                                              "B * Hq * head_dim float32");
+            const int32_t* qc = const_ptr<int32_t>(query_codes, "query_codes",
+                                                   checked_product("query_codes", {rows, s.L}), "B * Hq * L int32");
+            float* o = mutable_ptr<float>(out, "out", checked_product("out", {rows, s.head_dim}),
+                                          "B * Hq * head_dim float32");
+            float* l = mutable_ptr<float>(lse, "lse", rows, "B * Hq float32");
+            int32_t* n = mutable_ptr<int32_t>(ncand, "num_candidates", rows, "B * Hq int32");
             py::gil_scoped_release release;
             s.attend(ids, B, Hq, q, qc, o, l, n);
           },

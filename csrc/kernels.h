@@ -30,6 +30,8 @@ struct BlockView {
 // The query heads of one GQA group (at most kMaxGroup; larger groups are split by the caller).
 constexpr int kMaxGroup = 8;
 constexpr int kMaxHeadDim = 4096;
+constexpr int kMaxK = 20;    // bits per code (as magicpig.config.MAX_K)
+constexpr int kMaxL = 1024;  // tables (as MAX_L): collision counters have 11 bits
 struct QueryGroup {
   int G = 0;
   const float* q = nullptr;        // [G][d]

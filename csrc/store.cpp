@@ -13,6 +13,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "checks.h"
 #include "dispatch.h"
 
 namespace magicpig {
@@ -89,9 +90,23 @@ Store::Store(int num_kv_heads_, int head_dim_, int K_, int L_, int min_collision
       t_lo_(t_lo),
       inv_h_(1.0f / h),
       log_u_floor_(log_u_floor) {
-  if (num_kv_heads < 1 || head_dim < 1 || head_dim > kMaxHeadDim || K < 1 || K > kMaxLowBits + 8 || L < 1 ||
-      min_collisions < 1 || min_collisions > L || table_.size() < 4 || table_.size() % 2)
-    throw std::invalid_argument("Store: invalid arguments (validated in Python; this is a bug)");
+  // Checked here as well as in magicpig/store/cpu_store.py: the extension may be called directly.
+  const char* where = "Store";
+  check_range(where, "num_kv_heads", num_kv_heads, 1, std::numeric_limits<int64_t>::max());
+  check_range(where, "head_dim", head_dim, 1, kMaxHeadDim);
+  check_range(where, "K", K, 1, kMaxK);
+  check_range(where, "L", L, 1, kMaxL);  // collision counters keep 11 bits (kernels_impl.h)
+  check_range(where, "min_collisions", min_collisions, 1, L);
+  check_range(where, "dtype", static_cast<int>(dtype), 0, 2);
+  check_threads(where, num_threads);
+  // The weight lookup interpolates the table at (t - t_lo) / h: with fewer than two points
+  // it reads past the end, with a NaN, infinite or non-positive step the weights mean nothing.
+  if (table_.size() < 4 || table_.size() % 2)
+    throw std::invalid_argument("Store: table: expected an even number >= 4 of values, got " +
+                                std::to_string(table_.size()));
+  if (!(std::isfinite(t_lo) && t_lo < 0) || !(std::isfinite(h) && h > 0) || !std::isfinite(log_u_floor))
+    throw std::invalid_argument("Store: expected finite t_lo < 0, h > 0 and log_u_floor, got " + std::to_string(t_lo) +
+                                ", " + std::to_string(h) + ", " + std::to_string(log_u_floor));
 }
 
 int Store::threads() const { return resolve_threads(num_threads); }
@@ -105,6 +120,8 @@ int64_t Store::add_sequence() {
 }
 
 void Store::remove_sequence(int64_t seq_id) {
+  // Exclusive: an attend holds the shared lock for its whole run, so blocks it reads are never
+  // freed under it; a remove that comes first makes the later attend raise "unknown seq_id".
   std::unique_lock lock(mutex_);
   if (seqs_.erase(seq_id) == 0) throw std::out_of_range("unknown seq_id " + std::to_string(seq_id));
 }
@@ -150,6 +167,10 @@ int64_t Store::nbytes() const {
 }
 
 void Store::append(int64_t seq_id, const void* keys, const void* values, const int32_t* codes, int64_t t) {
+  check_append(t);
+  // Out-of-range codes would not overrun memory (buckets are masked) but would be indexed
+  // under the wrong buckets; checked before the lock so a scan of a long prefill blocks nobody.
+  check_codes("key_codes", codes, checked_product("key_codes", {num_kv_heads, t, L}), K);
   std::unique_lock lock(mutex_);
   Sequence& seq = get(seq_id);
   const int64_t row_bytes = static_cast<int64_t>(head_dim) * kv_itemsize(dtype);
@@ -204,6 +225,19 @@ void Store::append(int64_t seq_id, const void* keys, const void* values, const i
     index_s += omp_get_wtime() - t1;
   }
   append_seconds_ = {copy_s, index_s, index_cpu_};
+}
+
+void Store::check_append(int64_t t) const {
+  check_range("Store.append", "t", t, 0, std::numeric_limits<int64_t>::max());
+}
+
+// Query heads in groups of G = Hq / num_kv_heads; groups above kMaxGroup are split into
+// sub-groups (see attend), so there is no upper limit but the buffers' sizes.
+void Store::check_attend(int B, int Hq) const {
+  check_range("Store.attend", "B", B, 0, std::numeric_limits<int64_t>::max());
+  if (Hq < 1 || Hq % num_kv_heads)
+    throw std::invalid_argument("Store.attend: Hq=" + std::to_string(Hq) +
+                                ": expected a positive multiple of num_kv_heads=" + std::to_string(num_kv_heads));
 }
 
 std::vector<int64_t> Store::last_attend_stats() const {
@@ -363,6 +397,9 @@ AttendParams Store::params() const {
 
 void Store::attend(const int64_t* seq_ids, int B, int Hq, const float* queries, const int32_t* query_codes,
                    float* out, float* lse, int32_t* ncand) const {
+  check_attend(B, Hq);
+  check_codes("query_codes", query_codes, checked_product("query_codes", {B, Hq, L}), K);
+  // Held to the end: remove_sequence (exclusive) waits until no attend reads its blocks.
   std::shared_lock lock(mutex_);
   const int H = num_kv_heads, d = head_dim;
   const int G = Hq / H;

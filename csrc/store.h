@@ -26,6 +26,7 @@ constexpr int kBlockTokens = 65535;
 constexpr int kScratchTokens = 65536;
 constexpr int kMaxLowBits = 12;   // at most 4096 buckets per table per block
 constexpr int kTailMerge = 256;   // tail tokens that trigger a CSR merge
+static_assert(kMaxK <= kMaxLowBits + 8, "the code bits above low_bits are kept in one byte");
 
 void* alloc_bytes(size_t bytes, bool huge);  // huge: 2 MiB aligned + transparent huge pages
 void free_bytes(void* p);
@@ -105,11 +106,17 @@ class Store {
   bool has_sequence(int64_t seq_id) const;
   int64_t length(int64_t seq_id) const;
   // keys, values: [Hkv, t, d] in the store's dtype; codes: int32 [Hkv, t, L] in [0, 2^K).
+  // The caller guarantees the buffer sizes (bindings.cpp checks them); t, the codes and seq_id
+  // are checked here (invalid_argument / out_of_range).
   void append(int64_t seq_id, const void* keys, const void* values, const int32_t* codes, int64_t t);
   // queries fp32 [B, Hq, d]; query_codes int32 [B, Hq, L]; out fp32 [B, Hq, d];
-  // lse fp32 [B, Hq]; ncand int32 [B, Hq].
+  // lse fp32 [B, Hq]; ncand int32 [B, Hq]. Sizes as for append; B, Hq, codes and ids checked.
   void attend(const int64_t* seq_ids, int B, int Hq, const float* queries, const int32_t* query_codes, float* out,
               float* lse, int32_t* ncand) const;
+  // invalid_argument unless t >= 0 / B >= 0 and Hq is a positive multiple of num_kv_heads
+  // (for the bindings, which size the buffers from them before calling append / attend).
+  void check_append(int64_t t) const;
+  void check_attend(int B, int Hq) const;
   // Work of the last attend (index entries walked, rows read, tail tokens scanned, tasks) and
   // seconds of the last append (copy + norms wall, bucket-list build wall, bucket-list build CPU
   // summed over threads); for the benchmark.
@@ -121,7 +128,7 @@ class Store {
 
   int num_kv_heads, head_dim, K, L, min_collisions;
   KvDtype dtype;
-  int num_threads;  // <= 0: OpenMP default (all cores)
+  int num_threads;  // 0: OpenMP default (all cores); at most max_threads() (checks.h)
 
  private:
   const Sequence& get(int64_t seq_id) const;

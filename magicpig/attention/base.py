@@ -66,7 +66,8 @@ class MiddleAttention(ABC):
 
     @abstractmethod
     def remove_sequence(self, seq_id: int) -> None:
-        """Forget a sequence and free its memory."""
+        """Forget a sequence and free its memory; attends already started on it finish first
+        (their ``wait()`` still gives a result)."""
 
     @abstractmethod
     def append(self, seq_id: int, keys: torch.Tensor, values: torch.Tensor) -> None:

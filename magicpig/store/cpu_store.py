@@ -5,18 +5,20 @@ that collide with the query in at least ``min_collisions`` of the L tables. The 
 the C++/OpenMP extension ``magicpig._C`` (csrc/store.cpp, csrc/kernels_impl.h) or, when it is
 missing or asked for, by the numba implementation of the same algorithm (magicpig.store._numba).
 Every input is validated here, before any native call, so errors name the argument and what was
-expected. Arrays may be numpy arrays or CPU torch tensors; results are torch tensors.
+expected (the extension checks sizes and ranges again, for direct callers, but cannot say as
+much). Arrays may be numpy arrays or CPU torch tensors; results are torch tensors.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from magicpig.config import KV_DTYPES, MAX_K, MAX_L
+from magicpig.config import KV_DTYPES, MAX_K, MAX_L, check_int, max_cpu_threads
 from magicpig.store.weights import log_u_table
 
 try:  # the extension is optional: the numba backend runs the same algorithm
@@ -38,15 +40,6 @@ def extension_available() -> bool:
     return _C is not None
 
 
-def _check_int(name: str, value: object, low: int, high: Optional[int] = None) -> int:
-    allowed = f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}"
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name}={value!r}: expected {allowed}")
-    if value < low or (high is not None and value > high):
-        raise ValueError(f"{name}={value!r}: expected {allowed}")
-    return int(value)
-
-
 def _as_tensor(name: str, x: object) -> torch.Tensor:
     """A CPU torch view of a numpy array or CPU tensor (no copy)."""
     if isinstance(x, torch.Tensor):
@@ -58,6 +51,15 @@ def _as_tensor(name: str, x: object) -> torch.Tensor:
             return torch.from_numpy(np.ascontiguousarray(x))
         raise TypeError(f"{name}: unsupported numpy dtype {x.dtype}")
     raise TypeError(f"{name}: expected a numpy array or a torch tensor, got {type(x).__name__}")
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN or inf in the float tensor t. min and max propagate NaN, and aminmax reads t once
+    without a temporary (isfinite(t).all() writes a bool per element: ~20x slower)."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
 
 
 def _check_shape(name: str, t: torch.Tensor, expected: tuple[Optional[int], ...], meaning: str) -> None:
@@ -121,16 +123,17 @@ class CPUStore:
         num_threads: Optional[int] = None,
         backend: str = "auto",
     ) -> None:
-        self.num_kv_heads = _check_int("num_kv_heads", num_kv_heads, 1)
-        self.head_dim = _check_int("head_dim", head_dim, 1, MAX_HEAD_DIM)
-        self.K = _check_int("K", K, 1, MAX_K)
-        self.L = _check_int("L", L, 1, MAX_L)
-        self.min_collisions = _check_int("min_collisions", min_collisions, 1, self.L)
+        self.num_kv_heads = check_int("num_kv_heads", num_kv_heads, 1)
+        self.head_dim = check_int("head_dim", head_dim, 1, MAX_HEAD_DIM)
+        self.K = check_int("K", K, 1, MAX_K)
+        self.L = check_int("L", L, 1, MAX_L)
+        self.min_collisions = check_int("min_collisions", min_collisions, 1, self.L)
         if kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype={kv_dtype!r}: expected one of {KV_DTYPES}")
         self.kv_dtype = kv_dtype
         if num_threads is not None:
-            _check_int("num_threads", num_threads, 1)
+            # Bounded: OpenMP asked for tens of thousands of threads aborts the process.
+            num_threads = check_int("num_threads", num_threads, 1, max_cpu_threads())
         self.num_threads = num_threads
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
@@ -159,6 +162,10 @@ class CPUStore:
             self._impl = NumbaStore(*args)
         self._live: set[int] = set()
         self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        # attend_async calls not yet finished -> the sequence ids they read (remove_sequence
+        # waits for them); the lock guards the dict against the worker's done-callbacks.
+        self._pending: dict[concurrent.futures.Future, frozenset[int]] = {}
+        self._pending_lock = threading.Lock()
 
     # -- sequences ---------------------------------------------------------------------------
     def add_sequence(self) -> int:
@@ -168,10 +175,19 @@ class CPUStore:
         return seq_id
 
     def remove_sequence(self, seq_id: int) -> None:
-        """Forget a sequence; its memory is returned."""
+        """Forget a sequence; its memory is returned. Pending :meth:`attend_async` calls that
+        read it finish first (their ``wait()`` gives their results); later ones are refused."""
         self._check_seq("seq_id", seq_id)
-        self._impl.remove_sequence(int(seq_id))
-        self._live.discard(int(seq_id))
+        sid = int(seq_id)
+        self._live.discard(sid)  # from here on, attends naming it raise "unknown sequence id"
+        with self._pending_lock:
+            readers = [f for f, ids in self._pending.items() if sid in ids]
+        try:
+            # Without this the worker could find the id gone and wait() would raise a bare
+            # IndexError/KeyError about a sequence the caller had asked to read.
+            concurrent.futures.wait(readers)
+        finally:  # interrupted or not, the id is gone from _live: free it (C++ attends hold a lock)
+            self._impl.remove_sequence(sid)
 
     def length(self, seq_id: int) -> int:
         """Tokens held for ``seq_id``."""
@@ -206,15 +222,24 @@ class CPUStore:
         codes = _code_input("key_codes", key_codes, (H, t, L), "[num_kv_heads, t, L]", self.K)
         if t == 0:
             return
-        self._impl.append(int(seq_id), self._kv_buffer(k), self._kv_buffer(v), codes, t)
+        kb, vb = self._kv_buffer("keys", k), self._kv_buffer("values", v)
+        self._impl.append(int(seq_id), kb, vb, codes, t)
 
-    def _kv_buffer(self, x: torch.Tensor) -> np.ndarray:
+    def _kv_buffer(self, name: str, x: torch.Tensor) -> np.ndarray:
         """Contiguous numpy view of x in the store dtype (bf16 as its uint16 bits); no copy when
-        x already is contiguous and of that dtype."""
-        x = x.to(_TORCH_DTYPE[self.kv_dtype]).contiguous()
+        x already is contiguous and of that dtype. Raises ValueError unless every stored value is
+        finite: checked after the conversion, since that is what attends read, and a value
+        finite in fp32 can overflow fp16. (Unchecked, a NaN key makes the C++ backend drop its
+        row and the numba backend return NaN for the whole head.)"""
+        stored = x.to(_TORCH_DTYPE[self.kv_dtype]).contiguous()
+        if not _all_finite(stored):
+            if _all_finite(x):
+                limit = torch.finfo(stored.dtype).max
+                raise ValueError(f"{name}: non-finite after conversion to {self.kv_dtype} (|x| > {limit:g}?)")
+            raise ValueError(f"{name}: expected finite values, got nan or inf")
         if self.kv_dtype == "bf16":
-            return x.view(torch.int16).numpy().view(np.uint16)
-        return x.numpy()
+            return stored.view(torch.int16).numpy().view(np.uint16)
+        return stored.numpy()
 
     # -- attend ------------------------------------------------------------------------------
     def _prepare(self, seq_ids: object, queries: ArrayLike, query_codes: ArrayLike):
@@ -235,7 +260,7 @@ class CPUStore:
             raise ValueError(f"queries: Hq={Hq} query heads must be a positive multiple of num_kv_heads={H}")
         qc = _code_input("query_codes", query_codes, (B, Hq, L), "[B, Hq, L]", self.K)
         q32 = q.to(torch.float32).contiguous()
-        if not bool(torch.isfinite(q32).all()):
+        if not _all_finite(q32):
             raise ValueError("queries: expected finite values, got nan or inf")
         out = torch.empty(B, Hq, d, dtype=torch.float32)
         lse = torch.empty(B, Hq, dtype=torch.float32)
@@ -268,7 +293,15 @@ class CPUStore:
             self._impl.attend(ids, B, Hq, q, qc, out.numpy(), lse.numpy(), ncand.numpy())
             return out, lse, ncand
 
-        return AttendHandle(self._executor.submit(run))
+        future = self._executor.submit(run)
+        with self._pending_lock:
+            self._pending[future] = frozenset(int(i) for i in ids)
+        future.add_done_callback(self._forget_pending)  # runs at once if already done
+        return AttendHandle(future)
+
+    def _forget_pending(self, future: "concurrent.futures.Future[AttendResult]") -> None:
+        with self._pending_lock:
+            self._pending.pop(future, None)
 
     def close(self) -> None:
         """Stop the worker thread of attend_async (the store stays usable)."""
