@@ -1,4 +1,11 @@
-"""The ``magicpig`` command: the demo, the evaluation runner, benchmarks and machine info."""
+"""The ``magicpig`` command: the demo, the evaluation runner, benchmarks and machine info.
+
+User mistakes (a bad argument, an unknown model, an unusable cache or output folder) end in one
+line on stderr, ``magicpig <command>: <message>``, and exit status 2. The commands check their
+arguments and resolve the model's config before loading any weights, so these lines come in
+about a second. Only that phase turns exceptions (:func:`user_error_types`) into such lines,
+so an internal bug later on still shows its traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +13,108 @@ import argparse
 import runpy
 import sys
 from pathlib import Path
+from typing import Any, NoReturn, Optional
 
 _REPO = Path(__file__).resolve().parent.parent
 _BENCHMARKS = {"cpu-attention": "bench_cpu_attention.py", "generate": "bench_generate.py", "hashing": "bench_hashing.py"}
+# What LongContextModel.from_pretrained accepts as a dtype name.
+DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+
+
+class UsageError(Exception):
+    """A user mistake found by a command's checks; shown as one line, exit status 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but an error is one line on stderr (``prog: message``) instead of the usage
+    block, so that every mistake reads the same."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean a user mistake while arguments are checked and the model is
+    resolved and loaded: ValueError/TypeError from the package's checks, the loader's and the
+    cache's errors."""
+    from magicpig.cache import FetchError
+    from magicpig.model.loading import ModelLoadError
+
+    return (UsageError, ValueError, TypeError, ModelLoadError, FetchError)
+
+
+def report(prog: str, err: BaseException) -> int:
+    """Print ``err`` as one line for ``prog`` and return the exit status 2."""
+    text = " ".join(str(err).split()) or type(err).__name__  # multi-line messages on one line
+    print(f"{prog}: {text}", file=sys.stderr)
+    return 2
+
+
+def check_out_dir(option: str, path: str) -> Path:
+    """``path`` as an output folder that exists or can be made and written (checked now, not
+    after hours of work); UsageError naming ``option`` otherwise."""
+    from magicpig.cache import writable_dir_problem
+
+    problem = writable_dir_problem(Path(path))
+    if problem:
+        raise UsageError(f"{option} {path}: {problem}")
+    return Path(path)
+
+
+def check_device(option: str, text: Optional[str]) -> Any:
+    """The torch device named ``text`` (None stays None: the loader's default); UsageError when
+    torch does not know it or this machine does not have it."""
+    if text is None:
+        return None  # no torch import: other mistakes are reported in a fraction of a second
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError) as err:
+        raise UsageError(f"{option} {text}: not a torch device (expected e.g. cpu, cuda, cuda:1, mps)") from err
+    try:
+        torch.empty(0, device=device)  # the cheapest proof that the device exists here
+    except (RuntimeError, AssertionError) as err:  # AssertionError: torch built without CUDA
+        raise UsageError(f"{option} {text}: this machine has no such device ({err})") from err
+    return device
+
+
+def resolve_model_args(option: str, name: Optional[str]) -> tuple[Path, Any]:
+    """(model directory, ModelArgs) of ``name`` from its config alone, before any weights load
+    (the embedded model is fetched and converted here on first use)."""
+    from magicpig.cache import FetchError
+    from magicpig.model.loading import EMBEDDED_ALIAS, ModelLoadError, load_config, resolve_model_dir
+
+    try:
+        model_dir = resolve_model_dir(name)
+        config = load_config(model_dir)
+        from magicpig.model.llama import ModelArgs  # torch: only once the name is known to be good
+
+        return model_dir, ModelArgs.from_hf_config(config)
+    except (ModelLoadError, ValueError) as err:  # UnsupportedModelError is a ValueError
+        if isinstance(err.__cause__, FetchError):
+            raise  # the network or the cache failed, not the name: the message says which
+        name = name or EMBEDDED_ALIAS
+        text = str(err).removeprefix(f"name_or_path={name!r}: ")  # the option already names it
+        raise UsageError(f"{option} {name}: {text}") from err
+
+
+def _version() -> str:
+    import magicpig
+
+    return magicpig.__version__
 
 
 def _info(argv: list[str]) -> int:
-    argparse.ArgumentParser(prog="magicpig info", description="What this install can do.").parse_args(argv)
+    parser = OneLineParser(prog="magicpig info", description="What this install can do.")
+    parser.add_argument("--verify-cache", action="store_true",
+                        help="compare the sha256 of every cached file with the one recorded when it was written")
+    args = parser.parse_args(argv)
     import torch
 
-    import magicpig
+    from magicpig.cache import cache_dir
 
-    print(f"magicpig {magicpig.__version__}, torch {torch.__version__}")
+    print(f"magicpig {_version()}, torch {torch.__version__}")
     print(f"device: {'cuda (' + torch.cuda.get_device_name() + ')' if torch.cuda.is_available() else 'cpu'}")
     try:
         from magicpig import _C
@@ -25,18 +122,38 @@ def _info(argv: list[str]) -> int:
         print(f"CPU extension: {_C.cpu_info()}")
     except ImportError as err:
         print(f"CPU extension: not built ({err}); the numba backend will be used")
-    return 0
+    print(f"cache: {cache_dir()} (set MAGICPIG_CACHE to move it)")
+    return _verify_cache() if args.verify_cache else 0
+
+
+def _verify_cache() -> int:
+    from magicpig.cache import MANIFEST_SUFFIX, verify_cache
+
+    results = verify_cache()
+    for manifest, problem in results:
+        single = manifest.with_name(manifest.name.removesuffix(MANIFEST_SUFFIX))  # a file's sidecar
+        entry = single if single.is_file() else manifest.parent  # else a converted model's folder
+        print(f"  {'ok' if problem is None else 'DAMAGED'}: {entry}" + (f": {problem}" if problem else ""))
+    damaged = sum(problem is not None for _, problem in results)
+    print(f"cache check: {len(results)} entries, {damaged} damaged" + (" (delete them; they are made again)" if damaged else ""))
+    return 1 if damaged else 0
 
 
 def _bench(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="magicpig bench", description="Run a benchmark script.")
-    parser.add_argument("name", choices=sorted(_BENCHMARKS))
-    args, rest = parser.parse_known_args(argv)
-    script = _REPO / "scripts" / _BENCHMARKS[args.name]
+    # Not argparse: everything after NAME, --help included, belongs to the benchmark script.
+    usage = f"usage: magicpig bench NAME [ARGS]  (NAME: {', '.join(sorted(_BENCHMARKS))}; NAME --help for its options)"
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0
+    if not argv:
+        return report("magicpig bench", UsageError(f"missing NAME, one of {sorted(_BENCHMARKS)} (see --help)"))
+    name, rest = argv[0], argv[1:]
+    if name not in _BENCHMARKS:
+        return report("magicpig bench", UsageError(f"unknown benchmark {name!r}: expected one of {sorted(_BENCHMARKS)}"))
+    script = _REPO / "scripts" / _BENCHMARKS[name]
     if not script.exists():
-        print(f"magicpig bench: {script} not found; benchmarks run from a source checkout "
-              "(git clone, then pip install -e .)", file=sys.stderr)
-        return 2
+        return report("magicpig bench", UsageError(
+            f"{script} not found; benchmarks run from a source checkout (git clone, then pip install -e .)"))
     sys.argv = [str(script), *rest]
     runpy.run_path(str(script), run_name="__main__")
     return 0
@@ -57,18 +174,23 @@ def _eval(argv: list[str]) -> int:
 COMMANDS = {
     "demo": (_demo, "needle-in-a-haystack demo on the embedded model (dense vs magicpig)"),
     "eval": (_eval, "RULER / LongBench evaluation of the attention methods"),
-    "bench": (_bench, "benchmarks: " + ", ".join(sorted(_BENCHMARKS))),
-    "info": (_info, "SIMD level, threads and device this install uses"),
+    "bench": (_bench, "benchmarks: " + ", ".join(sorted(_BENCHMARKS)) + " (NAME --help for options)"),
+    "info": (_info, "SIMD level, threads, device and cache this install uses (--verify-cache)"),
 }
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point of ``magicpig``."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-V", "--version"):
+        print(f"magicpig {_version()}")
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         lines = [f"  {name:<6} {help_}" for name, (_, help_) in COMMANDS.items()]
-        print("usage: magicpig COMMAND [ARGS]\n\ncommands:\n" + "\n".join(lines))
+        print("usage: magicpig [--version] COMMAND [ARGS]\n\ncommands:\n" + "\n".join(lines)
+              + "\n\nCOMMAND --help shows a command's options.")
         if argv and argv[0] not in ("-h", "--help"):
-            print(f"\nmagicpig: unknown command {argv[0]!r}", file=sys.stderr)
+            print(f"magicpig: unknown command {argv[0]!r}", file=sys.stderr)
             return 2
         return 0
     command, _ = COMMANDS[argv[0]]

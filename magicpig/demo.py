@@ -58,7 +58,9 @@ def _fmt_bytes(n: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry of `magicpig demo` (see --help)."""
-    parser = argparse.ArgumentParser(prog="magicpig demo", description=__doc__.split("\n\n")[0])
+    from magicpig.cli import OneLineParser, report, user_error_types
+
+    parser = OneLineParser(prog="magicpig demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=6000, help="prompt length in tokens (default 6000)")
     parser.add_argument("--model", default=None, help="model (default: the embedded smollm2-135m-instruct)")
     parser.add_argument("--depth", type=float, default=0.5, help="needle position in [0, 1] (default 0.5)")
@@ -68,20 +70,53 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
-    if args.tokens < 200:
-        parser.error(f"--tokens={args.tokens}: expected at least 200")
-    return run_demo(args)
+    # Everything a user can get wrong is checked before the weights load (seconds); errors
+    # after that are bugs and keep their traceback.
+    try:
+        config = check_args(args)
+        model = load_model(args)
+    except user_error_types() as err:
+        return report(parser.prog, err)
+    return run_demo(args, model, config)
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    import torch
+def check_args(args: argparse.Namespace) -> Any:
+    """The MagicPIGConfig of the demo's sparse run, once every argument is known to be usable
+    (the model is resolved and its config read, no weights loaded); ValueError/UsageError else."""
+    from magicpig import MagicPIGConfig
+    from magicpig.cli import UsageError, check_device, resolve_model_args
+    from magicpig.config import MAX_K, MAX_L, MAX_SEED, check_float, check_int
 
-    from magicpig import LongContextModel, MagicPIGConfig
+    check_int("--tokens", args.tokens, 200)
+    check_float("--depth", args.depth, 0.0, 1.0)
+    check_int("--max-new-tokens", args.max_new_tokens, 1)
+    config = MagicPIGConfig(K=check_int("--K", args.K, 1, MAX_K), L=check_int("--L", args.L, 1, MAX_L),
+                            seed=check_int("--seed", args.seed, 0, MAX_SEED))
+    args.device = check_device("--device", args.device)
+    args.model_dir, model_args = resolve_model_args("--model", args.model)
+    config.check_model(model_args.num_layers, model_args.max_context)
+    if args.tokens + args.max_new_tokens > model_args.max_context:
+        raise UsageError(f"--tokens {args.tokens} + --max-new-tokens {args.max_new_tokens} exceed the "
+                         f"model's {model_args.max_context} positions")
+    return config
+
+
+def load_model(args: argparse.Namespace) -> Any:
+    """The model of ``args`` (after :func:`check_args`), with timing on stdout."""
+    from magicpig import LongContextModel
 
     t0 = time.perf_counter()
     print(f"loading {args.model or 'the embedded SmolLM2-135M-Instruct'} ...", flush=True)
-    model = LongContextModel.from_pretrained(args.model, device=args.device)
+    model = LongContextModel.from_pretrained(args.model_dir, device=args.device)
     print(f"  loaded in {time.perf_counter() - t0:.1f} s on {model.device} ({model.model.dtype})", flush=True)
+    return model
+
+
+def run_demo(args: argparse.Namespace, model: Any, sparse: Any) -> int:
+    """Prefill the needle prompt once, then decode it dense and with ``sparse`` (a MagicPIGConfig)."""
+    from magicpig import MagicPIGConfig
+
+    t0 = time.perf_counter()
     prompt, answer = needle_prompt(model.tokenizer, args.tokens, args.depth, args.seed)
     ids, _ = model.encode(prompt)
     n = len(ids[0])
@@ -95,7 +130,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"prefill (exact, once): {prefill_s:.1f} s, {n / prefill_s:.0f} tok/s", flush=True)
     configs = [
         ("dense", MagicPIGConfig(method="dense")),
-        ("magicpig", MagicPIGConfig(K=args.K, L=args.L, seed=args.seed)),
+        ("magicpig", sparse),
     ]
     rows = []
     for name, cfg in configs:
@@ -119,7 +154,7 @@ def run_demo(args: argparse.Namespace) -> int:
           f"window tokens on the device and the rest in the CPU store ({mp.kv_dtype} K/V + hash tables).")
     print("cost = mean fraction of the offloaded middle keys read per decode step "
           f"(dense reads all); device = {model.device}" + (" (here the same RAM as the CPU store)" if model.device.type == "cpu" else ""))
-    print(f"total {time.perf_counter() - t0:.1f} s")
+    print(f"total {time.perf_counter() - t0:.1f} s after loading")
     return 0
 
 

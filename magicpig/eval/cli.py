@@ -23,10 +23,23 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from magicpig.cache import FetchError
+from magicpig.cli import (
+    DTYPES,
+    OneLineParser,
+    UsageError,
+    check_device,
+    check_out_dir,
+    report,
+    resolve_model_args,
+    user_error_types,
+)
+from magicpig.config import MAX_K, MAX_L, MAX_SEED, check_float, check_int
 from magicpig.eval import longbench, ruler
 from magicpig.eval.metrics import RULER_METRICS, longbench_score
 from magicpig.eval.runner import (
     EvalItem,
+    MethodSpec,
     ModelAdapter,
     load_model,
     merge_records,
@@ -48,7 +61,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory (resumable)")
     p.add_argument("--batch-size", type=int, default=4, help="sequences decoded together per method")
     p.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
-    p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: by device)")
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="float32 / bfloat16 / float16 (default: by device)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="cap on generated tokens (default: the benchmark's per-task length)")
     p.add_argument("--threads", type=int, default=None,
@@ -58,8 +71,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="magicpig eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="magicpig eval", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="bench", required=True)
     r = sub.add_parser("ruler", help="RULER's 13 synthetic tasks at given lengths")
     _common(r)
@@ -90,22 +103,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _pick_kl(args: argparse.Namespace) -> int:
-    from magicpig import LongContextModel
-    from magicpig.eval.budget import model_cosines, ranked_options
-
-    model = LongContextModel.from_pretrained(args.model, device=args.device)
-    sample = ruler.generate_sample("niah_single_2", args.length, 0, model.tokenizer,
-                                   max_total=int(model.args.max_context))
-    ids = model.tokenizer(sample.prompt, add_special_tokens=False)["input_ids"]
-    cos = model_cosines(model, ids, steps=args.steps)
-    k_range = (args.k_range[0], args.k_range[1])
+def _check_pick_kl(args: argparse.Namespace) -> None:
+    """pick-kl's arguments, all before the model loads."""
+    check_float("--cost", args.cost, 0.0, 1.0, low_open=True, high_open=True)
+    check_int("--length", args.length, 256)
+    check_int("--steps", args.steps, 1)
+    kmin, kmax = (check_int("--k-range", k, 1, MAX_K) for k in args.k_range)
+    if kmin > kmax:
+        raise UsageError(f"--k-range {kmin} {kmax}: expected KMIN <= KMAX")
     if len(args.min_collisions) not in (1, 2):
-        raise SystemExit(f"--min-collisions {args.min_collisions}: expected one threshold or MIN MAX")
-    m_range = (args.min_collisions[0], args.min_collisions[-1])
+        raise UsageError(f"--min-collisions {args.min_collisions}: expected one threshold or MIN MAX")
+    m_lo, m_hi = (check_int("--min-collisions", m, 1, MAX_L) for m in (args.min_collisions[0], args.min_collisions[-1]))
+    if m_lo > m_hi:
+        raise UsageError(f"--min-collisions {m_lo} {m_hi}: expected MIN <= MAX")
+    check_int("--max-tables", args.max_tables, m_lo, MAX_L)
+    check_device("--device", args.device)
+    _, model_args = resolve_model_args("--model", args.model)
+    if args.length > model_args.max_context:
+        raise UsageError(f"--length {args.length} exceeds the model's {model_args.max_context} positions")
+
+
+def _pick_kl(args: argparse.Namespace) -> int:
+    try:
+        _check_pick_kl(args)
+        from magicpig import LongContextModel  # torch and transformers: after the cheap checks
+
+        model = LongContextModel.from_pretrained(args.model, device=args.device)
+    except user_error_types() as err:
+        return report("magicpig eval pick-kl", err)
+    # As before: what the calibration itself refuses (a prompt shorter than sinks + window, no
+    # (K, L) within --max-tables) and RULER's data failing to fetch are one line, not a bug.
+    try:
+        ranked = _rank_kl(args, model)
+    except (ValueError, FetchError) as err:
+        return report("magicpig eval pick-kl", err)
     top = args.cost / 4
-    print(f"calibration: {cos.numel()} (query, key) pairs from {args.steps} decode steps at {len(ids)} tokens")
-    ranked = ranked_options(cos, args.cost, k_range, m_range, args.max_tables, top)
     print(f"  K    L  m  predicted cost  recall of the top {100 * top:.2f}% pairs")
     for o in ranked[:12]:
         print(f"{o.K:3d} {o.L:4d} {o.min_collisions:2d}  {100 * o.predicted_cost:13.2f}%  {o.recall:.3f}")
@@ -113,6 +145,19 @@ def _pick_kl(args: argparse.Namespace) -> int:
     print(f"chosen: magicpig:K={best.K},L={best.L},min_collisions={best.min_collisions} "
           f"(predicted cost {100 * best.predicted_cost:.2f}%)")
     return 0
+
+
+def _rank_kl(args: argparse.Namespace, model: Any) -> list:
+    """The (K, L, m) options for --cost on the model's queries, best first."""
+    from magicpig.eval.budget import model_cosines, ranked_options
+
+    sample = ruler.generate_sample("niah_single_2", args.length, 0, model.tokenizer,
+                                   max_total=int(model.args.max_context))
+    ids = model.tokenizer(sample.prompt, add_special_tokens=False)["input_ids"]
+    cos = model_cosines(model, ids, steps=args.steps)
+    print(f"calibration: {cos.numel()} (query, key) pairs from {args.steps} decode steps at {len(ids)} tokens")
+    m_range = (args.min_collisions[0], args.min_collisions[-1])
+    return ranked_options(cos, args.cost, tuple(args.k_range), m_range, args.max_tables, args.cost / 4)
 
 
 def ruler_groups(tokenizer: Any, tasks: list[str], lengths: list[int], samples: int, seed: int,
@@ -165,68 +210,122 @@ def main(argv: list[str] | None = None, adapter: ModelAdapter | None = None) -> 
     """Entry point of ``magicpig eval``; ``adapter`` lets tests pass a model in."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.bench == "pick-kl":
-        try:
-            return _pick_kl(args)
-        except ValueError as err:
-            print(f"magicpig eval pick-kl: {err}", file=sys.stderr)
-            return 2
-    out = Path(args.out)
+        return _pick_kl(args)
     if args.bench == "summary":
-        try:
-            added = merge_records(out, args.merge) if args.merge else 0
-        except ValueError as err:
-            print(f"magicpig eval summary: {err}", file=sys.stderr)
-            return 2
-        if args.merge:
-            print(f"merged {added} records into {out / 'predictions.jsonl'}")
-        records = read_records(out)
-        if not records:
-            print(f"magicpig eval: no predictions in {out}", file=sys.stderr)
-            return 2
-        paths = write_summary(out, records, args.methods)
-        print(paths["md"].read_text())
-        return 0
+        return _summary(args)
+    prog = f"magicpig eval {args.bench}"
+    # Every user mistake is found before the weights load (seconds to minutes); errors after
+    # that are bugs and keep their traceback.
     try:
-        methods = [parse_method(m) for m in args.methods]
-        if args.samples < 1:
-            raise ValueError(f"--samples {args.samples}: expected an integer >= 1")
-        if args.max_new_tokens is not None and args.max_new_tokens < 1:
-            raise ValueError(f"--max-new-tokens {args.max_new_tokens}: expected an integer >= 1")
-        if args.bench == "ruler":
-            tasks = ruler.resolve_tasks(args.tasks)
-            bad = [n for n in args.lengths if n < 256]
-            if bad:
-                raise ValueError(f"--lengths {bad}: expected token counts >= 256")
-        else:
-            tasks = longbench.resolve_tasks(args.data, args.tasks)
-    except ValueError as err:
-        print(f"magicpig eval: {err}", file=sys.stderr)
-        return 2
-    if args.threads is not None:
-        if args.threads < 1:
-            print(f"magicpig eval: --threads {args.threads}: expected an integer >= 1", file=sys.stderr)
-            return 2
-        import torch
-
-        torch.set_num_threads(args.threads)
-    if adapter is None:
-        adapter = load_model(args.model, device=args.device, dtype=args.dtype)
+        methods, tasks = _check_run_args(args, adapter.name if adapter is not None else args.model)
+        adapter = _load_checked(args, methods, adapter)
+    except user_error_types() as err:
+        return report(prog, err)
+    out = Path(args.out)
     if args.bench == "ruler":
-        too_long = [n for n in args.lengths if n > adapter.max_context]
-        if too_long:
-            print(f"magicpig eval: --lengths {too_long} exceed the model's {adapter.max_context} positions",
-                  file=sys.stderr)
-            return 2
         groups = ruler_groups(adapter.tokenizer, tasks, args.lengths, args.samples, args.seed, adapter.max_context)
     else:
         max_length = args.max_length or adapter.max_context
         groups = longbench_groups(adapter.tokenizer, args.data, tasks, args.samples, max_length)
-    records = run(adapter, groups, methods, out, batch_size=args.batch_size, progress=not args.no_progress,
-                  max_new_tokens=args.max_new_tokens)
+    try:
+        records = run(adapter, groups, methods, out, batch_size=args.batch_size, progress=not args.no_progress,
+                      max_new_tokens=args.max_new_tokens)
+    except FetchError as err:  # RULER's data could not be fetched or cached: not a bug
+        return report(prog, err)
     paths = write_summary(out, records, [m.label for m in methods])
     print(paths["md"].read_text())
     print(f"wrote {out / 'predictions.jsonl'}, {paths['md']}, {paths['csv']}, {paths['png']}")
     return 0
+
+
+def _summary(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    try:
+        check_out_dir("--out", args.out)
+        added = merge_records(out, args.merge) if args.merge else 0
+    except (UsageError, ValueError) as err:
+        return report("magicpig eval summary", err)
+    if args.merge:
+        print(f"merged {added} records into {out / 'predictions.jsonl'}")
+    records = read_records(out)
+    if not records:
+        print(f"magicpig eval summary: no predictions in {out}", file=sys.stderr)
+        return 2
+    paths = write_summary(out, records, args.methods)
+    print(paths["md"].read_text())
+    return 0
+
+
+def _check_run_args(args: argparse.Namespace, model_name: str) -> tuple[list[MethodSpec], list[str]]:
+    """(methods, tasks) of a ruler/longbench run once its arguments are known to be usable;
+    nothing here needs the model."""
+    methods = [_parse_method(m) for m in args.methods]
+    labels = [m.label for m in methods]
+    if len(set(labels)) != len(labels):
+        raise UsageError(f"--methods {' '.join(labels)}: a method is named twice")
+    check_int("--samples", args.samples, 1)
+    check_int("--batch-size", args.batch_size, 1)
+    if args.max_new_tokens is not None:
+        check_int("--max-new-tokens", args.max_new_tokens, 1)
+    if args.threads is not None:
+        check_int("--threads", args.threads, 1)
+    if args.bench == "ruler":
+        check_int("--seed", args.seed, 0, MAX_SEED)
+        for n in args.lengths:
+            check_int("--lengths", n, 256)
+        tasks = ruler.resolve_tasks(args.tasks)
+    else:
+        if args.max_length is not None:
+            check_int("--max-length", args.max_length, 1)
+        tasks = longbench.resolve_tasks(args.data, args.tasks)
+    _check_out(args.out, model_name)
+    check_device("--device", args.device)
+    return methods, tasks
+
+
+def _parse_method(text: str) -> MethodSpec:
+    try:
+        return parse_method(text)
+    except (ValueError, TypeError) as err:
+        raise UsageError(f"--methods {text}: {err}") from err
+
+
+def _check_out(out: str, model_name: str) -> None:
+    """--out can be written, and holds no results of another model (a resume must not mix them)."""
+    path = check_out_dir("--out", out)
+    models = {r.get("model") for r in read_records(path)} if path.is_dir() else set()
+    if models and models != {model_name}:
+        raise UsageError(f"--out {out} holds results of model(s) {sorted(map(str, models))}, "
+                         f"not {model_name!r}: use another --out")
+
+
+def _load_checked(args: argparse.Namespace, methods: list[MethodSpec], adapter: ModelAdapter | None) -> ModelAdapter:
+    """The model (``adapter`` when given), after checking the methods and lengths against its
+    config, which is read before the weights."""
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if adapter is None:
+        _, model_args = resolve_model_args("--model", args.model)
+        _check_model_fit(args, methods, model_args.num_layers, model_args.max_context)
+        return load_model(args.model, device=args.device, dtype=args.dtype)
+    model_args = getattr(getattr(adapter, "model", None), "args", None)  # test doubles have none
+    _check_model_fit(args, methods, model_args.num_layers if model_args else None, adapter.max_context)
+    return adapter
+
+
+def _check_model_fit(args: argparse.Namespace, methods: list[MethodSpec], num_layers: int | None,
+                     max_context: int) -> None:
+    for m in methods:
+        try:
+            if num_layers is not None:
+                m.config.check_model(num_layers, max_context)
+        except ValueError as err:
+            raise UsageError(f"--methods {m.label}: {err}") from err
+    too_long = [n for n in getattr(args, "lengths", []) if n > max_context]
+    if too_long:
+        raise UsageError(f"--lengths {too_long} exceed the model's {max_context} positions")
 
 
 if __name__ == "__main__":
