@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-from magicpig.config import MAX_K, MAX_L, check_int
+from magicpig.config import MAX_K, MAX_L, check_int, max_cpu_threads
 
 try:  # the C++ extension hashes on the CPU; without it the torch path does
     from magicpig import _C
@@ -120,7 +120,7 @@ def _hash_codes_cpp(x: torch.Tensor, proj: torch.Tensor, K: int) -> torch.Tensor
     rows = rows.to(torch.float32).contiguous()
     codes = torch.empty(H, rows.shape[1], L, dtype=torch.int32)
     _C.simhash_codes(rows.numpy(), H, rows.shape[1], d, heads.contiguous().numpy(), K, L, codes.numpy(),
-                     torch.get_num_threads())
+                     min(torch.get_num_threads(), max_cpu_threads()))
     if proj.dim() == 2:
         return codes.reshape(out_shape)
     return codes.reshape(H, -1, n, L).transpose(0, 1).reshape(out_shape)
