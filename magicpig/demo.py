@@ -58,7 +58,7 @@ def _fmt_bytes(n: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry of `magicpig demo` (see --help)."""
-    from magicpig.cli import OneLineParser, report, user_error_types
+    from magicpig.eval.usage import OneLineParser, report, user_error_types
 
     parser = OneLineParser(prog="magicpig demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=6000, help="prompt length in tokens (default 6000)")
@@ -84,7 +84,7 @@ def check_args(args: argparse.Namespace) -> Any:
     """The MagicPIGConfig of the demo's sparse run, once every argument is known to be usable
     (the model is resolved and its config read, no weights loaded); ValueError/UsageError else."""
     from magicpig import MagicPIGConfig
-    from magicpig.cli import UsageError, check_device, resolve_model_args
+    from magicpig.eval.usage import UsageError, check_device, resolve_model_args
     from magicpig.config import MAX_K, MAX_L, MAX_SEED, check_float, check_int
 
     check_int("--tokens", args.tokens, 200)

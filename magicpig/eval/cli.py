@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from magicpig.cache import FetchError
-from magicpig.cli import (
+from magicpig.eval.usage import (
     DTYPES,
     OneLineParser,
     UsageError,
