@@ -9,15 +9,20 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from magicpig.config import MagicPIGConfig  # noqa: E402
+from magicpig.runtime.outputs import SamplingParams  # noqa: E402  (pure data, no torch)
 
-__all__ = ["MagicPIGConfig", "LongContextModel"]
+__all__ = ["MagicPIGConfig", "LongContextModel", "SamplingParams", "Engine"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
     # The model pulls in transformers; keep `import magicpig` light for the store and tests.
     if name == "LongContextModel":
-        from magicpig.model import LongContextModel
+        from magicpig.llm import LongContextModel
 
         return LongContextModel
+    if name == "Engine":
+        from magicpig.serve.engine import Engine
+
+        return Engine
     raise AttributeError(f"module 'magicpig' has no attribute {name!r}")

@@ -1,0 +1,1 @@
+"""Serving: requests, the scheduler (pure policy), the engine (continuous batching)."""
