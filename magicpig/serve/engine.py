@@ -84,7 +84,8 @@ class Engine:
         check_int("cpu_memory_bytes", self.cpu_budget, 0)
         self.runner = self._make_runner(device_budget, block_size)
         self.scheduler = Scheduler(self.max_num_seqs, check_int("max_prefill_tokens", max_prefill_tokens, 1))
-        self.requests: dict[str, Request] = {}
+        self.requests: dict[str, Request] = {}  # unfinished requests by id
+        self._aborted: list[RequestOutput] = []  # reported by the next step
 
     def _make_runner(self, device_budget: int, block_size: int) -> ModelRunner:
         """A runner whose sequence slots and dense blocks fit the device budget."""
@@ -142,22 +143,27 @@ class Engine:
             )
 
     def abort(self, request_id: str) -> None:
-        """Stop a request now and free its memory (no-op for an unknown or finished id)."""
+        """Stop a request now and free its memory (no-op for an unknown or finished id). Its
+        final output (finish_reason "abort") comes with the next ``step``."""
         req = self.requests.get(request_id)
         if req is not None and not req.finished:
             req.output.done, req.output.reason = True, "abort"
             self._finish(req)
+            self._aborted.append(RequestOutput(request_id, [], "", True, "abort", req.stats))
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """True while a request waits, runs, or has an abort not yet reported by ``step``."""
+        return self.scheduler.has_unfinished() or bool(self._aborted)
 
     # ---------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
         """Schedule, run, postprocess; returns one output per request touched this step."""
+        outputs, self._aborted = self._aborted, []
         plan = self.scheduler.schedule(self._memory())
         for req in plan.preempted:
             self._preempt(req)
-        outputs = self._run_decodes(plan.decodes) if plan.decodes else []
+        if plan.decodes:
+            outputs += self._run_decodes(plan.decodes)
         for req in plan.prefills:
             out = self._run_prefill(req)
             if out is not None:

@@ -1,0 +1,148 @@
+"""The engine: continuous batching on the embedded SmolLM2, against each request run alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from magicpig import Engine, LongContextModel, MagicPIGConfig, SamplingParams
+from magicpig.runtime.prefill import prefill_sequence
+from magicpig.runtime.runner import ModelRunner
+from numerics import reorder_tolerance
+
+DENSE = MagicPIGConfig(method="dense")
+# An fp32 store: see test_generate.test_batched_equals_alone for why bf16 storage is left out.
+SPARSE = MagicPIGConfig(window_tokens=16, sink_tokens=4, K=8, L=60, min_collisions=2, kv_dtype="fp32")
+NEAR_TIE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def model() -> LongContextModel:
+    return LongContextModel.from_pretrained(device="cpu", dtype=torch.float32)
+
+
+def _prompts(model, n: int) -> list[list[int]]:
+    texts = [
+        "Write one sentence about the sea.",
+        "List three colours of the rainbow, then explain why the sky is blue. " * 4,
+        "Count from one to ten in words, separated by commas.",
+        "Name a famous scientist and say in two sentences what they discovered. " * 2,
+        "Translate 'good morning' into French, Spanish and German.",
+        "Describe a cat in exactly five words.",
+    ]
+    return [model.encode(t)[0][0] for t in texts[:n]]
+
+
+def _alone_logits(model, config, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """Logits [len(tokens), V] before each generated token, the request decoded alone."""
+    state = model.prefill([prompt])
+    out = [state.last_logits[0]]
+    with model.decode_session(state, config, len(tokens) + 1) as session:
+        for tok in tokens[:-1]:
+            out.append(session.step(torch.tensor([tok]))[0])
+    return torch.stack(out)
+
+
+def _assert_same_greedy(model, config, prompt, got: list[int], want: list[int]) -> None:
+    """Equal greedy tokens, or a divergence at a near-tie of the alone run's logits."""
+    if got == want:
+        return
+    first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+    logits = _alone_logits(model, config, prompt, want[: first + 1])[first]
+    top2 = torch.topk(logits, 2).values
+    gap = float(top2[0] - top2[1])
+    assert gap < NEAR_TIE, f"diverged at token {first} with a top-2 gap of {gap}: {got} vs {want}"
+
+
+def _drain(engine: Engine, outputs: dict[str, list]) -> None:
+    while engine.has_unfinished():
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).append(out)
+
+
+def _empty_store_bytes(engine: Engine) -> list[int]:
+    return [m.nbytes() for _, _, m in engine.runner.sparse.values()]
+
+
+@pytest.mark.parametrize("config", [DENSE, SPARSE], ids=["dense", "magicpig"])
+def test_staggered_requests_equal_each_run_alone(model, config):
+    """Requests of different lengths join at different steps; one finishes by a stop string,
+    one is aborted while waiting (before its prefill), one mid-decode. Every surviving request
+    gets the greedy tokens it gets alone, and everything is freed at the end."""
+    prompts = _prompts(model, 6)
+    alone = [model.generate(p, max_new_tokens=14, config=config) for p in prompts]
+    stop_word = alone[2].text[3:5]  # request 2 ends early at these characters
+    assert len(stop_word) == 2 and alone[2].text.find(stop_word) == 3
+    engine = Engine(model, config, max_num_seqs=4, block_size=16, max_prefill_tokens=64)
+    empty = _empty_store_bytes(engine)
+    outputs: dict[str, list] = {}
+    ids = {}
+    schedule = {0: [0, 1], 2: [2, 3], 3: [4], 5: [5]}  # step -> prompts added before it
+    for step in range(8):
+        for i in schedule.get(step, []):
+            stop = stop_word if i == 2 else None
+            ids[i] = engine.add_request(prompts[i], SamplingParams(max_new_tokens=14, stop=stop))
+        if step == 3:
+            assert engine.scheduler.waiting and engine.scheduler.waiting[-1].request_id == ids[4]
+            engine.abort(ids[4])  # still waiting: never prefilled
+        if step == 5:
+            engine.abort(ids[1])  # running: aborted mid-decode
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).append(out)
+    _drain(engine, outputs)
+    for i, rid in ids.items():
+        outs = outputs.get(rid, [])
+        tokens = [t for o in outs for t in o.new_token_ids]
+        last = outs[-1]
+        assert last.finished and sum(o.finished for o in outs) == 1
+        if i == 4:  # aborted before it ever ran: one final output, no tokens
+            assert len(outs) == 1 and last.finish_reason == "abort" and tokens == []
+            continue
+        if i == 1:
+            assert last.finish_reason == "abort" and 0 < len(tokens) < len(alone[1].token_ids)
+            assert tokens == alone[1].token_ids[: len(tokens)]
+            continue
+        text = "".join(o.new_text for o in outs)
+        if i == 2:
+            assert last.finish_reason == "stop" and stop_word not in text
+            assert tokens == alone[2].token_ids[: len(tokens)]
+            continue
+        _assert_same_greedy(model, config, prompts[i], tokens, alone[i].token_ids)
+        assert text == alone[i].text and last.finish_reason == alone[i].finish_reason
+    assert engine.blocks_in_use() == 0 and engine.cpu_store_bytes() == 0
+    assert _empty_store_bytes(engine) == empty
+    assert engine.runner.free_slots == engine.max_num_seqs and not engine.requests
+
+
+def test_layer_by_layer_prefill_equals_the_full_prefill(model):
+    """The runner's offloading prefill (layer-major, each layer handed to its cache when done)
+    gives the logits and the per-layer K/V of the chunked full prefill."""
+    ids = _prompts(model, 2)[1] * 3
+    keys, values, want = prefill_sequence(model.model, ids, chunk_size=64)
+    runner = ModelRunner(model.model, DENSE, max_num_seqs=1, num_blocks=8, block_size=64)
+    seq, got = runner.prefill(ids, chunk_size=64)
+    tol = reorder_tolerance(want, model.args.num_layers)
+    assert (got - want).abs().max().item() < tol
+    for layer, cache in runner.dense.items():
+        held, _ = cache.gather(torch.tensor([seq.blocks]))
+        assert torch.allclose(held[0, :, : len(ids)], keys[layer], atol=1e-4, rtol=1e-4)
+    runner.release(seq)
+    assert runner.allocator.num_used == 0
+
+
+def test_engine_rejects_bad_requests_by_name(model):
+    engine = Engine(model, DENSE, max_num_seqs=2, device_memory_bytes=64 << 20)
+    with pytest.raises(TypeError, match="params"):
+        engine.add_request("hi", params={"max_new_tokens": 3})
+    with pytest.raises(TypeError, match="prompt"):
+        engine.add_request(["one", "two"])
+    with pytest.raises(ValueError, match="positions"):
+        engine.add_request([1] * 10, SamplingParams(max_new_tokens=model.args.max_context))
+    rid = engine.add_request("hi", request_id="x")
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("hi", request_id="x")
+    engine.abort(rid)
+    assert engine.has_unfinished()  # until the abort is reported
+    (out,) = engine.step()
+    assert (out.request_id, out.finished, out.finish_reason) == ("x", True, "abort")
+    assert not engine.has_unfinished() and engine.step() == []
