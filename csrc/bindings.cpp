@@ -107,13 +107,15 @@ PYBIND11_MODULE(_C, m) {
            py::arg("dtype"), py::arg("num_threads"), py::arg("table"), py::arg("t_lo"), py::arg("h"),
            py::arg("log_u_floor"))
       .def("add_sequence", &Store::add_sequence)
-      // Without the GIL: it waits for running attends (the store's lock) and frees their memory.
+      // Without the GIL: these wait for the append to the sequence they read (remove_sequence
+      // also for its attends), which may take long; holding the GIL would stall every thread.
       .def("remove_sequence", &Store::remove_sequence, py::arg("seq_id"),
            py::call_guard<py::gil_scoped_release>())
       .def("has_sequence", &Store::has_sequence, py::arg("seq_id"))
-      .def("length", &Store::length, py::arg("seq_id"))
-      .def("nbytes", py::overload_cast<>(&Store::nbytes, py::const_))
-      .def("nbytes_of", py::overload_cast<int64_t>(&Store::nbytes, py::const_), py::arg("seq_id"))
+      .def("length", &Store::length, py::arg("seq_id"), py::call_guard<py::gil_scoped_release>())
+      .def("nbytes", py::overload_cast<>(&Store::nbytes, py::const_), py::call_guard<py::gil_scoped_release>())
+      .def("nbytes_of", py::overload_cast<int64_t>(&Store::nbytes, py::const_), py::arg("seq_id"),
+           py::call_guard<py::gil_scoped_release>())
       .def("threads", &Store::threads)
       .def("last_attend_stats", &Store::last_attend_stats,
            "[bucket-list entries walked, candidate rows read, tail tokens scanned, tasks] of the last attend")

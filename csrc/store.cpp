@@ -111,58 +111,89 @@ Store::Store(int num_kv_heads_, int head_dim_, int K_, int L_, int min_collision
 
 int Store::threads() const { return resolve_threads(num_threads); }
 
-int64_t Store::add_sequence() {
-  std::unique_lock lock(mutex_);
-  const int64_t id = next_id_++;
-  Sequence& s = seqs_[id];
-  s.heads.resize(num_kv_heads);
-  return id;
-}
+// Locking. seqs_mutex_ guards only the map and is never held while waiting for a sequence's
+// mutex, so a long append (exclusive on its sequence) delays no attend of other sequences, nor
+// add/remove of others. Only attend holds more than one sequence lock, all shared and taken in
+// ascending id order; appends and removals hold one, so no cycle of waits can form. A caller
+// may look a sequence up just before its removal and lock it just after: the shared_ptr keeps
+// the object valid and `removed` (set under the exclusive lock) makes it answer like an unknown
+// id, so a removal is ordered before every use that has not yet locked the sequence.
+namespace {
 
-void Store::remove_sequence(int64_t seq_id) {
-  // Exclusive: an attend holds the shared lock for its whole run, so blocks it reads are never
-  // freed under it; a remove that comes first makes the later attend raise "unknown seq_id".
-  std::unique_lock lock(mutex_);
-  if (seqs_.erase(seq_id) == 0) throw std::out_of_range("unknown seq_id " + std::to_string(seq_id));
-}
+[[noreturn]] void unknown(int64_t seq_id) { throw std::out_of_range("unknown seq_id " + std::to_string(seq_id)); }
 
-bool Store::has_sequence(int64_t seq_id) const {
-  std::shared_lock lock(mutex_);
-  return seqs_.count(seq_id) != 0;
-}
-
-const Sequence& Store::get(int64_t seq_id) const {
-  auto it = seqs_.find(seq_id);
-  if (it == seqs_.end()) throw std::out_of_range("unknown seq_id " + std::to_string(seq_id));
-  return it->second;
-}
-
-Sequence& Store::get(int64_t seq_id) {
-  auto it = seqs_.find(seq_id);
-  if (it == seqs_.end()) throw std::out_of_range("unknown seq_id " + std::to_string(seq_id));
-  return it->second;
-}
-
-int64_t Store::length(int64_t seq_id) const {
-  std::shared_lock lock(mutex_);
-  return get(seq_id).length;
-}
-
-int64_t Store::nbytes(int64_t seq_id) const {
-  std::shared_lock lock(mutex_);
-  const Sequence& s = get(seq_id);
+int64_t sequence_bytes(const Sequence& s) {
   int64_t total = sizeof(Sequence);
   for (const auto& blocks : s.heads)
     for (const Block& b : blocks) total += static_cast<int64_t>(b.nbytes());
   return total;
 }
 
+}  // namespace
+
+std::shared_ptr<Sequence> Store::find(int64_t seq_id) const {
+  std::shared_lock lock(seqs_mutex_);
+  auto it = seqs_.find(seq_id);
+  if (it == seqs_.end()) unknown(seq_id);
+  return it->second;
+}
+
+int64_t Store::add_sequence() {
+  auto s = std::make_shared<Sequence>();
+  s->heads.resize(num_kv_heads);
+  std::unique_lock lock(seqs_mutex_);
+  const int64_t id = next_id_++;
+  seqs_.emplace(id, std::move(s));
+  return id;
+}
+
+void Store::remove_sequence(int64_t seq_id) {
+  std::shared_ptr<Sequence> s;
+  {
+    std::unique_lock lock(seqs_mutex_);
+    auto it = seqs_.find(seq_id);
+    if (it == seqs_.end()) unknown(seq_id);
+    s = std::move(it->second);
+    seqs_.erase(it);
+  }
+  // Waits for the attends and the append using it, then frees its memory here (not whenever
+  // the last stale pointer goes), so the memory is back when this returns.
+  std::unique_lock lock(s->mutex);
+  s->removed = true;
+  std::vector<std::vector<Block>>().swap(s->heads);
+}
+
+bool Store::has_sequence(int64_t seq_id) const {
+  std::shared_lock lock(seqs_mutex_);
+  return seqs_.count(seq_id) != 0;
+}
+
+int64_t Store::length(int64_t seq_id) const {
+  const auto s = find(seq_id);
+  std::shared_lock lock(s->mutex);
+  if (s->removed) unknown(seq_id);
+  return s->length;
+}
+
+int64_t Store::nbytes(int64_t seq_id) const {
+  const auto s = find(seq_id);
+  std::shared_lock lock(s->mutex);
+  if (s->removed) unknown(seq_id);
+  return sequence_bytes(*s);
+}
+
 int64_t Store::nbytes() const {
-  std::shared_lock lock(mutex_);
+  std::vector<std::shared_ptr<Sequence>> all;
+  {
+    std::shared_lock lock(seqs_mutex_);
+    all.reserve(seqs_.size());
+    for (const auto& kv : seqs_) all.push_back(kv.second);
+  }
   int64_t total = static_cast<int64_t>(sizeof(Store) + table_.size() * sizeof(float));
-  for (const auto& kv : seqs_)
-    for (const auto& blocks : kv.second.heads)
-      for (const Block& b : blocks) total += static_cast<int64_t>(b.nbytes()) + static_cast<int64_t>(sizeof(Sequence));
+  for (const auto& s : all) {  // one sequence lock at a time (see Locking)
+    std::shared_lock lock(s->mutex);
+    if (!s->removed) total += sequence_bytes(*s);
+  }
   return total;
 }
 
@@ -171,14 +202,15 @@ void Store::append(int64_t seq_id, const void* keys, const void* values, const i
   // Out-of-range codes would not overrun memory (buckets are masked) but would be indexed
   // under the wrong buckets; checked before the lock so a scan of a long prefill blocks nobody.
   check_codes("key_codes", codes, checked_product("key_codes", {num_kv_heads, t, L}), K);
-  std::unique_lock lock(mutex_);
-  Sequence& seq = get(seq_id);
+  const auto held = find(seq_id);
+  std::unique_lock lock(held->mutex);  // this sequence only: attends of others go on
+  if (held->removed) unknown(seq_id);
+  Sequence& seq = *held;
   const int64_t row_bytes = static_cast<int64_t>(head_dim) * kv_itemsize(dtype);
   const Kernels& kern = active_kernels();
   const int nt = threads();
   int64_t pos = 0;
-  double copy_s = 0, index_s = 0;
-  index_cpu_ = 0;
+  double copy_s = 0, index_s = 0, index_cpu = 0;
   while (pos < t) {
     const double t0 = omp_get_wtime();
     std::vector<Block>& first = seq.heads[0];
@@ -219,12 +251,13 @@ void Store::append(int64_t seq_id, const void* keys, const void* values, const i
     }
     seq.length += take;
     const double t1 = omp_get_wtime();
-    if (merge) merge_block(seq, bi, codes + pos * L, t * L, take);
+    if (merge) merge_block(seq, bi, codes + pos * L, t * L, take, index_cpu);
     pos += take;
     copy_s += t1 - t0;
     index_s += omp_get_wtime() - t1;
   }
-  append_seconds_ = {copy_s, index_s, index_cpu_};
+  std::lock_guard<std::mutex> g(stats_mutex_);
+  append_seconds_ = {copy_s, index_s, index_cpu};
 }
 
 void Store::check_append(int64_t t) const {
@@ -246,7 +279,7 @@ std::vector<int64_t> Store::last_attend_stats() const {
 }
 
 std::vector<double> Store::last_append_seconds() const {
-  std::shared_lock lock(mutex_);
+  std::lock_guard<std::mutex> g(stats_mutex_);
   return append_seconds_;
 }
 
@@ -285,7 +318,7 @@ void merge_table(const Col* col, int64_t T, int64_t old_len, int low_bits, bool 
 }  // namespace
 
 // The transposed-codes buffer of merges, kept between calls (one merge at a time uses it; a
-// concurrent merge of another store allocates its own).
+// concurrent merge, of another sequence or store, allocates its own).
 struct ColPool {
   std::mutex mutex;
   Buf<uint8_t> buf;
@@ -296,7 +329,8 @@ ColPool& col_pool() {
   return pool;
 }
 
-void Store::merge_block(Sequence& seq, int64_t bi, const int32_t* new_codes, int64_t head_stride, int64_t count) {
+void Store::merge_block(Sequence& seq, int64_t bi, const int32_t* new_codes, int64_t head_stride, int64_t count,
+                        double& cpu_seconds) {
   const Block& b0 = seq.heads[0][bi];
   const int64_t old_len = b0.csr_len;
   const int64_t T_old = b0.len - b0.csr_len - count;  // rows waiting in the stored tail
@@ -367,7 +401,7 @@ void Store::merge_block(Sequence& seq, int64_t bi, const int32_t* new_codes, int
       }
       const double used = thread_cpu_seconds() - c0;
 #pragma omp atomic
-      index_cpu_ += used;
+      cpu_seconds += used;
     }
     b.offsets.swap(offs);
     b.ids.swap(ids);
@@ -399,13 +433,27 @@ void Store::attend(const int64_t* seq_ids, int B, int Hq, const float* queries, 
                    float* out, float* lse, int32_t* ncand) const {
   check_attend(B, Hq);
   check_codes("query_codes", query_codes, checked_product("query_codes", {B, Hq, L}), K);
-  // Held to the end: remove_sequence (exclusive) waits until no attend reads its blocks.
-  std::shared_lock lock(mutex_);
+  // Each distinct sequence once (a second shared lock of the same mutex by this thread could
+  // deadlock behind a waiting writer), in ascending id order (see Locking), held to the end:
+  // the tasks below read the blocks on other threads, and their list depends on the lengths.
+  std::vector<int64_t> ids(seq_ids, seq_ids + B);
+  std::sort(ids.begin(), ids.end());
+  ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+  std::vector<std::shared_ptr<Sequence>> held;
+  held.reserve(ids.size());
+  for (int64_t id : ids) held.push_back(find(id));
+  std::vector<std::shared_lock<std::shared_mutex>> locks;
+  locks.reserve(ids.size());
+  for (size_t i = 0; i < ids.size(); ++i) {
+    locks.emplace_back(held[i]->mutex);
+    if (held[i]->removed) unknown(ids[i]);
+  }
   const int H = num_kv_heads, d = head_dim;
   const int G = Hq / H;
   const int nsub = (G + kMaxGroup - 1) / kMaxGroup;
   std::vector<const Sequence*> seqs(B);
-  for (int b = 0; b < B; ++b) seqs[b] = &get(seq_ids[b]);
+  for (int b = 0; b < B; ++b)
+    seqs[b] = held[std::lower_bound(ids.begin(), ids.end(), seq_ids[b]) - ids.begin()].get();
 
   struct Task {
     int b, h, sub, block;

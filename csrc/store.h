@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <shared_mutex>
 #include <unordered_map>
 #include <utility>
@@ -90,7 +91,12 @@ struct Block {
   }
 };
 
+// Locking (see store.cpp): a sequence's own mutex guards its length and blocks; the store's
+// map mutex guards only the map and the id counter, and is never held while waiting for a
+// sequence. So an append to one sequence (exclusive on it) blocks no attend of others.
 struct Sequence {
+  mutable std::shared_mutex mutex;  // attend: shared; append and removal: exclusive
+  bool removed = false;  // set by remove_sequence: holders of a stale pointer must not use it
   int64_t length = 0;
   std::vector<std::vector<Block>> heads;  // [Hkv][block]
 };
@@ -122,6 +128,7 @@ class Store {
   // summed over threads); for the benchmark.
   std::vector<int64_t> last_attend_stats() const;
   std::vector<double> last_append_seconds() const;
+  // Total = sizeof(Store) + the table + the sum of nbytes(seq_id) over live sequences.
   int64_t nbytes() const;
   int64_t nbytes(int64_t seq_id) const;
   int threads() const;
@@ -131,24 +138,27 @@ class Store {
   int num_threads;  // 0: OpenMP default (all cores); at most max_threads() (checks.h)
 
  private:
-  const Sequence& get(int64_t seq_id) const;
-  Sequence& get(int64_t seq_id);
+  // The sequence (kept alive by the pointer even if removed meanwhile) or out_of_range; takes
+  // the map lock only for the lookup.
+  std::shared_ptr<Sequence> find(int64_t seq_id) const;
   // Index the block's stored tail plus `count` new tokens (codes of KV head h at
-  // new_codes + h * head_stride, rows of L) into its CSR.
+  // new_codes + h * head_stride, rows of L) into its CSR; adds the CPU seconds of all threads
+  // to cpu_seconds.
   void merge_block(Sequence& seq, int64_t block_index, const int32_t* new_codes, int64_t head_stride,
-                   int64_t count);
+                   int64_t count, double& cpu_seconds);
   AttendParams params() const;
 
   int low_bits_;
   std::vector<float> table_;
   float t_lo_, inv_h_, log_u_floor_;
+  mutable std::shared_mutex seqs_mutex_;  // guards seqs_ and next_id_ only; held briefly
   int64_t next_id_ = 0;
-  std::unordered_map<int64_t, Sequence> seqs_;
-  mutable std::mutex stats_mutex_;
+  // Pointers, so a rehash never moves a sequence that an attend or append is using, and shared
+  // ones, so a sequence outlives its removal while a caller that looked it up still holds it.
+  std::unordered_map<int64_t, std::shared_ptr<Sequence>> seqs_;
+  mutable std::mutex stats_mutex_;  // the two stats below: appends and attends run concurrently
   mutable std::vector<int64_t> attend_stats_ = std::vector<int64_t>(4, 0);
   std::vector<double> append_seconds_ = std::vector<double>(3, 0.0);
-  double index_cpu_ = 0;  // CPU seconds of all threads in bucket-list builds of the last append
-  mutable std::shared_mutex mutex_;  // attend: shared; everything that mutates: exclusive
 };
 
 }  // namespace magicpig

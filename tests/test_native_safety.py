@@ -320,7 +320,7 @@ print("ok", done)
 
 @needs_ext
 def test_raw_remove_while_attends_run_on_another_thread():
-    # C++ alone: attends on a thread, removes on another. An attend holds the store's shared lock
+    # C++ alone: attends on a thread, removes on another. An attend holds its sequences' locks
     # for its whole run, so a remove waits for it; an attend that comes later raises IndexError.
     out = run_child("""
 import threading
