@@ -146,3 +146,18 @@ def test_engine_rejects_bad_requests_by_name(model):
     (out,) = engine.step()
     assert (out.request_id, out.finished, out.finish_reason) == ("x", True, "abort")
     assert not engine.has_unfinished() and engine.step() == []
+
+
+def test_ping_pong_halves_are_balanced_by_middle_length(model):
+    """The two micro-batches split the CPU store's work (middle tokens), not the row count."""
+    from magicpig.runtime.runner import SequenceKV
+
+    runner = ModelRunner(model.model, SPARSE, max_num_seqs=4, num_blocks=1, block_size=16)
+    seqs = [SequenceKV(length=n + 20, middle=n) for n in (3000, 100, 100, 100)]
+    assert runner._split(seqs) == [(0, 1), (1, 4)]
+    seqs = [SequenceKV(length=n + 20, middle=n) for n in (10, 10, 10, 500, 500)]
+    assert runner._split(seqs) == [(0, 4), (4, 5)]
+    assert runner._split(seqs[:1]) == [(0, 1)]
+    dense = ModelRunner(model.model, DENSE, max_num_seqs=4, num_blocks=1, block_size=16)
+    assert dense._split(seqs) == [(0, 5)]  # no middle attention to overlap: one batch
+    runner.close()
