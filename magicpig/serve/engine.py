@@ -111,7 +111,7 @@ class Engine:
             request_id = next_request_id()
         elif not isinstance(request_id, str) or not request_id:
             raise TypeError(f"request_id={request_id!r}: expected a non-empty string or None")
-        if request_id in self.requests:
+        if request_id in self.requests or any(o.request_id == request_id for o in self._aborted):
             raise ValueError(f"request_id={request_id!r} is already in use")
         prompts, single = self.loaded.encode(prompt, chat)
         if not single:
@@ -127,7 +127,8 @@ class Engine:
         return request_id
 
     def _check_fits(self, req: Request) -> None:
-        total = req.num_prompt_tokens + req.params.max_new_tokens
+        # The last generated token is never fed back: at most prompt + max_new - 1 tokens of K/V.
+        total = req.num_prompt_tokens + req.params.max_new_tokens - 1
         r = self.runner
         blocks = r.blocks_needed(total)
         if blocks > r.allocator.num_blocks:

@@ -50,7 +50,7 @@ def blocks_for(tokens: int, block_size: int) -> int:
 
 def reserved_cpu_bytes(req: "Request", per_token: int) -> int:
     """CPU-store bytes held back for a request from admission to finish."""
-    return per_token * (req.num_prompt_tokens + req.params.max_new_tokens)
+    return per_token * (req.num_prompt_tokens + req.params.max_new_tokens - 1)  # the last token is never fed
 
 
 class Scheduler:
@@ -104,9 +104,10 @@ class Scheduler:
         while self.waiting and free_slots > 0 and len(self.running) + len(plan.prefills) < self.max_num_seqs:
             req = self.waiting[0]
             tokens = len(req.tokens_to_prefill())
-            # +1: the first decode step's token may open a block; admitting without it would
-            # preempt the request straight away.
-            blocks = blocks_for(tokens + 1, mem.block_size)
+            # +1: the next decode step's token may open a block (admitting without it would
+            # preempt the request straight away), unless that token is never fed (the last).
+            held_next = min(tokens + 1, req.num_prompt_tokens + req.params.max_new_tokens - 1)
+            blocks = blocks_for(held_next, mem.block_size)
             cpu = reserved_cpu_bytes(req, mem.cpu_bytes_per_token)
             if blocks > free_blocks or cpu > cpu_free or (plan.prefills and tokens > budget):
                 return
