@@ -124,8 +124,8 @@ def test_layer_by_layer_prefill_equals_the_full_prefill(model):
     tol = reorder_tolerance(want, model.args.num_layers)
     assert (got - want).abs().max().item() < tol
     for layer, cache in runner.dense.items():
-        held, _ = cache.gather(torch.tensor([seq.blocks]))
-        assert torch.allclose(held[0, :, : len(ids)], keys[layer], atol=1e-4, rtol=1e-4)
+        held, _ = cache.sequence(seq.blocks, len(ids))
+        assert torch.allclose(held, keys[layer], atol=1e-4, rtol=1e-4)
     runner.release(seq)
     assert runner.allocator.num_used == 0
 
@@ -161,3 +161,36 @@ def test_ping_pong_halves_are_balanced_by_middle_length(model):
     dense = ModelRunner(model.model, DENSE, max_num_seqs=4, num_blocks=1, block_size=16)
     assert dense._split(seqs) == [(0, 5)]  # no middle attention to overlap: one batch
     runner.close()
+
+
+def test_paged_cache_reads_runs_in_place_and_gathers_fragments():
+    """A sequence in one run of blocks is a view of the pool; a fragmented one is gathered; both
+    return its tokens in order. The allocator keeps growth contiguous where it can."""
+    from magicpig.store.device_cache import BlockAllocator, PagedKVCache
+
+    alloc = BlockAllocator(10)
+    a = alloc.allocate(2, room=4)  # blocks 2-3 are kept for a's growth
+    b = alloc.allocate(2, room=2)
+    assert a == [0, 1] and b == [4, 5]
+    a += alloc.allocate(2, after=a[-1])
+    b += alloc.allocate(1, after=b[-1])
+    assert a == [0, 1, 2, 3] and b == [4, 5, 6]
+    c = alloc.allocate(3)
+    assert c == [7, 8, 9] and alloc.num_free == 0
+    alloc.free(c)
+    alloc.free(a)
+    d = alloc.allocate(6)  # no gap of 6: scattered over the free blocks, in order
+    assert d == [0, 1, 2, 3, 7, 8] and alloc.num_used == 9
+    alloc.free(b)
+    alloc.free(d)
+    assert alloc.num_free == 10 and alloc.allocate(10) == list(range(10))
+    cache = PagedKVCache(10, 2, 4, 3, torch.device("cpu"), torch.float32)
+    g = torch.Generator().manual_seed(0)
+    for blocks in ([0, 1, 2, 3], [3, 7, 1]):
+        k, v = torch.randn(2, 11, 3, generator=g), torch.randn(2, 11, 3, generator=g)
+        cache.fill(blocks, k, v)
+        got_k, got_v = cache.sequence(blocks, 11)
+        assert torch.equal(got_k, k) and torch.equal(got_v, v)
+        assert (got_k.data_ptr() == cache.keys.data_ptr()) == (blocks == [0, 1, 2, 3])  # a view iff one run
+        cache.write(torch.tensor([cache.slot(blocks, 11)]), torch.ones(1, 2, 3), torch.ones(1, 2, 3))
+        assert torch.equal(cache.sequence(blocks, 12)[0][:, 11], torch.ones(2, 3))

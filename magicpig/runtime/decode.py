@@ -55,7 +55,8 @@ class DecodeSession:
         bs = DEFAULT_BLOCK_SIZE
         num_blocks = sum(blocks_for(n + max(1, max_new_tokens) + 1, bs) for n in state.lengths)
         self.runner = ModelRunner(model, config, self.batch, num_blocks, bs, method_factory)
-        self.seqs = [self.runner.add_prefilled(state.keys[b], state.values[b]) for b in range(self.batch)]
+        self.seqs = [self.runner.add_prefilled(state.keys[b], state.values[b], n + max_new_tokens)
+                     for b, n in enumerate(state.lengths)]
         self.dense_layers = tuple(sorted(self.runner.dense))
 
     @property

@@ -83,11 +83,9 @@ class _Part:
         self.cos, self.sin = m.rope(self.pos, max(lengths))
         self.reads: list[torch.Tensor] = []
         if runner.dense:
-            width = max(len(s.blocks) for s in self.seqs)
-            table = [s.blocks + [s.blocks[-1]] * (width - len(s.blocks)) for s in self.seqs]
-            self.table = torch.tensor(table, dtype=torch.int64, device=device)
-            cols = torch.arange(width * runner.block_size, device=device)
-            self.dense_valid = cols[None, :] <= self.pos[:, None]
+            cache = next(iter(runner.dense.values()))  # every dense layer has the same layout
+            slots = [cache.slot(s.blocks, s.length) for s in self.seqs]
+            self.dense_slots = torch.tensor(slots, dtype=torch.int64, device=device)
         if runner.sparse:
             fills = [s.fill for s in self.seqs]
             self.slots = torch.tensor([s.slot for s in self.seqs], dtype=torch.int64, device=device)
@@ -154,10 +152,13 @@ class ModelRunner:
         return self.blocks_needed(seq.length + 1) <= len(seq.blocks) or self.allocator.num_free > 0
 
     # ------------------------------------------------------------------- admit
-    def _new_sequence(self, length: int) -> SequenceKV:
+    def _new_sequence(self, length: int, expected: int) -> SequenceKV:
+        """A sequence of ``length`` tokens, placed where ``expected`` tokens would fit in one
+        run of blocks if there is such a gap (growth then stays contiguous)."""
         if not self._free_slots:
             raise RuntimeError(f"all {self.max_num_seqs} sequence slots are in use")
-        seq = SequenceKV(length=length, blocks=self.allocator.allocate(self.blocks_needed(length)))
+        blocks = self.allocator.allocate(self.blocks_needed(length), room=self.blocks_needed(max(length, expected)))
+        seq = SequenceKV(length=length, blocks=blocks)
         seq.slot = self._free_slots.pop() if self.sparse else -1
         for layer, (_, _, method) in self.sparse.items():
             seq.store_ids[layer] = method.add_sequence()
@@ -186,21 +187,24 @@ class ModelRunner:
         cache.fill(seq.slot, kc[:, :S], v[:, :S])
         cache.fill(seq.slot, kc[:, hi:], v[:, hi:], start=S)
 
-    def add_prefilled(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> SequenceKV:
-        """A sequence from a full prefill state: keys[layer], values[layer] [Hkv, n, d]."""
-        seq = self._new_sequence(keys[0].shape[1])
+    def add_prefilled(self, keys: list[torch.Tensor], values: list[torch.Tensor], expected: int = 0) -> SequenceKV:
+        """A sequence from a full prefill state: keys[layer], values[layer] [Hkv, n, d].
+        ``expected``: the tokens it may grow to (placement hint)."""
+        seq = self._new_sequence(keys[0].shape[1], expected)
         for layer in range(self.model.args.num_layers):
             self._store_layer(seq, layer, keys[layer], values[layer])
         return seq
 
     @torch.inference_mode()
-    def prefill(self, token_ids: list[int], chunk_size: int = PREFILL_CHUNK) -> tuple[SequenceKV, torch.Tensor]:
+    def prefill(
+        self, token_ids: list[int], chunk_size: int = PREFILL_CHUNK, expected: int = 0
+    ) -> tuple[SequenceKV, torch.Tensor]:
         """Exact causal prefill of one prompt, layer by layer; each layer's K/V goes to its
         cache as soon as the layer is done. Returns the sequence and float32 logits [vocab]
-        after the last token."""
+        after the last token. ``expected``: the tokens it may grow to (placement hint)."""
         m, n = self.model, len(token_ids)
         a = m.args
-        seq = self._new_sequence(n)
+        seq = self._new_sequence(n, expected)
         try:
             ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
             cos, sin = m.rope(torch.arange(n, device=self.device), n - 1)
@@ -237,7 +241,7 @@ class ModelRunner:
         for seq in seqs:
             grow = self.blocks_needed(seq.length + 1) - len(seq.blocks)
             if grow > 0:
-                seq.blocks += self.allocator.allocate(grow)
+                seq.blocks += self.allocator.allocate(grow, after=seq.blocks[-1] if seq.blocks else None)
             if self.sparse and seq.fill >= self.slot_capacity:
                 self._spill(seq)
 
@@ -281,9 +285,14 @@ class ModelRunner:
         q, k, v = m.attention_input(layer, x, part.cos, part.sin)
         if layer in self.dense:
             cache = self.dense[layer]
-            cache.write(part.table, part.pos, k, v)
-            keys, values = cache.gather(part.table)
-            return decode_attention(q, keys, values, part.dense_valid, m.scale), None
+            cache.write(part.dense_slots, k, v)
+            # One attention per sequence over its blocks read in place (no gather of the batch's
+            # K/V into one padded tensor: that copy cost as much as the attention itself).
+            outs = []
+            for i, seq in enumerate(part.seqs):
+                keys, values = cache.sequence(seq.blocks, seq.length + 1)
+                outs.append(decode_attention(q[i : i + 1], keys[None], values[None], None, m.scale))
+            return torch.cat(outs), None
         cache, mu, method = self.sparse[layer]
         cache.write(part.slots, part.fills, k - mu[part.slots], v)
         return q, method.attend_async(part.store_ids[layer], q)

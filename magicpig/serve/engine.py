@@ -189,7 +189,8 @@ class Engine:
 
     def _run_prefill(self, req: Request) -> Optional[RequestOutput]:
         t0 = time.perf_counter()
-        req.kv, logits = self.runner.prefill(req.tokens_to_prefill())
+        expected = req.num_prompt_tokens + req.params.max_new_tokens
+        req.kv, logits = self.runner.prefill(req.tokens_to_prefill(), expected=expected)
         req.status = Status.RUNNING
         if req.output.out_ids:  # re-admitted after a preemption: its last token is fed next
             req.kv.cost_sum, req.kv.cost_steps = req.carried_cost

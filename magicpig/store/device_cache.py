@@ -19,28 +19,70 @@ class OutOfBlocks(RuntimeError):
     """The free list cannot give the blocks asked for (the scheduler checks before asking)."""
 
 
+FREE, USED, RESERVED = 0, 1, 2  # block states; RESERVED: free, kept for a sequence's growth
+
+
 class BlockAllocator:
-    """A free list of ``num_blocks`` block ids (pure bookkeeping, no tensors)."""
+    """The free list of ``num_blocks`` block ids (pure bookkeeping, no tensors).
+
+    It keeps sequences in contiguous runs where it can: a new sequence goes to the first gap
+    with ``room`` for its expected length, and the rest of that room is reserved for its growth
+    (other sequences are placed elsewhere, and take reserved blocks only when nothing else is
+    free); a growing sequence gets the block after its last when that is not in use. A sequence
+    in one run is read in place by the attention; only a fragmented one is gathered."""
 
     def __init__(self, num_blocks: int):
         self.num_blocks = num_blocks
-        self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        self._state = bytearray(num_blocks)  # FREE / USED / RESERVED; bytearray.find scans in C
+        self._num_free = num_blocks  # FREE + RESERVED
+        self._reservations: dict[int, int] = {}  # first block of a sequence -> end of its room
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return self._num_free
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self._num_free
 
-    def allocate(self, count: int) -> list[int]:
-        if count > len(self._free):
-            raise OutOfBlocks(f"asked for {count} KV blocks, {len(self._free)} of {self.num_blocks} free")
-        return [self._free.pop() for _ in range(count)]
+    def allocate(self, count: int, after: int | None = None, room: int = 0) -> list[int]:
+        """``count`` block ids: right after block ``after`` when those are not in use, else
+        from the first unreserved gap of ``max(count, room)`` blocks (reserving the rest of it),
+        else the first gap of ``count``, else any free ones."""
+        if count > self._num_free:
+            raise OutOfBlocks(f"asked for {count} KV blocks, {self._num_free} of {self.num_blocks} free")
+        if count == 0:
+            return []
+        if after is not None and USED not in self._state[after + 1 : after + 1 + count] \
+                and after + count < self.num_blocks:
+            return self._take(list(range(after + 1, after + 1 + count)))
+        want = max(count, room)
+        start = self._state.find(bytes(want))
+        if start >= 0:
+            self._state[start + count : start + want] = bytes([RESERVED]) * (want - count)
+            self._reservations[start] = start + want
+        else:
+            start = self._state.find(bytes(count))
+        if start >= 0:
+            return self._take(list(range(start, start + count)))
+        return self._take([i for i, st in enumerate(self._state) if st != USED][:count])
+
+    def _take(self, blocks: list[int]) -> list[int]:
+        for b in blocks:
+            self._state[b] = USED
+        self._num_free -= len(blocks)
+        return blocks
 
     def free(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
+        """Return a sequence's blocks (and drop what is left of its reservation)."""
+        for b in blocks:
+            self._state[b] = FREE
+        self._num_free += len(blocks)
+        end = self._reservations.pop(blocks[0], None) if blocks else None
+        if end is not None:
+            for b in range(blocks[0], end):
+                if self._state[b] == RESERVED:
+                    self._state[b] = FREE
 
 
 def blocks_for(tokens: int, block_size: int) -> int:
@@ -48,18 +90,26 @@ def blocks_for(tokens: int, block_size: int) -> int:
     return -(-tokens // block_size)
 
 
+def is_run(blocks: list[int]) -> bool:
+    """True when the block ids are consecutive (one contiguous run)."""
+    return not blocks or blocks[-1] - blocks[0] == len(blocks) - 1
+
+
 class PagedKVCache:
-    """K/V of one dense layer in blocks: keys, values [num_blocks, Hkv, block_size, d]."""
+    """K/V of one dense layer in blocks: keys, values [Hkv, num_blocks * block_size, d].
+
+    Heads outermost, so that block ``b`` is the token range [b*bs, (b+1)*bs) of every head and
+    a run of consecutive blocks is one contiguous range: attention reads it without a copy."""
 
     def __init__(self, num_blocks: int, num_kv_heads: int, block_size: int, head_dim: int,
                  device: torch.device, dtype: torch.dtype):
-        shape = (num_blocks, num_kv_heads, block_size, head_dim)
+        shape = (num_kv_heads, num_blocks * block_size, head_dim)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.block_size = block_size
 
     def bytes_per_token(self) -> int:
-        _, h, _, d = self.keys.shape
+        h, _, d = self.keys.shape
         return 2 * h * d * self.keys.element_size()
 
     def fill(self, blocks: list[int], keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -67,28 +117,29 @@ class PagedKVCache:
         bs, n = self.block_size, keys.shape[1]
         for i, block in enumerate(blocks[: blocks_for(n, bs)]):
             lo, hi = i * bs, min(n, (i + 1) * bs)
-            self.keys[block, :, : hi - lo] = keys[:, lo:hi]
-            self.values[block, :, : hi - lo] = values[:, lo:hi]
+            self.keys[:, block * bs : block * bs + hi - lo] = keys[:, lo:hi]
+            self.values[:, block * bs : block * bs + hi - lo] = values[:, lo:hi]
 
-    def write(self, table: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """One token per row: keys/values [b, Hkv, d] at int64 ``positions`` [b] of the
-        sequences whose block tables are the rows of ``table`` [b, max_blocks]."""
-        rows = torch.arange(table.shape[0], device=table.device)
-        block = table[rows, positions // self.block_size]
-        offset = positions % self.block_size
-        self.keys[block, :, offset] = keys
-        self.values[block, :, offset] = values
+    def write(self, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """One token per row: keys/values [b, Hkv, d] at the flat token slots int64 [b]
+        (block * block_size + offset, see :meth:`slot`)."""
+        self.keys[:, slots] = keys.transpose(0, 1)
+        self.values[:, slots] = values.transpose(0, 1)
 
-    def gather(self, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """keys, values [b, Hkv, max_blocks * block_size, d] of the sequences of ``table``
-        (a copy; slots past a sequence's length hold stale data: mask them)."""
-        b, nb = table.shape
-        _, h, bs, d = self.keys.shape
+    def slot(self, blocks: list[int], position: int) -> int:
+        """The flat token slot of ``position`` in a sequence with these blocks."""
+        return blocks[position // self.block_size] * self.block_size + position % self.block_size
 
-        def one(pool: torch.Tensor) -> torch.Tensor:
-            return pool[table].permute(0, 2, 1, 3, 4).reshape(b, h, nb * bs, d)
-
-        return one(self.keys), one(self.values)
+    def sequence(self, blocks: list[int], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """keys, values [Hkv, n, d] of a sequence's first n tokens: a view when its blocks are
+        one run, else gathered (a copy)."""
+        bs = self.block_size
+        if is_run(blocks):
+            lo = blocks[0] * bs
+            return self.keys[:, lo : lo + n], self.values[:, lo : lo + n]
+        index = (torch.tensor(blocks, device=self.keys.device)[:, None] * bs
+                 + torch.arange(bs, device=self.keys.device)).flatten()[:n]
+        return self.keys.index_select(1, index), self.values.index_select(1, index)
 
 
 class SlotKVCache:
