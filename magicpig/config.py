@@ -149,3 +149,17 @@ class MagicPIGConfig:
     def replace(self, **changes: object) -> "MagicPIGConfig":
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+def resolve_config(
+    value: object, default: "MagicPIGConfig | None" = None, num_layers: int | None = None,
+    max_positions: int | None = None,
+) -> MagicPIGConfig:
+    """``value`` (None: ``default``, else a fresh MagicPIGConfig) as a config, checked against
+    a model when its layers and positions are given; TypeError for anything else."""
+    config = (default or MagicPIGConfig()) if value is None else value
+    if not isinstance(config, MagicPIGConfig):
+        raise TypeError(f"config={value!r}: expected a MagicPIGConfig or None")
+    if num_layers is not None and max_positions is not None:
+        config.check_model(num_layers, max_positions)
+    return config

@@ -13,7 +13,7 @@ from typing import Any, Callable, Generator, Iterator, Sequence
 
 import torch
 
-from magicpig.config import MagicPIGConfig, check_int
+from magicpig.config import MagicPIGConfig, check_int, resolve_config
 from magicpig.model.llama import LlamaModel, ModelArgs
 from magicpig.model.loaded import LoadedModel, Prompt, _is_token_ids, load_model
 from magicpig.runtime.decode import DecodeSession
@@ -29,11 +29,8 @@ class LongContextModel:
     """A Llama-family causal LM on the heterogeneous pipeline, with its default config."""
 
     def __init__(self, loaded: LoadedModel, config: MagicPIGConfig | None = None):
-        config = MagicPIGConfig() if config is None else config
-        if not isinstance(config, MagicPIGConfig):
-            raise TypeError(f"config={config!r}: expected a MagicPIGConfig or None")
-        config.check_model(loaded.args.num_layers, loaded.args.max_context)
-        self.loaded, self.config = loaded, config
+        self.loaded = loaded
+        self.config = resolve_config(config, None, loaded.args.num_layers, loaded.args.max_context)
 
     @classmethod
     def from_pretrained(
@@ -47,8 +44,7 @@ class LongContextModel:
         "smollm2-135m-instruct" (the embedded model), a local HF directory, a .gguf file, or a
         hub id already in the local Hugging Face cache. device defaults to CUDA when present;
         dtype to float32 on the CPU and bfloat16 on CUDA."""
-        if config is not None and not isinstance(config, MagicPIGConfig):
-            raise TypeError(f"config={config!r}: expected a MagicPIGConfig or None")
+        resolve_config(config)  # a wrong type fails before the weights load
         return cls(load_model(name_or_path, device, dtype), config)
 
     @property
@@ -79,6 +75,10 @@ class LongContextModel:
     def device(self) -> torch.device:
         return self.model.device
 
+    def _config(self, config: MagicPIGConfig | None) -> MagicPIGConfig:
+        """``config`` (default: the model's), checked against this model."""
+        return resolve_config(config, self.config, self.args.num_layers, self.args.max_context)
+
     def encode(self, prompts: Prompt | Sequence[Prompt], chat: bool = True) -> tuple[list[list[int]], bool]:
         """Token ids of each prompt, and whether a single prompt was given (see
         :meth:`LoadedModel.encode`)."""
@@ -104,10 +104,7 @@ class LongContextModel:
         """A decode session from ``state`` with ``config`` (default: the model's). Feed tokens
         with ``session.step(tokens [B]) -> logits [B, V]``; close it when done.
         ``method_factory``: see :class:`DecodeSession` (default: ``config.method``'s class)."""
-        config = self.config if config is None else config
-        if not isinstance(config, MagicPIGConfig):
-            raise TypeError(f"config={config!r}: expected a MagicPIGConfig or None")
-        config.check_model(self.args.num_layers, self.args.max_context)
+        config = self._config(config)
         return DecodeSession(self.model, state, config, max_new_tokens, method_factory)
 
     def generate_from(
@@ -161,10 +158,7 @@ class LongContextModel:
         params = SamplingParams(temperature, top_p, top_k, seed, max_new_tokens, stop)
         ids, single = self.encode(prompts, chat)
         self.loaded.check_lengths(ids, params.max_new_tokens)
-        config = self.config if config is None else config
-        if not isinstance(config, MagicPIGConfig):
-            raise TypeError(f"config={config!r}: expected a MagicPIGConfig or None")
-        events = self._engine_events(ids, params, config)
+        events = self._engine_events(ids, params, self._config(config))
         if stream:
             return _single_stream(events) if single else events
         results = _drain(events)

@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 import torch
 
-from magicpig.config import MagicPIGConfig, check_int
+from magicpig.config import MagicPIGConfig, check_int, resolve_config
 from magicpig.model.loaded import LoadedModel, Prompt, load_model
 from magicpig.runtime.generate import select_tokens
 from magicpig.runtime.outputs import GenerationStats, SamplingParams
@@ -68,13 +68,10 @@ class Engine:
         block_size: int = DEFAULT_BLOCK_SIZE,
         max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS,
     ):
+        resolve_config(config)  # a wrong type fails before a model is loaded by name
         self.loaded = _as_loaded(model)
-        self.config = getattr(model, "config", None) if config is None else config
-        self.config = MagicPIGConfig() if self.config is None else self.config
-        if not isinstance(self.config, MagicPIGConfig):
-            raise TypeError(f"config={config!r}: expected a MagicPIGConfig or None")
         args = self.loaded.args
-        self.config.check_model(args.num_layers, args.max_context)
+        self.config = resolve_config(config, getattr(model, "config", None), args.num_layers, args.max_context)
         self.max_num_seqs = check_int("max_num_seqs", max_num_seqs, 1, 4096)
         check_int("block_size", block_size, 1, 1 << 16)
         device = self.loaded.model.device
