@@ -17,7 +17,8 @@ from typing import Optional
 from magicpig.eval.usage import OneLineParser, UsageError, report
 
 _REPO = Path(__file__).resolve().parent.parent
-_BENCHMARKS = {"cpu-attention": "bench_cpu_attention.py", "generate": "bench_generate.py", "hashing": "bench_hashing.py"}
+_BENCHMARKS = {"cpu-attention": "bench_cpu_attention.py", "engine": "bench_engine.py", "generate": "bench_generate.py",
+               "hashing": "bench_hashing.py", "prefill-memory": "bench_prefill_memory.py"}
 
 
 def _version() -> str:
