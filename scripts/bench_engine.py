@@ -82,7 +82,7 @@ SENTENCES = [
 ]
 INSTRUCTION = ("\n\nWrite a long new chapter that continues the story above, with dialogue, "
                "descriptions of the places and many details.")
-QUICK = dict(requests=6, min_prompt=256, max_prompt=768, min_output=8, max_output=32, max_num_seqs=3, rate=1.0)
+QUICK = dict(requests=6, min_prompt=200, max_prompt=500, min_output=8, max_output=24, max_num_seqs=3, rate=1.0)
 
 
 @dataclass
