@@ -145,7 +145,7 @@ class ModelRunner:
         return len(self._free_slots)
 
     def device_bytes_per_block(self) -> int:
-        return sum(c.bytes_per_token() for c in self.dense.values()) * self.block_size
+        return cache_bytes(self.model, self.config, self.block_size)[1]
 
     def can_append(self, seq: SequenceKV) -> bool:
         """True when the sequence's next token has a dense block to go to."""
