@@ -160,14 +160,16 @@ class LoadedModel:
         rendered = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
         return list(self.tokenizer(rendered, add_special_tokens=False)["input_ids"])
 
-    def check_lengths(self, prompts: list[list[int]], max_new_tokens: int) -> None:
-        """ValueError when a prompt plus max_new_tokens exceeds the model's positions."""
-        limit = self.args.max_context
+    def check_lengths(self, prompts: list[list[int]], max_new_tokens: int, limit: int | None = None) -> None:
+        """ValueError when a prompt plus max_new_tokens exceeds ``limit`` positions (default:
+        the model's)."""
+        limit = self.args.max_context if limit is None else limit
+        what = "the model's" if limit == self.args.max_context else "the context limit of"
         for i, ids in enumerate(prompts):
             if len(ids) + max_new_tokens > limit:
                 raise ValueError(
                     f"prompts[{i}] has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that "
-                    f"exceeds the model's {limit} positions (shorten the prompt or max_new_tokens)"
+                    f"exceeds {what} {limit} positions (shorten the prompt or max_new_tokens)"
                 )
 
 

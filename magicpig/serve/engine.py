@@ -55,7 +55,8 @@ class Engine:
     model: a name or path (loaded with :func:`load_model`), a :class:`LoadedModel`, or anything
     with a ``loaded`` attribute (a :class:`magicpig.LongContextModel`). max_num_seqs: most
     requests running at once. device_memory_bytes / cpu_memory_bytes: budgets of the device KV
-    caches (dense-layer blocks and sinks+window slots) and of the CPU stores.
+    caches (dense-layer blocks and sinks+window slots) and of the CPU stores. max_model_len:
+    the most tokens (prompt + new) of one request, at most the model's positions (the default).
     """
 
     def __init__(
@@ -67,12 +68,16 @@ class Engine:
         cpu_memory_bytes: int | None = None,
         block_size: int = DEFAULT_BLOCK_SIZE,
         max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS,
+        max_model_len: int | None = None,
     ):
         resolve_config(config)  # a wrong type fails before a model is loaded by name
         self.loaded = _as_loaded(model)
         args = self.loaded.args
         self.config = resolve_config(config, getattr(model, "config", None), args.num_layers, args.max_context)
         self.max_num_seqs = check_int("max_num_seqs", max_num_seqs, 1, 4096)
+        # Prompt + new tokens of one request: the model's positions unless a smaller limit is set.
+        self.max_model_len = args.max_context if max_model_len is None else check_int(
+            "max_model_len", max_model_len, 2, args.max_context)
         check_int("block_size", block_size, 1, 1 << 16)
         device = self.loaded.model.device
         device_budget = default_device_budget(device) if device_memory_bytes is None else device_memory_bytes
@@ -114,7 +119,7 @@ class Engine:
         if not single:
             raise TypeError("prompt: expected one prompt (text, chat messages or token ids), got a list of prompts")
         ids = prompts[0]
-        self.loaded.check_lengths([ids], params.max_new_tokens)
+        self.loaded.check_lengths([ids], params.max_new_tokens, self.max_model_len)
         req = Request(request_id, ids, params)
         self._check_fits(req)
         if params.seed is not None:

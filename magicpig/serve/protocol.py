@@ -1,0 +1,187 @@
+"""The OpenAI request and response bodies the server speaks (pydantic; no torch).
+
+Only what the runtime does is accepted. A field OpenAI defines that the runtime does not
+implement (``n`` > 1, ``logprobs``, penalties, tools, ...) is refused with a 400 naming it, and
+so is a field OpenAI does not define: nothing is silently ignored. ``user`` is accepted (it is
+metadata and changes no output); ``top_k`` is accepted as vLLM accepts it.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from magicpig.runtime.outputs import MAX_TEMPERATURE
+
+# Fields OpenAI defines whose only supported value is "off": name -> what "off" is.
+_OFF_VALUES: dict[str, tuple[Any, ...]] = {
+    "n": (None, 1), "best_of": (None, 1), "logprobs": (None, False, 0), "top_logprobs": (None, 0),
+    "echo": (None, False), "suffix": (None, ""), "logit_bias": (None, {}),
+    "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
+    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}), "parallel_tool_calls": (None, False),
+}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    """What both routes share. Extra fields are kept so that they can be named in the 400."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    max_tokens: Optional[int] = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=MAX_TEMPERATURE)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=-1)  # vLLM's extension; 0 and -1 mean off
+    seed: Optional[int] = Field(None, ge=0, le=2**63 - 1)
+    stop: Optional[Union[str, list[str]]] = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    user: Optional[str] = None
+    # Defined by OpenAI, supported only when off (see _OFF_VALUES).
+    n: Optional[int] = None
+    best_of: Optional[int] = None
+    logprobs: Optional[Union[bool, int]] = None
+    top_logprobs: Optional[int] = None
+    echo: Optional[bool] = None
+    suffix: Optional[str] = None
+    logit_bias: Optional[dict[str, float]] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+
+    def unsupported(self) -> list[str]:
+        """Names of the fields set to something the runtime does not do (and unknown fields)."""
+        bad = [f"{k}={getattr(self, k)!r}" for k in _OFF_VALUES if k in self.model_fields_set
+               and getattr(self, k, None) not in _OFF_VALUES[k]]
+        bad += [f"{k} (unknown field)" for k in (self.model_extra or {})]
+        if isinstance(self.stop, list) and not all(self.stop):
+            bad.append("stop=[''] (empty stop strings)")
+        return bad
+
+
+class CompletionRequest(_Sampling):
+    """POST /v1/completions: ``prompt`` is one text (no chat template) or one list of token ids."""
+
+    prompt: Union[str, list[int]]
+    max_tokens: Optional[int] = Field(16, ge=1)  # OpenAI's default for completions
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant", "developer"]
+    content: Union[str, list[dict[str, Any]]]
+    name: Optional[str] = None
+
+    def text(self) -> str:
+        """The content as text; parts must all be {"type": "text", "text": ...}."""
+        if isinstance(self.content, str):
+            return self.content
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(f"messages: content part {part!r}: only text parts are supported")
+        return "".join(p["text"] for p in self.content)
+
+
+class ChatCompletionRequest(_Sampling):
+    """POST /v1/chat/completions: the messages go through the model's chat template."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    tools: Optional[list[Any]] = None
+    tool_choice: Optional[Any] = None
+    functions: Optional[list[Any]] = None
+    function_call: Optional[Any] = None
+    response_format: Optional[dict[str, Any]] = None
+    parallel_tool_calls: Optional[bool] = None
+
+    def chat_messages(self) -> list[dict[str, str]]:
+        # "developer" is OpenAI's newer name for "system"; chat templates know "system".
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+
+    def token_limit(self) -> Optional[int]:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+# ------------------------------------------------------------------------ responses
+class UsageInfo(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: Optional[str] = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: str = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Optional[UsageInfo] = None
+
+
+class AssistantMessage(BaseModel):
+    role: str = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: Optional[str] = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: str = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: str = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "magicpig"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: str = "list"
+    data: list[ModelCard]
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[Union[str, int]] = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+def finish_reason(engine_reason: Optional[str]) -> Optional[str]:
+    """The engine's reason in OpenAI's words: EOS and stop strings are both "stop"."""
+    return {"eos": "stop", "stop": "stop", "length": "length", "abort": "abort"}.get(engine_reason or "", None)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"

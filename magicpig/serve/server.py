@@ -1,0 +1,400 @@
+"""The OpenAI-compatible HTTP server (FastAPI + uvicorn) on the engine.
+
+    app = build_app(Engine("smollm2-135m-instruct"), "smollm2-135m-instruct")
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+
+Routes: ``POST /v1/completions`` (text or token ids, no chat template), ``POST
+/v1/chat/completions`` (messages through the model's chat template), both streamed as
+server-sent events when ``stream`` is true; ``GET /v1/models``, ``GET /health``, ``GET
+/metrics``. Every error is OpenAI's error JSON with its status: 400 invalid or unsupported
+fields and too-long prompts, 401 API key, 404 unknown model or route, 413 body too large, 503
+waiting queue full. A client that goes away aborts its request, which frees its memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import socket
+import threading
+import time
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Optional
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from magicpig.runtime.outputs import SamplingParams
+from magicpig.serve.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestStream, Submission
+from magicpig.serve.engine import Engine
+from magicpig.serve.metrics import CONTENT_TYPE, ServerMetrics
+from magicpig.serve.protocol import (
+    AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, CompletionChoice,
+    CompletionRequest, CompletionResponse, ErrorInfo, ErrorResponse, ModelCard, ModelList, UsageInfo,
+    _Sampling, finish_reason, new_id,
+)
+from magicpig.serve.request import RequestOutput
+
+DEFAULT_MAX_BODY_BYTES = 32 << 20  # a 128k-token prompt is ~0.5-1 MB of JSON
+_DISCONNECT_POLL_S = 0.25
+
+
+class APIError(Exception):
+    """An error answered as OpenAI's error JSON."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 code: Optional[str] = None, param: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
+
+    def response(self) -> JSONResponse:
+        body = ErrorResponse(error=ErrorInfo(message=self.message, type=self.type, param=self.param,
+                                             code=self.code if self.code is not None else self.status))
+        return JSONResponse(body.model_dump(), status_code=self.status)
+
+
+class ServerState:
+    def __init__(self, engine: Engine, served_model: str, api_key: Optional[str], max_waiting: int):
+        self.engine = AsyncEngine(engine, max_waiting)
+        self.served_model = served_model
+        self.api_key = api_key
+        self.metrics = ServerMetrics(lambda: self.engine.snapshot)
+
+
+def build_app(engine: Engine, served_model: str, api_key: Optional[str] = None, max_waiting: int = 256,
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    """The FastAPI app serving ``engine`` under the name ``served_model``. The engine thread
+    starts with the app's lifespan and stops (aborting what runs) when the app shuts down."""
+    state = ServerState(engine, served_model, api_key, max_waiting)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.engine.start()
+        try:
+            yield
+        finally:
+            state.engine.stop()
+
+    app = FastAPI(title="magicpig", version=_version(), lifespan=lifespan)
+    app.state.magicpig = state
+    _add_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+    _add_routes(app, state)
+    return app
+
+
+def _version() -> str:
+    import magicpig
+
+    return magicpig.__version__
+
+
+# --------------------------------------------------------------------------- errors
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, err: APIError) -> JSONResponse:
+        return err.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, err: RequestValidationError) -> JSONResponse:
+        return APIError(400, _validation_message(err.errors()), param=_first_param(err.errors())).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+        type_ = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+        return APIError(err.status_code, str(err.detail), type_).response()
+
+
+def _validation_message(errors: Any) -> str:
+    parts = []
+    for e in errors:
+        if e.get("type") == "json_invalid":
+            return f"malformed JSON body: {e.get('ctx', {}).get('error', e.get('msg'))}"
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
+        parts.append(f"{loc}: {e.get('msg')}")
+    return "; ".join(parts) or "invalid request body"
+
+
+def _first_param(errors: Any) -> Optional[str]:
+    for e in errors:
+        if e.get("type") == "json_invalid":
+            return None
+        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+        if loc:
+            return ".".join(loc)
+    return None
+
+
+class BodySizeLimit:
+    """413 for a request body over ``max_bytes``, by its Content-Length or, when chunked, as it
+    arrives (the body is read up to the limit and handed on)."""
+
+    def __init__(self, app: Any, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await self._too_large(scope, receive, send)
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                return await self._too_large(scope, receive, send)
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
+
+        async def replay() -> dict:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: dict, receive: Any, send: Any) -> None:
+        err = APIError(413, f"request body is larger than the limit of {self.max_bytes} bytes")
+        await err.response()(scope, receive, send)
+
+
+# --------------------------------------------------------------------------- routes
+def _add_routes(app: FastAPI, state: ServerState) -> None:
+    def authorized(request: Request) -> None:
+        if state.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        token = header[7:] if header.lower().startswith("bearer ") else ""
+        if not token or not secrets.compare_digest(token.encode(), state.api_key.encode()):
+            raise APIError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
+                           code="invalid_api_key")
+
+    auth = [Depends(authorized)]
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not state.engine.alive:
+            raise APIError(503, f"engine stopped: {state.engine.error!r}", "server_error")
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models", dependencies=auth, response_model=ModelList)
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=state.served_model, max_model_len=state.engine.engine.max_model_len)])
+
+    @app.post("/v1/completions", dependencies=auth, response_model=CompletionResponse,
+              responses={400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}})
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        return await _serve(state, request, body, body.prompt, chat=False, max_tokens=body.max_tokens)
+
+    @app.post("/v1/chat/completions", dependencies=auth, response_model=ChatCompletionResponse,
+              responses={400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}})
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        try:
+            messages = body.chat_messages()
+        except ValueError as err:
+            raise APIError(400, str(err), param="messages") from err
+        return await _serve(state, request, body, messages, chat=True, max_tokens=body.token_limit())
+
+
+async def _serve(state: ServerState, request: Request, body: _Sampling, prompt: Any, chat: bool,
+                 max_tokens: Optional[int]) -> Response:
+    """Check the body, add the request, answer as one JSON or as an event stream."""
+    started = time.perf_counter()
+    if body.model != state.served_model:
+        raise APIError(404, f"model {body.model!r} does not exist; this server serves {state.served_model!r}",
+                       code="model_not_found", param="model")
+    bad = body.unsupported()
+    if bad:
+        raise APIError(400, "unsupported by this server: " + ", ".join(bad), param=bad[0].split("=")[0].split(" ")[0])
+    sub = Submission(new_id("chatcmpl" if chat else "cmpl"), prompt, chat, _sampling_params(body, max_tokens), max_tokens)
+    stream = await _start(state, sub)
+    tracker = _Tracker(state.metrics, started)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        events = _event_stream(stream, tracker, body.model, sub.request_id, chat, include_usage)
+        return StreamingResponse(events, media_type="text/event-stream")
+    if body.stream_options is not None:
+        raise APIError(400, "stream_options: only allowed when stream is true", param="stream_options")
+    return await _collect(stream, tracker, request, body.model, sub.request_id, chat)
+
+
+def _sampling_params(body: _Sampling, max_tokens: Optional[int]) -> SamplingParams:
+    try:
+        return SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0),
+                              seed=body.seed, max_new_tokens=max_tokens or 1, stop=body.stop)
+    except (TypeError, ValueError) as err:
+        raise APIError(400, str(err)) from err
+
+
+async def _start(state: ServerState, sub: Submission) -> RequestStream:
+    try:
+        stream = await state.engine.add(sub)
+    except QueueFullError as err:
+        raise APIError(503, str(err), "server_overloaded", code="queue_full") from err
+    except (ValueError, TypeError) as err:  # the prompt is too long, or not a prompt
+        raise APIError(400, str(err), param="prompt" if "prompt" in str(err) else None) from err
+    except EngineDeadError as err:
+        raise APIError(500, str(err), "server_error") from err
+    state.metrics.prompt_tokens.inc(stream.prompt_tokens)
+    return stream
+
+
+class _Tracker:
+    """Feeds one request's outputs into the latency histograms and token counters."""
+
+    def __init__(self, metrics: ServerMetrics, started: float):
+        self.metrics, self.started = metrics, started
+        self.last: Optional[float] = None
+        self.tokens = 0
+
+    def seen(self, out: RequestOutput) -> None:
+        now = time.perf_counter()
+        if out.new_token_ids:
+            if self.last is None:
+                self.metrics.ttft.observe(now - self.started)
+            else:
+                self.metrics.itl.observe(now - self.last)
+            self.last = now
+            self.tokens += len(out.new_token_ids)
+            self.metrics.generation_tokens.inc(len(out.new_token_ids))
+        if out.finished:
+            self.metrics.e2e.observe(now - self.started)
+            self.metrics.finished.labels(finish_reason=out.finish_reason or "unknown").inc()
+
+
+def _usage(stream: RequestStream, tracker: _Tracker) -> UsageInfo:
+    return UsageInfo(prompt_tokens=stream.prompt_tokens, completion_tokens=tracker.tokens,
+                     total_tokens=stream.prompt_tokens + tracker.tokens)
+
+
+async def _collect(stream: RequestStream, tracker: _Tracker, request: Request, model: str, request_id: str,
+                   chat: bool) -> Response:
+    """Wait for the whole output, watching for a client that goes away (then abort)."""
+    text, reason = [], None
+    pending = asyncio.ensure_future(stream.get())
+    try:
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=_DISCONNECT_POLL_S)
+            if not done:
+                if await request.is_disconnected():
+                    return Response(status_code=499)  # nobody reads it; the abort below frees the memory
+                continue
+            out = pending.result()
+            tracker.seen(out)
+            text.append(out.new_text)
+            if out.finished:
+                reason = finish_reason(out.finish_reason)
+                break
+            pending = asyncio.ensure_future(stream.get())
+    except EngineDeadError as err:
+        raise APIError(500, str(err), "server_error") from err
+    finally:
+        if not pending.done():
+            pending.cancel()
+        stream.abort()
+    usage = _usage(stream, tracker)
+    if chat:
+        choice = ChatChoice(message=AssistantMessage(content="".join(text)), finish_reason=reason)
+        return JSONResponse(ChatCompletionResponse(id=request_id, model=model, choices=[choice], usage=usage).model_dump())
+    choice = CompletionChoice(text="".join(text), finish_reason=reason)
+    return JSONResponse(CompletionResponse(id=request_id, model=model, choices=[choice], usage=usage).model_dump())
+
+
+async def _event_stream(stream: RequestStream, tracker: _Tracker, model: str, request_id: str, chat: bool,
+                        include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events: one chunk per output with text (chat: a first chunk with the role),
+    a last chunk with the finish reason, the usage chunk when asked, then [DONE]. Cancelled
+    when the client goes away; the abort in ``finally`` frees the request's memory."""
+    created = int(time.time())
+    chunk = _chat_chunk if chat else _completion_chunk
+    try:
+        if chat:
+            yield _sse(chunk(request_id, model, created, {"role": "assistant", "content": ""}, None))
+        async for out in stream:
+            tracker.seen(out)
+            reason = finish_reason(out.finish_reason) if out.finished else None
+            if out.new_text or reason:
+                delta: Any = ({"content": out.new_text} if out.new_text else {}) if chat else out.new_text
+                yield _sse(chunk(request_id, model, created, delta, reason))
+        if include_usage:
+            usage = _usage(stream, tracker).model_dump()
+            yield _sse({"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
+                        "created": created, "model": model, "choices": [], "usage": usage})
+    except EngineDeadError as err:
+        # The status line went out with the first chunk: the error travels as an event.
+        yield _sse({"error": {"message": str(err), "type": "server_error", "param": None, "code": 500}})
+    finally:
+        stream.abort()
+    yield "data: [DONE]\n\n"
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def _completion_chunk(rid: str, model: str, created: int, text: str, reason: Optional[str]) -> dict:
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}]}
+
+
+def _chat_chunk(rid: str, model: str, created: int, delta: dict, reason: Optional[str]) -> dict:
+    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+
+
+# ---------------------------------------------------------------------- running it
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket (port 0: a free one); binding here, before uvicorn starts, means
+    no other process can take the port in between."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    return sock
+
+
+class BackgroundServer:
+    """uvicorn serving ``app`` from a thread (tests, notebooks): ``with BackgroundServer(app)
+    as server: server.url``. Leaving the block shuts it down and stops the engine."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        import uvicorn
+
+        self.sock = bind_socket(host, port)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://{host}:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> "BackgroundServer":
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.sock.close()
+
+
+def serve(engine: Engine, served_model: str, host: str = "127.0.0.1", port: int = 8000,
+          api_key: Optional[str] = None, max_waiting: int = 256,
+          max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, log_level: str = "info") -> None:
+    """Serve until interrupted (Ctrl-C)."""
+    import uvicorn
+
+    app = build_app(engine, served_model, api_key, max_waiting, max_body_bytes)
+    sock = bind_socket(host, port)
+    print(f"magicpig serve: {served_model} on http://{host}:{sock.getsockname()[1]}/v1 (Ctrl-C stops)", flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)).run(sockets=[sock])
