@@ -265,3 +265,19 @@ def test_bad_arguments_name_themselves(model, call, error, match):
 def test_from_pretrained_refuses_what_cannot_run(kwargs, error, match):
     with pytest.raises(error, match=match):
         LongContextModel.from_pretrained(**kwargs)
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 1e-30, 1e-6])
+def test_tiny_temperature_samples_the_argmax_without_nan(temperature):
+    """logits / T overflowed to inf for a tiny T and softmax gave NaN (the HTTP fuzzer found it:
+    multinomial raised inside the engine thread). Every row must come out as its argmax."""
+    from magicpig.runtime.generate import select_tokens
+    from magicpig.runtime.outputs import SamplingParams
+
+    logits = torch.randn(4, 1000, generator=torch.Generator().manual_seed(0)) * 30
+    logits[1] = -1e30  # a row of huge negative logits, one token a bit above the rest
+    logits[1, 7] = -1e29
+    for params in (SamplingParams(temperature=temperature), SamplingParams(temperature=temperature, top_p=0.5),
+                   SamplingParams(temperature=temperature, top_k=3)):
+        got = select_tokens(logits, params, torch.Generator().manual_seed(1))
+        assert torch.equal(got, logits.argmax(-1)), params

@@ -19,7 +19,10 @@ def select_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch
     """Next token per row of float32 logits [B, V] -> int64 [B]."""
     if params.temperature == 0:
         return logits.argmax(dim=-1)
-    scores = logits / params.temperature
+    # Shift the maximum to 0 and divide in float64: with a tiny temperature logits / T overflows
+    # to +-inf (and T itself underflows to 0 in float32), and softmax(inf - inf) is NaN; shifted,
+    # the best token stays at 0 and the rest go to -inf. [B, V] float64 is small next to a step.
+    scores = (logits - logits.max(dim=-1, keepdim=True).values).double() / params.temperature
     if params.top_k > 0 and params.top_k < scores.shape[-1]:
         kth = torch.topk(scores, params.top_k, dim=-1).values[:, -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
