@@ -63,15 +63,23 @@ def _verify_cache() -> int:
 
 def _bench(argv: list[str]) -> int:
     # Not argparse: everything after NAME, --help included, belongs to the benchmark script.
-    usage = f"usage: magicpig bench NAME [ARGS]  (NAME: {', '.join(sorted(_BENCHMARKS))}; NAME --help for its options)"
+    names = sorted([*_BENCHMARKS, "serve"])
+    usage = f"usage: magicpig bench NAME [ARGS]  (NAME: {', '.join(names)}; NAME --help for its options)"
     if argv and argv[0] in ("-h", "--help"):
         print(usage)
         return 0
     if not argv:
-        return report("magicpig bench", UsageError(f"missing NAME, one of {sorted(_BENCHMARKS)} (see --help)"))
+        return report("magicpig bench", UsageError(f"missing NAME, one of {names} (see --help)"))
     name, rest = argv[0], argv[1:]
+    if name == "serve":  # in the package: a load generator users run against any server
+        from magicpig.serve.bench import main as bench_serve
+
+        try:
+            return bench_serve(rest, ruler_source=_ruler_workload)
+        except (ValueError, TypeError) as err:
+            return report("magicpig bench serve", err)
     if name not in _BENCHMARKS:
-        return report("magicpig bench", UsageError(f"unknown benchmark {name!r}: expected one of {sorted(_BENCHMARKS)}"))
+        return report("magicpig bench", UsageError(f"unknown benchmark {name!r}: expected one of {names}"))
     script = _REPO / "scripts" / _BENCHMARKS[name]
     if not script.exists():
         return report("magicpig bench", UsageError(
@@ -79,6 +87,72 @@ def _bench(argv: list[str]) -> int:
     sys.argv = [str(script), *rest]
     runpy.run_path(str(script), run_name="__main__")
     return 0
+
+
+def _serve_parser() -> OneLineParser:
+    p = OneLineParser(prog="magicpig serve", description="OpenAI-compatible HTTP server (docs/SERVING.md).")
+    p.add_argument("--model", default=None, help="model name or path (default: smollm2-135m-instruct)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $MAGICPIG_API_KEY, else none)")
+    p.add_argument("--max-num-seqs", type=int, default=16, help="most requests running at once (default 16)")
+    p.add_argument("--max-waiting", type=int, default=256, help="most queued requests; more get 503 (default 256)")
+    p.add_argument("--max-model-len", type=int, default=None, help="most prompt + new tokens (default: the model's)")
+    p.add_argument("--max-body-bytes", type=int, default=32 << 20, help="largest request body (default 32 MiB)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when present, else cpu)")
+    p.add_argument("--method", default="magicpig", help="attention method: magicpig, dense, or a baseline")
+    for name in ("K", "L", "min-collisions", "sink-tokens", "window-tokens"):
+        p.add_argument(f"--{name}", type=int, default=None, help=f"MagicPIGConfig.{name.replace('-', '_')}")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    return p
+
+
+def _serve(argv: list[str]) -> int:
+    import os
+
+    from magicpig.config import MagicPIGConfig, check_int
+    from magicpig.eval.usage import check_device, resolve_model_args, user_error_types
+
+    args = _serve_parser().parse_args(argv)
+    try:
+        check_int("--port", args.port, 0, 65535)
+        check_int("--max-waiting", args.max_waiting, 1)
+        check_int("--max-body-bytes", args.max_body_bytes, 1)
+        fields = {k: getattr(args, k) for k in ("K", "L", "min_collisions", "sink_tokens", "window_tokens")}
+        config = MagicPIGConfig(method=args.method, **{k: v for k, v in fields.items() if v is not None})
+        device = check_device("--device", args.device)
+        model_dir, model_args = resolve_model_args("--model", args.model)
+        config.check_model(model_args.num_layers, model_args.max_context)
+        from magicpig.model.loaded import load_model
+        from magicpig.serve.engine import Engine
+
+        engine = Engine(load_model(model_dir, device=device), config, max_num_seqs=args.max_num_seqs,
+                        max_model_len=args.max_model_len)
+    except user_error_types() as err:
+        return report("magicpig serve", err)
+    from magicpig.serve.server import serve
+
+    served = args.model or "smollm2-135m-instruct"
+    serve(engine, served, args.host, args.port, args.api_key or os.environ.get("MAGICPIG_API_KEY") or None,
+          args.max_waiting, args.max_body_bytes, args.log_level)
+    return 0
+
+
+def _ruler_workload(args) -> list:
+    """RULER prompts for ``magicpig bench serve --dataset ruler`` (the eval layer builds them)."""
+    from magicpig.eval.ruler import generate_sample
+    from magicpig.model.loading import load_tokenizer, resolve_model_dir
+    from magicpig.serve.bench import WorkItem
+
+    # The served model's tokenizer fits the prompts (the embedded one when --model is not local).
+    try:
+        tokenizer = load_tokenizer(resolve_model_dir(args.model))
+    except Exception:  # noqa: BLE001 - a served name that is no local model
+        tokenizer = load_tokenizer(resolve_model_dir(None))
+    samples = [generate_sample(args.ruler_task, args.ruler_length, i, tokenizer) for i in range(args.num_prompts)]
+    # The prompt already carries the chat template: it goes to /v1/completions as text.
+    return [WorkItem(s.prompt, s.tokens_to_generate) for s in samples]
 
 
 def _demo(argv: list[str]) -> int:
@@ -96,7 +170,8 @@ def _eval(argv: list[str]) -> int:
 COMMANDS = {
     "demo": (_demo, "needle-in-a-haystack demo on the embedded model (dense vs magicpig)"),
     "eval": (_eval, "RULER / LongBench evaluation of the attention methods"),
-    "bench": (_bench, "benchmarks: " + ", ".join(sorted(_BENCHMARKS)) + " (NAME --help for options)"),
+    "bench": (_bench, "benchmarks: " + ", ".join(sorted([*_BENCHMARKS, "serve"])) + " (NAME --help for options)"),
+    "serve": (_serve, "OpenAI-compatible HTTP server on the engine (127.0.0.1:8000 by default)"),
     "info": (_info, "SIMD level, threads, device and cache this install uses (--verify-cache)"),
 }
 

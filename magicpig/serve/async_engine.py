@@ -58,8 +58,10 @@ class Submission:
 class AsyncEngine:
     """Owns the engine thread. ``generate`` is an async iterator of :class:`RequestOutput`."""
 
-    def __init__(self, engine: Engine, max_waiting: int):
+    def __init__(self, engine: Engine, max_waiting: int,
+                 on_finish: Optional[Callable[[RequestOutput], None]] = None):
         self.engine = engine
+        self.on_finish = on_finish  # called on the engine thread for every request that ends
         self.max_waiting = max_waiting
         self.snapshot = EngineSnapshot()
         self.error: Optional[BaseException] = None
@@ -154,6 +156,8 @@ class AsyncEngine:
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
+            if out.finished and self.on_finish is not None:
+                self.on_finish(out)  # aborts too, whose client is gone
             target = self._streams.get(out.request_id)
             if target is None:
                 continue

@@ -74,20 +74,22 @@ class CompletionRequest(_Sampling):
     max_tokens: Optional[int] = Field(16, ge=1)  # OpenAI's default for completions
 
 
+class TextPart(BaseModel):
+    """A content part; only text (no images or audio)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant", "developer"]
-    content: Union[str, list[dict[str, Any]]]
+    content: Union[str, list[TextPart]]
     name: Optional[str] = None
 
     def text(self) -> str:
-        """The content as text; parts must all be {"type": "text", "text": ...}."""
-        if isinstance(self.content, str):
-            return self.content
-        for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError(f"messages: content part {part!r}: only text parts are supported")
-        return "".join(p["text"] for p in self.content)
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
 class ChatCompletionRequest(_Sampling):

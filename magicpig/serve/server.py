@@ -58,10 +58,10 @@ class APIError(Exception):
 
 class ServerState:
     def __init__(self, engine: Engine, served_model: str, api_key: Optional[str], max_waiting: int):
-        self.engine = AsyncEngine(engine, max_waiting)
+        self.metrics = ServerMetrics(lambda: self.engine.snapshot)
+        self.engine = AsyncEngine(engine, max_waiting, on_finish=self.metrics.request_finished)
         self.served_model = served_model
         self.api_key = api_key
-        self.metrics = ServerMetrics(lambda: self.engine.snapshot)
 
 
 def build_app(engine: Engine, served_model: str, api_key: Optional[str] = None, max_waiting: int = 256,
@@ -83,7 +83,22 @@ def build_app(engine: Engine, served_model: str, api_key: Optional[str] = None, 
     _add_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     _add_routes(app, state)
+    app.openapi = lambda: _openapi(app, served_model)
     return app
+
+
+def _openapi(app: FastAPI, served_model: str) -> dict:
+    """FastAPI's schema, with the one valid ``model`` name written into the request bodies (any
+    other name is a 404 at run time, so clients and fuzzers learn the name from the schema)."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for name in ("CompletionRequest", "ChatCompletionRequest"):
+            prop = schema["components"]["schemas"][name]["properties"]["model"]
+            prop["enum"], prop["examples"] = [served_model], [served_model]
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def _version() -> str:
@@ -196,11 +211,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/chat/completions", dependencies=auth, response_model=ChatCompletionResponse,
               responses={400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}})
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        try:
-            messages = body.chat_messages()
-        except ValueError as err:
-            raise APIError(400, str(err), param="messages") from err
-        return await _serve(state, request, body, messages, chat=True, max_tokens=body.token_limit())
+        return await _serve(state, request, body, body.chat_messages(), chat=True, max_tokens=body.token_limit())
 
 
 async def _serve(state: ServerState, request: Request, body: _Sampling, prompt: Any, chat: bool,
@@ -266,7 +277,12 @@ class _Tracker:
             self.metrics.generation_tokens.inc(len(out.new_token_ids))
         if out.finished:
             self.metrics.e2e.observe(now - self.started)
-            self.metrics.finished.labels(finish_reason=out.finish_reason or "unknown").inc()
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns once the client has disconnected (polled: ASGI tells only when asked)."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(_DISCONNECT_POLL_S)
 
 
 def _usage(stream: RequestStream, tracker: _Tracker) -> UsageInfo:
@@ -278,14 +294,13 @@ async def _collect(stream: RequestStream, tracker: _Tracker, request: Request, m
                    chat: bool) -> Response:
     """Wait for the whole output, watching for a client that goes away (then abort)."""
     text, reason = [], None
+    watcher = asyncio.ensure_future(_client_gone(request))
     pending = asyncio.ensure_future(stream.get())
     try:
         while True:
-            done, _ = await asyncio.wait({pending}, timeout=_DISCONNECT_POLL_S)
-            if not done:
-                if await request.is_disconnected():
-                    return Response(status_code=499)  # nobody reads it; the abort below frees the memory
-                continue
+            done, _ = await asyncio.wait({pending, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if watcher in done:
+                return Response(status_code=499)  # nobody reads it; the abort below frees the memory
             out = pending.result()
             tracker.seen(out)
             text.append(out.new_text)
@@ -296,8 +311,8 @@ async def _collect(stream: RequestStream, tracker: _Tracker, request: Request, m
     except EngineDeadError as err:
         raise APIError(500, str(err), "server_error") from err
     finally:
-        if not pending.done():
-            pending.cancel()
+        for task in (pending, watcher):
+            task.cancel()
         stream.abort()
     usage = _usage(stream, tracker)
     if chat:

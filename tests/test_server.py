@@ -1,0 +1,320 @@
+"""The OpenAI-compatible server, over loopback, with real clients: the `openai` package, httpx,
+prometheus_client's parser, `magicpig bench serve` and schemathesis. Each server runs the
+embedded SmolLM2 on a free port opened inside the test."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+from openai import OpenAI
+from prometheus_client.parser import text_string_to_metric_families
+
+from magicpig import Engine, LongContextModel, MagicPIGConfig
+from magicpig.serve.server import BackgroundServer, build_app
+
+MODEL = "smollm2-135m-instruct"
+KEY = "test-key"
+CONFIG = MagicPIGConfig()  # the runtime's default: LSH sampling over the CPU store
+# Long enough that the store holds a middle (sinks 4 + window 64 < prompt).
+STORY = ("The lighthouse keeper wrote the weather, the ships and his dreams into a logbook. " * 30)
+MESSAGES = [{"role": "user", "content": STORY + "\nIn one sentence: what did the keeper write down?"}]
+# Runs far longer than any test waits (no EOS in sight): what a client that goes away leaves.
+COUNTING = {"model": MODEL, "prompt": "Count from 1 to 1000: 1, 2, 3, 4, 5,", "max_tokens": 2000, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def model() -> LongContextModel:
+    return LongContextModel.from_pretrained(device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    app = build_app(Engine(model, CONFIG, max_num_seqs=4), MODEL, api_key=KEY)
+    with BackgroundServer(app) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def small_server(model):
+    """One sequence at a time, one waiting, 64 KiB bodies, no API key."""
+    engine = Engine(model, CONFIG, max_num_seqs=1)
+    with BackgroundServer(build_app(engine, MODEL, max_waiting=1, max_body_bytes=64 << 10)) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(model):
+    """40 positions (a short chat fits, with a few new tokens), so that every generated request
+    the server accepts ends in a fraction of a second."""
+    with BackgroundServer(build_app(Engine(model, CONFIG, max_num_seqs=2, max_model_len=40), MODEL)) as srv:
+        yield srv
+
+
+def _client(srv) -> OpenAI:
+    return OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def _metrics(srv) -> dict[str, float]:
+    """Every sample of /metrics by name (labels folded into the name), parsed by prometheus_client."""
+    text = httpx.get(srv.url + "/metrics", timeout=30).text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            out[s.name + (f"{{{labels}}}" if labels else "")] = s.value
+    return out
+
+
+def _wait_for(srv, predicate, timeout=60.0) -> dict[str, float]:
+    deadline = time.monotonic() + timeout
+    while True:
+        m = _metrics(srv)
+        if predicate(m):
+            return m
+        assert time.monotonic() < deadline, f"metrics never reached the state: {m}"
+        time.sleep(0.05)
+
+
+# ----------------------------------------------------------------------- behaviour
+def test_chat_equals_generate_streamed_and_not(server, model):
+    expected = model.generate(MESSAGES, max_new_tokens=24, config=CONFIG)
+    client = _client(server)
+    got = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=24, temperature=0)
+    assert got.choices[0].message.content == expected.text
+    assert got.choices[0].finish_reason == ("length" if expected.finish_reason == "length" else "stop")
+    assert got.usage.prompt_tokens == expected.stats.prompt_tokens
+    assert got.usage.completion_tokens == len(expected.token_ids)
+
+    chunks = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=24, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected.text
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] is not None
+    assert chunks[-1].usage.completion_tokens == len(expected.token_ids)
+
+
+def test_completions_stop_string(server, model):
+    prompt = "List the days of the week, one per line:\nMonday\n"
+    free = model.generate(prompt, max_new_tokens=20, chat=False, config=CONFIG).text
+    assert "Wednesday" in free, free  # else pick another stop word: the test must cut something
+    expected = free[: free.index("Wednesday")]
+    client = _client(server)
+    got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0, stop=["Wednesday"])
+    assert got.choices[0].text == expected
+    assert got.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0,
+                                         stop="Wednesday", stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == expected
+
+
+def test_token_id_prompt_equals_text_prompt(server, model):
+    client = _client(server)
+    ids = model.encode("The capital of France is", chat=False)[0][0]
+    by_text = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0)
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=8, temperature=0)
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    assert by_ids.usage.prompt_tokens == len(ids)
+
+
+def test_concurrent_requests_all_complete(server):
+    questions = ["Name a colour.", "Name a fruit.", "Count to three.", "Say hello in French.", "Name a planet.",
+                 "Name an ocean."]
+    results: dict[int, object] = {}
+
+    def ask(i: int) -> None:
+        results[i] = _client(server).chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": questions[i]}], max_tokens=12, temperature=0)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(questions))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert sorted(results) == list(range(len(questions)))
+    assert len({r.id for r in results.values()}) == len(questions)
+    for r in results.values():
+        assert r.choices[0].finish_reason in ("stop", "length") and 1 <= r.usage.completion_tokens <= 12
+    _wait_for(server, lambda m: m["magicpig_requests_running"] == 0 and m["magicpig_cpu_store_bytes"] == 0)
+
+
+def test_models_and_health(server):
+    assert [m.id for m in _client(server).models.list().data] == [MODEL]
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+
+
+# -------------------------------------------------------------------------- errors
+def _post(srv, path, body, key=KEY, **kw):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    kw.setdefault("timeout", 60)
+    return httpx.post(srv.url + path, content=content, headers={**headers, "Content-Type": "application/json"}, **kw)
+
+
+def _error(resp, status: int) -> str:
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    return err["message"]
+
+
+@pytest.mark.parametrize("body, words", [
+    (b'{"model": "x", "prompt": ', ["malformed JSON"]),
+    ({"model": MODEL, "prompt": "hi", "temperature": -1}, ["temperature"]),
+    ({"model": MODEL, "prompt": "hi", "max_tokens": 0}, ["max_tokens"]),
+    ({"model": MODEL}, ["prompt"]),
+    ({"model": MODEL, "prompt": "hi", "n": 2}, ["n=2"]),
+    ({"model": MODEL, "prompt": "hi", "logprobs": 3}, ["logprobs"]),
+    ({"model": MODEL, "prompt": "hi", "presence_penalty": 0.5}, ["presence_penalty"]),
+    ({"model": MODEL, "prompt": "hi", "frobnicate": True}, ["frobnicate", "unknown field"]),
+    ({"model": MODEL, "prompt": "hi", "stream_options": {"include_usage": True}}, ["stream_options"]),
+    ({"model": MODEL, "prompt": [1] * 9000}, ["9000 tokens", "8192 positions"]),
+    ({"model": MODEL, "prompt": [10**9]}, ["token id"]),
+])
+def test_bad_completion_requests_are_400_naming_the_problem(server, body, words):
+    message = _error(_post(server, "/v1/completions", body), 400)
+    for w in words:
+        assert w in message, message
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"model": MODEL, "messages": []}, ["messages"]),
+    ({"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, ["role"]),
+    ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     ["content"]),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, ["tools"]),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": True}, ["logprobs"]),
+])
+def test_bad_chat_requests_are_400_naming_the_problem(server, body, words):
+    message = _error(_post(server, "/v1/chat/completions", body), 400)
+    for w in words:
+        assert w in message, message
+
+
+def test_unknown_model_404_and_api_key_401(server):
+    assert MODEL in _error(_post(server, "/v1/completions", {"model": "gpt-4", "prompt": "hi"}), 404)
+    _error(_post(server, "/v1/completions", {"model": MODEL, "prompt": "hi"}, key=None), 401)
+    _error(_post(server, "/v1/completions", {"model": MODEL, "prompt": "hi"}, key="wrong"), 401)
+    _error(httpx.get(server.url + "/v1/models"), 401)
+    _error(httpx.get(server.url + "/v1/nothing-here", headers={"Authorization": f"Bearer {KEY}"}), 404)
+
+
+def test_body_over_the_limit_is_413(small_server):
+    big = json.dumps({"model": MODEL, "prompt": "x" * (70 << 10)}).encode()
+    assert "65536" in _error(_post(small_server, "/v1/completions", big, key=None), 413)
+
+    def chunked():  # no Content-Length: the limit is enforced as the body arrives
+        for i in range(0, len(big), 8192):
+            yield big[i : i + 8192]
+
+    resp = httpx.post(small_server.url + "/v1/completions", content=chunked(), timeout=60,
+                      headers={"Content-Type": "application/json"})
+    _error(resp, 413)
+
+
+def test_full_waiting_queue_is_503_and_leaving_clients_free_everything(small_server):
+    srv, body = small_server, COUNTING
+    before = _aborts(_metrics(srv))
+    running = _raw_post(srv, "/v1/completions", {**body, "stream": True})
+    _wait_for(srv, lambda m: m["magicpig_requests_running"] == 1)
+    waiting = _raw_post(srv, "/v1/completions", body)
+    _wait_for(srv, lambda m: m["magicpig_requests_waiting"] == 1)
+    assert "waiting" in _error(_post(srv, "/v1/completions", body, key=None), 503)
+    assert running.recv(4096).startswith(b"HTTP/1.1 200")  # it streams; then both clients go away
+    waiting.close()
+    running.close()
+    m = _wait_for(srv, lambda m: m["magicpig_requests_running"] == 0 and m["magicpig_requests_waiting"] == 0)
+    assert m["magicpig_cpu_store_bytes"] == 0 and m["magicpig_device_kv_blocks_in_use"] == 0
+    # Neither ran to its 1000 tokens: both were aborted.
+    assert _aborts(m) == before + 2
+
+
+def _raw_post(srv, path: str, body: dict, key: str | None = None) -> socket.socket:
+    """A POST over a plain socket, left open: closing it is a client that goes away."""
+    data = json.dumps(body).encode()
+    auth = f"Authorization: Bearer {key}\r\n" if key else ""
+    sock = socket.create_connection(("127.0.0.1", srv.port), timeout=60)
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n{auth}"
+                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
+
+
+def _aborts(m: dict[str, float]) -> float:
+    return m.get("magicpig_requests_finished_total{finish_reason=abort}", 0)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_that_goes_away_frees_its_request(server, stream):
+    """A client that leaves mid-request, streaming or waiting for the whole answer: the request
+    is aborted (not run to its 2000 tokens) and the running count and CPU-store bytes in
+    /metrics go back to zero."""
+    before = _aborts(_metrics(server))
+    sock = _raw_post(server, "/v1/completions", {**COUNTING, "stream": stream}, key=KEY)
+    _wait_for(server, lambda m: m["magicpig_requests_running"] == 1 and m["magicpig_cpu_store_bytes"] > 0
+              and m["magicpig_generation_tokens_total"] > 0)
+    if stream:
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+    sock.close()
+    _wait_for(server, lambda m: m["magicpig_requests_running"] == 0 and m["magicpig_cpu_store_bytes"] == 0
+              and _aborts(m) == before + 1)
+
+
+# ------------------------------------------------------------------------- metrics
+def test_metrics_parse_and_count_tokens(server):
+    before = _metrics(server)
+    got = _client(server).completions.create(model=MODEL, prompt="One, two, three,", max_tokens=6, temperature=0)
+    after = _metrics(server)
+    for name in ("magicpig_requests_running", "magicpig_requests_waiting", "magicpig_device_kv_blocks_in_use",
+                 "magicpig_cpu_store_bytes", "magicpig_time_to_first_token_seconds_count",
+                 "magicpig_inter_token_latency_seconds_count", "magicpig_e2e_request_latency_seconds_count"):
+        assert name in after, name
+    assert after["magicpig_prompt_tokens_total"] - before["magicpig_prompt_tokens_total"] == got.usage.prompt_tokens
+    assert (after["magicpig_generation_tokens_total"] - before["magicpig_generation_tokens_total"]
+            == got.usage.completion_tokens)
+    assert after["magicpig_time_to_first_token_seconds_count"] - before["magicpig_time_to_first_token_seconds_count"] == 1
+    assert after["magicpig_e2e_request_latency_seconds_count"] - before["magicpig_e2e_request_latency_seconds_count"] == 1
+
+
+def test_bench_serve_ttft_agrees_with_the_server(server, tmp_path):
+    from magicpig.serve.bench import main
+
+    before = _metrics(server)
+    out = tmp_path / "bench.json"
+    rc = main(["--base-url", server.url, "--api-key", KEY, "--num-prompts", "8", "--random-input-len", "128",
+               "--random-output-len", "8", "--seed", "3", "--json", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    after = _metrics(server)
+    assert result["completed"] == 8 and result["failed"] == 0
+    count = after["magicpig_time_to_first_token_seconds_count"] - before["magicpig_time_to_first_token_seconds_count"]
+    total = after["magicpig_time_to_first_token_seconds_sum"] - before["magicpig_time_to_first_token_seconds_sum"]
+    assert count == 8
+    server_mean_ms = 1000 * total / count
+    assert abs(result["mean_ttft_ms"] - server_mean_ms) <= 0.2 * server_mean_ms, (result["mean_ttft_ms"], server_mean_ms)
+    assert result["total_output_tokens"] == after["magicpig_generation_tokens_total"] - before[
+        "magicpig_generation_tokens_total"]
+
+
+# ---------------------------------------------------------------------- fuzzing
+def test_schemathesis_finds_no_server_error_and_leaves_nothing_running(fuzz_server, tmp_path):
+    """A bounded schemathesis run (a few hundred requests generated from the server's own
+    OpenAPI schema, valid and invalid) gets no 5xx; afterwards nothing runs or waits."""
+    cmd = [sys.executable, "-m", "schemathesis.cli", "run", fuzz_server.url + "/openapi.json",
+           "--checks", "not_a_server_error", "--max-examples", "20", "--generation-deterministic",
+           "--workers", "1", "--request-timeout", "120", "--report-dir", str(tmp_path)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    print(run.stdout[-1500:])
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    generated = [line for line in run.stdout.splitlines() if "generated" in line]
+    assert generated and int(generated[-1].split()[0]) >= 200, generated
+    m = _wait_for(fuzz_server, lambda m: m["magicpig_requests_running"] == 0 and m["magicpig_requests_waiting"] == 0)
+    assert m["magicpig_cpu_store_bytes"] == 0
+    assert httpx.get(fuzz_server.url + "/health").status_code == 200
