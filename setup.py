@@ -54,6 +54,8 @@ class CMakeBuild(build_ext):
 setup(
     packages=find_packages(include=["magicpig", "magicpig.*"]) + ["magicpig.kernels"],
     package_dir={"magicpig.kernels": "kernels"},
+    # Data read at run time: LongBench's task table, the scheduler's device profiles.
+    package_data={"magicpig.eval": ["data/*.json"], "magicpig.serve": ["profiles/*.json"]},
     ext_modules=[CMakeExtension("magicpig._C")],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,
