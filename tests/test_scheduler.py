@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from magicpig.serve.scheduler import MemoryState, Scheduler, blocks_for, reserved_cpu_bytes
+from magicpig.serve.scheduler import MemoryState, PolicyConfig, Scheduler, blocks_for, reserved_cpu_bytes
 
 BS = 16
 
@@ -24,8 +24,9 @@ BS = 16
 class FakeRequest:
     """prompt tokens, generated tokens so far, max_new_tokens; named for readable failures."""
 
-    def __init__(self, name: str, prompt: int, generated: int = 0, max_new_tokens: int = 8):
+    def __init__(self, name: str, prompt: int, generated: int = 0, max_new_tokens: int = 8, arrival: float = 0.0):
         self.name = name
+        self.arrival = arrival
         self.num_prompt_tokens = prompt
         self.generated = generated
         self.params = SimpleNamespace(max_new_tokens=max_new_tokens)
@@ -216,6 +217,136 @@ def test_scheduler_remove_and_has_unfinished():
     assert s.running == [] and s.has_unfinished()
     s.remove(a)
     assert not s.has_unfinished()
+
+
+# --------------------------------------------------------------------------- policies
+def policy_scheduler(name, waiting=(), running=(), chunked=True, clock=lambda: 0.0, cost=None, **knobs):
+    s = Scheduler(64, 10_000, PolicyConfig(name, **knobs), chunked_prefill=chunked, cost=cost, clock=clock)
+    for r in waiting:
+        s.add(r)
+    s.running.extend(running)
+    return s
+
+
+def test_chunked_splits_a_long_prompt_under_the_token_budget():
+    """Budget 100, two decodes: 98 tokens of prefill per step. The 250-token prompt runs as
+    98 + 98 + 54; it is running but does not decode until its last chunk is done; a prompt
+    behind it gets what the last chunk leaves."""
+    d1, d2 = FakeRequest("d1", 10, generated=1), FakeRequest("d2", 10, generated=1)
+    long, short = FakeRequest("long", 250), FakeRequest("short", 30)
+    s = policy_scheduler("chunked", waiting=[long, short], running=[d1, d2], token_budget=100)
+    sizes = []
+    for _ in range(3):
+        plan = s.schedule(mem())
+        assert names(plan.decodes) == ["d1", "d2"]  # never the part-way one
+        sizes.append([(c.request.name, c.start, c.num_tokens, c.last) for c in plan.chunks])
+    assert sizes == [[("long", 0, 98, False)], [("long", 98, 98, False)],
+                     [("long", 196, 54, True), ("short", 0, 30, True)]]
+    assert names(s.schedule(mem()).decodes) == ["d1", "d2", "long", "short"]
+
+
+def test_prefill_first_stops_decodes_while_anything_prefills():
+    r = FakeRequest("r", 10, generated=1)
+    s = policy_scheduler("prefill_first", waiting=[FakeRequest("a", 300)], running=[r], token_budget=200)
+    plan = s.schedule(mem())
+    assert plan.decodes == [] and [(c.num_tokens, c.last) for c in plan.chunks] == [(200, False)]
+    plan = s.schedule(mem())
+    assert plan.decodes == [] and [(c.num_tokens, c.last) for c in plan.chunks] == [(100, True)]
+    assert names(s.schedule(mem()).decodes) == ["r", "a"]
+    # nothing admissible (no slot): decode instead of waiting
+    s = policy_scheduler("prefill_first", waiting=[FakeRequest("b", 5)], running=[r])
+    plan = s.schedule(mem(free_slots=0))
+    assert plan.chunks == [] and names(plan.decodes) == ["r"]
+
+
+def test_static_split_runs_one_chunk_at_its_fixed_share():
+    r = FakeRequest("r", 10, generated=1)
+    s = policy_scheduler("static", waiting=[FakeRequest("a", 50), FakeRequest("b", 5)], running=[r],
+                         static_prefill_share=0.25, chunk_tokens=40)
+    plan = s.schedule(mem())
+    assert names(plan.prefills) == ["a"] and plan.chunks[0].num_tokens == 40 and plan.prefill_share == 0.25
+    assert names(plan.decodes) == ["r"]
+    s2 = policy_scheduler("static", running=[r], static_prefill_share=0.25)
+    assert s2.schedule(mem()).prefill_share == 0.0  # nothing to prefill: decode has it all
+    s3 = policy_scheduler("static", waiting=[FakeRequest("a", 5)], static_prefill_share=0.25)
+    assert s3.schedule(mem()).prefill_share == 1.0  # nothing to decode: prefill has it all
+
+
+@pytest.fixture(scope="module")
+def h100():
+    from magicpig.serve.cost_model import CostModel, load_profile
+
+    profile = load_profile("h100_llama31_8b")
+    return CostModel(profile, profile.model)
+
+
+def test_nexus_gives_decode_the_smallest_share_that_meets_its_target(h100):
+    running = [FakeRequest(f"r{i}", 32_000, generated=1) for i in range(8)]
+    lens = [r.num_tokens for r in running]
+    target, slack = 0.03, 0.9
+    s = policy_scheduler("nexus", waiting=[FakeRequest("p", 4000)], running=running, cost=h100,
+                         tbt_target_s=target, slack=slack, method="dense", hysteresis_steps=0)
+    plan = s.schedule(mem(free_blocks=10**6))
+    decode_share = 1.0 - plan.prefill_share
+    assert 0 < decode_share < 1 and names(plan.prefills) == ["p"]
+    assert h100.decode_time(lens, "dense", decode_share) <= target * slack
+    smaller = decode_share - 8 / 132  # one green-context step down
+    assert h100.decode_time(lens, "dense", smaller) > target * slack
+
+
+def test_nexus_hysteresis_holds_the_split_under_small_load_changes(h100):
+    """Decode's share goes up at once when the load needs it, and comes down only after the
+    smaller share has sufficed for more than hysteresis_steps steps in a row (here 3: the load
+    drops at step 1, the share follows at step 4)."""
+    big = [FakeRequest(f"r{i}", 64_000, generated=1) for i in range(8)]
+    s = policy_scheduler("nexus", running=list(big), cost=h100, tbt_target_s=0.04, method="dense", hysteresis_steps=3)
+    shares = []
+    for step in range(8):
+        if step == 1:  # the load drops: half the requests finish
+            for r in big[4:]:
+                s.remove(r)
+        s.add(FakeRequest(f"p{step}", 100))
+        shares.append(1.0 - s.schedule(mem(free_blocks=10**6)).prefill_share)
+    assert shares[0] == shares[1] == shares[2] == shares[3] < 1.0  # held
+    assert shares[4] < shares[3] and shares[4] == shares[5] == shares[6] == shares[7]
+    for r in big[:4]:
+        r.generated += 1  # a small change of load does not move it either
+    s.add(FakeRequest("q", 100))
+    assert 1.0 - s.schedule(mem(free_blocks=10**6)).prefill_share == shares[7]
+
+
+def test_nexus_ages_a_long_prompt_past_its_wait_limit(h100):
+    """Shortest first, until the long prompt has waited max_wait_s: then it goes first."""
+    now = [0.0]
+    long = FakeRequest("long", 5000, arrival=0.0)
+    s = policy_scheduler("nexus", waiting=[long], cost=h100, clock=lambda: now[0], max_wait_s=10.0,
+                         chunk_tokens=10_000)
+    for t in range(0, 10, 2):
+        now[0] = float(t)
+        s.add(FakeRequest(f"s{t}", 100, arrival=float(t)))
+        assert names(s.schedule(mem(free_blocks=10**6)).prefills) == [f"s{t}"], t  # the short one jumps ahead
+    now[0] = 10.5
+    s.add(FakeRequest("late", 100, arrival=10.5))
+    assert names(s.schedule(mem(free_blocks=10**6)).prefills) == ["long"]
+
+
+def test_nexus_memory_switch_fires_at_its_threshold(h100):
+    r = FakeRequest("r", 1000, generated=1)
+    for free, cpu_free, decode_first in ((11, 1000, False), (10, 1000, True), (50, 99, True), (50, 101, False)):
+        s = policy_scheduler("nexus", waiting=[FakeRequest("p", 10)], running=[r], cost=h100, memory_threshold=0.9)
+        m = MemoryState(free, BS, 100, cpu_free, 0, total_blocks=100, cpu_bytes_total=1000)
+        plan = s.schedule(m)
+        assert (plan.chunks == [] and plan.prefill_share == 0.0) is decode_first, (free, cpu_free)
+        assert names(plan.decodes) == ["r"]
+
+
+def test_policy_config_checks_its_fields():
+    with pytest.raises(ValueError, match="policy='fifo'"):
+        PolicyConfig("fifo")
+    with pytest.raises(ValueError, match="static_prefill_share"):
+        PolicyConfig("static", static_prefill_share=1.0)
+    with pytest.raises(ValueError, match="nexus"):
+        Scheduler(4, 100, "nexus")
 
 
 # ----------------------------------------------------------------------------- purity

@@ -26,7 +26,7 @@ from magicpig.runtime.generate import select_tokens
 from magicpig.runtime.outputs import GenerationStats, SamplingParams
 from magicpig.runtime.runner import DEFAULT_BLOCK_SIZE, ModelRunner, cache_bytes
 from magicpig.serve.request import Request, RequestOutput, Status, next_request_id
-from magicpig.serve.scheduler import MemoryState, Scheduler, reserved_cpu_bytes
+from magicpig.serve.scheduler import DecodeCost, MemoryState, PolicyConfig, Scheduler, reserved_cpu_bytes
 
 DEFAULT_MAX_PREFILL_TOKENS = 8192
 
@@ -57,6 +57,8 @@ class Engine:
     requests running at once. device_memory_bytes / cpu_memory_bytes: budgets of the device KV
     caches (dense-layer blocks and sinks+window slots) and of the CPU stores. max_model_len:
     the most tokens (prompt + new) of one request, at most the model's positions (the default).
+    policy: the scheduler's policy (a name of ``scheduler.POLICIES`` or a ``PolicyConfig``;
+    ``nexus`` also needs ``cost``, a cost model pricing decode shares).
     """
 
     def __init__(
@@ -69,6 +71,8 @@ class Engine:
         block_size: int = DEFAULT_BLOCK_SIZE,
         max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS,
         max_model_len: int | None = None,
+        policy: PolicyConfig | str = "fcfs",
+        cost: DecodeCost | None = None,
     ):
         resolve_config(config)  # a wrong type fails before a model is loaded by name
         self.loaded = _as_loaded(model)
@@ -85,7 +89,10 @@ class Engine:
         check_int("device_memory_bytes", device_budget, 1)
         check_int("cpu_memory_bytes", self.cpu_budget, 0)
         self.runner = self._make_runner(device_budget, block_size)
-        self.scheduler = Scheduler(self.max_num_seqs, check_int("max_prefill_tokens", max_prefill_tokens, 1))
+        # The runner prefills a prompt whole (layer by layer), so chunks are whole prompts; the
+        # lanes of a split policy run one after the other here (no lanes yet: DESIGN.md §4).
+        self.scheduler = Scheduler(self.max_num_seqs, check_int("max_prefill_tokens", max_prefill_tokens, 1),
+                                   policy, chunked_prefill=False, cost=cost, clock=time.perf_counter)
         self.requests: dict[str, Request] = {}  # unfinished requests by id
         self._aborted: list[RequestOutput] = []  # reported by the next step
 
@@ -167,8 +174,9 @@ class Engine:
             self._preempt(req)
         if plan.decodes:
             outputs += self._run_decodes(plan.decodes)
-        for req in plan.prefills:
-            out = self._run_prefill(req)
+        for chunk in plan.chunks:
+            assert chunk.last and chunk.start == 0, "the runner prefills whole prompts"
+            out = self._run_prefill(chunk.request)
             if out is not None:
                 outputs.append(out)
         return outputs
@@ -181,6 +189,7 @@ class Engine:
             free_blocks=r.allocator.num_free, block_size=r.block_size if r.dense else 0,
             free_slots=r.free_slots if r.sparse else self.max_num_seqs - len(self.scheduler.running),
             cpu_bytes_free=self.cpu_budget - reserved, cpu_bytes_per_token=per_token,
+            total_blocks=r.allocator.num_blocks, cpu_bytes_total=self.cpu_budget,
         )
 
     def _preempt(self, req: Request) -> None:
