@@ -104,8 +104,31 @@ def _serve_parser() -> OneLineParser:
     p.add_argument("--method", default="magicpig", help="attention method: magicpig, dense, or a baseline")
     for name in ("K", "L", "min-collisions", "sink-tokens", "window-tokens"):
         p.add_argument(f"--{name}", type=int, default=None, help=f"MagicPIGConfig.{name.replace('-', '_')}")
+    p.add_argument("--policy", default="fcfs", choices=["fcfs", "chunked", "prefill_first", "static", "nexus"],
+                   help="scheduling policy (docs/ENGINE.md; default fcfs)")
+    p.add_argument("--profile", default=None,
+                   help="cost-model profile (a shipped name or a JSON path) that --policy nexus prices decode with")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
+
+
+def _engine_policy(args, model_dir, config):
+    """(policy, cost model) of ``magicpig serve``'s options."""
+    if args.policy != "nexus":
+        if args.profile is not None:
+            raise UsageError("--profile: only --policy nexus uses a cost-model profile")
+        return args.policy, None
+    if args.profile is None:
+        raise UsageError("--policy nexus needs --profile NAME_OR_PATH (a cost-model profile of this device; "
+                         "shipped: h100_llama31_8b)")
+    from magicpig.model.loading import load_config
+    from magicpig.serve.cost_model import CostModel, ModelShape, load_profile
+    from magicpig.serve.scheduler import PolicyConfig
+
+    profile = load_profile(args.profile)
+    shape = ModelShape.from_dict(load_config(model_dir).to_dict())  # the served model on the profiled device
+    return PolicyConfig("nexus", method=config.method if config.method == "dense" else "magicpig"), \
+        CostModel.for_config(profile, shape, config)
 
 
 def _serve(argv: list[str]) -> int:
@@ -127,8 +150,9 @@ def _serve(argv: list[str]) -> int:
         from magicpig.model.loaded import load_model
         from magicpig.serve.engine import Engine
 
+        policy, cost = _engine_policy(args, model_dir, config)
         engine = Engine(load_model(model_dir, device=device), config, max_num_seqs=args.max_num_seqs,
-                        max_model_len=args.max_model_len)
+                        max_model_len=args.max_model_len, policy=policy, cost=cost)
     except user_error_types() as err:
         return report("magicpig serve", err)
     from magicpig.serve.server import serve
@@ -155,6 +179,15 @@ def _ruler_workload(args) -> list:
     return [WorkItem(s.prompt, s.tokens_to_generate) for s in samples]
 
 
+def _simulate(argv: list[str]) -> int:
+    from magicpig.serve.simulator import main as simulate
+
+    try:
+        return simulate(argv)
+    except (ValueError, TypeError) as err:
+        return report("magicpig simulate", err)
+
+
 def _demo(argv: list[str]) -> int:
     from magicpig.demo import main
 
@@ -172,6 +205,7 @@ COMMANDS = {
     "eval": (_eval, "RULER / LongBench evaluation of the attention methods"),
     "bench": (_bench, "benchmarks: " + ", ".join(sorted([*_BENCHMARKS, "serve"])) + " (NAME --help for options)"),
     "serve": (_serve, "OpenAI-compatible HTTP server on the engine (127.0.0.1:8000 by default)"),
+    "simulate": (_simulate, "discrete-event simulation of the scheduling policies at GPU scale (cost model)"),
     "info": (_info, "SIMD level, threads, device and cache this install uses (--verify-cache)"),
 }
 
@@ -183,7 +217,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"magicpig {_version()}")
         return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        lines = [f"  {name:<6} {help_}" for name, (_, help_) in COMMANDS.items()]
+        lines = [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
         print("usage: magicpig [--version] COMMAND [ARGS]\n\ncommands:\n" + "\n".join(lines)
               + "\n\nCOMMAND --help shows a command's options.")
         if argv and argv[0] not in ("-h", "--help"):
