@@ -303,6 +303,32 @@ def test_bench_serve_ttft_agrees_with_the_server(server, tmp_path):
         "magicpig_generation_tokens_total"]
 
 
+def test_bench_serve_ruler_and_trace_datasets_through_the_cli(server, tmp_path, capsys):
+    """The `magicpig bench serve` command with RULER prompts (built by the eval layer, sent as
+    text with the chat template already applied) and with a JSONL trace (its own arrival times)."""
+    from magicpig.cli import main as cli
+
+    out = tmp_path / "ruler.json"
+    assert cli(["bench", "serve", "--base-url", server.url, "--api-key", KEY, "--dataset", "ruler",
+                "--ruler-task", "niah_single_1", "--ruler-length", "600", "--num-prompts", "2",
+                "--json", str(out)]) == 0
+    ruler = json.loads(out.read_text())
+    assert ruler["completed"] == 2 and ruler["failed"] == 0
+    assert all(500 <= r["prompt_tokens"] <= 600 for r in ruler["per_request"]), ruler["per_request"]
+
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text('{"prompt": "Say one word.", "max_tokens": 3, "arrival_s": 0.0}\n'
+                     '{"prompt": [504, 3458, 282], "max_tokens": 2, "arrival_s": 1.5}\n')
+    out = tmp_path / "trace.json"
+    assert cli(["bench", "serve", "--base-url", server.url, "--api-key", KEY, "--dataset", "trace",
+                "--trace", str(trace), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["completed"] == 2 and result["total_output_tokens"] <= 5
+    assert result["duration_s"] >= 1.5  # the second request was sent at its arrival time
+    assert cli(["bench", "serve", "--dataset", "trace", "--trace", str(tmp_path / "missing.jsonl")]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------- fuzzing
 def test_schemathesis_finds_no_server_error_and_leaves_nothing_running(fuzz_server, tmp_path):
     """A bounded schemathesis run (a few hundred requests generated from the server's own
