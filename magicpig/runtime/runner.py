@@ -19,6 +19,7 @@ requests or sampling.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -133,6 +134,9 @@ class ModelRunner:
                 mu = torch.zeros(max_num_seqs, a.num_kv_heads, a.head_dim, device=self.device, dtype=dtype)
                 self.sparse[layer] = (cache, mu, factory(config, layer, a.num_kv_heads, a.head_dim))
         self._free_slots = list(range(max_num_seqs - 1, -1, -1))
+        # A prefill and a decode may run at once on two lanes (serve/lanes.py): the block pool,
+        # the slots and the stores' sequence tables are shared, so their updates take this lock.
+        self._lock = threading.Lock()
         self.max_num_seqs = max_num_seqs
 
     # ------------------------------------------------------------------ capacity
@@ -155,13 +159,14 @@ class ModelRunner:
     def _new_sequence(self, length: int, expected: int) -> SequenceKV:
         """A sequence of ``length`` tokens, placed where ``expected`` tokens would fit in one
         run of blocks if there is such a gap (growth then stays contiguous)."""
-        if not self._free_slots:
-            raise RuntimeError(f"all {self.max_num_seqs} sequence slots are in use")
-        blocks = self.allocator.allocate(self.blocks_needed(length), room=self.blocks_needed(max(length, expected)))
-        seq = SequenceKV(length=length, blocks=blocks)
-        seq.slot = self._free_slots.pop() if self.sparse else -1
-        for layer, (_, _, method) in self.sparse.items():
-            seq.store_ids[layer] = method.add_sequence()
+        with self._lock:
+            if not self._free_slots:
+                raise RuntimeError(f"all {self.max_num_seqs} sequence slots are in use")
+            blocks = self.allocator.allocate(self.blocks_needed(length), room=self.blocks_needed(max(length, expected)))
+            seq = SequenceKV(length=length, blocks=blocks)
+            seq.slot = self._free_slots.pop() if self.sparse else -1
+            for layer, (_, _, method) in self.sparse.items():
+                seq.store_ids[layer] = method.add_sequence()
         S, W = self.config.sink_tokens, self.config.window_tokens
         seq.fill, seq.middle = min(length, S + W), max(0, length - S - W)
         return seq
@@ -226,14 +231,15 @@ class ModelRunner:
 
     def release(self, seq: SequenceKV) -> None:
         """Free the sequence's blocks, slot and middle K/V (idempotent)."""
-        self.allocator.free(seq.blocks)
-        seq.blocks = []
-        for layer, sid in seq.store_ids.items():
-            self.sparse[layer][2].remove_sequence(sid)
-        seq.store_ids = {}
-        if seq.slot >= 0:
-            self._free_slots.append(seq.slot)
-            seq.slot = -1
+        with self._lock:
+            self.allocator.free(seq.blocks)
+            seq.blocks = []
+            for layer, sid in seq.store_ids.items():
+                self.sparse[layer][2].remove_sequence(sid)
+            seq.store_ids = {}
+            if seq.slot >= 0:
+                self._free_slots.append(seq.slot)
+                seq.slot = -1
 
     # ------------------------------------------------------------------- decode
     def _prepare_step(self, seqs: list[SequenceKV]) -> None:
@@ -241,7 +247,8 @@ class ModelRunner:
         for seq in seqs:
             grow = self.blocks_needed(seq.length + 1) - len(seq.blocks)
             if grow > 0:
-                seq.blocks += self.allocator.allocate(grow, after=seq.blocks[-1] if seq.blocks else None)
+                with self._lock:
+                    seq.blocks += self.allocator.allocate(grow, after=seq.blocks[-1] if seq.blocks else None)
             if self.sparse and seq.fill >= self.slot_capacity:
                 self._spill(seq)
 

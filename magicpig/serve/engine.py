@@ -26,7 +26,10 @@ from magicpig.runtime.generate import select_tokens
 from magicpig.runtime.outputs import GenerationStats, SamplingParams
 from magicpig.runtime.runner import DEFAULT_BLOCK_SIZE, ModelRunner, cache_bytes
 from magicpig.serve.request import Request, RequestOutput, Status, next_request_id
-from magicpig.serve.scheduler import DecodeCost, MemoryState, PolicyConfig, Scheduler, reserved_cpu_bytes
+from magicpig.serve.lanes import InterleavedLanes, LaneTimes, make_lanes
+from magicpig.serve.scheduler import (
+    SPLIT_POLICIES, DecodeCost, MemoryState, PolicyConfig, Scheduler, reserved_cpu_bytes,
+)
 
 DEFAULT_MAX_PREFILL_TOKENS = 8192
 
@@ -58,7 +61,8 @@ class Engine:
     caches (dense-layer blocks and sinks+window slots) and of the CPU stores. max_model_len:
     the most tokens (prompt + new) of one request, at most the model's positions (the default).
     policy: the scheduler's policy (a name of ``scheduler.POLICIES`` or a ``PolicyConfig``;
-    ``nexus`` also needs ``cost``, a cost model pricing decode shares).
+    ``nexus`` also needs ``cost``, a cost model pricing decode shares). lanes: how a split
+    policy's lanes run ("auto": :func:`make_lanes`; "interleaved": one after the other).
     """
 
     def __init__(
@@ -73,6 +77,7 @@ class Engine:
         max_model_len: int | None = None,
         policy: PolicyConfig | str = "fcfs",
         cost: DecodeCost | None = None,
+        lanes: str = "auto",
     ):
         resolve_config(config)  # a wrong type fails before a model is loaded by name
         self.loaded = _as_loaded(model)
@@ -93,6 +98,10 @@ class Engine:
         # lanes of a split policy run one after the other here (no lanes yet: DESIGN.md §4).
         self.scheduler = Scheduler(self.max_num_seqs, check_int("max_prefill_tokens", max_prefill_tokens, 1),
                                    policy, chunked_prefill=False, cost=cost, clock=time.perf_counter)
+        # Split policies run their two lanes concurrently where the device allows it.
+        self.lanes = make_lanes(self.loaded.model.device, lanes) if self.scheduler.policy.name in SPLIT_POLICIES \
+            else InterleavedLanes()
+        self.last_lane_times = LaneTimes()
         self.requests: dict[str, Request] = {}  # unfinished requests by id
         self._aborted: list[RequestOutput] = []  # reported by the next step
 
@@ -167,18 +176,23 @@ class Engine:
 
     # ---------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
-        """Schedule, run, postprocess; returns one output per request touched this step."""
+        """Schedule, run (the two lanes), postprocess; one output per request touched."""
         outputs, self._aborted = self._aborted, []
         plan = self.scheduler.schedule(self._memory())
         for req in plan.preempted:
             self._preempt(req)
-        if plan.decodes:
-            outputs += self._run_decodes(plan.decodes)
         for chunk in plan.chunks:
             assert chunk.last and chunk.start == 0, "the runner prefills whole prompts"
-            out = self._run_prefill(chunk.request)
-            if out is not None:
-                outputs.append(out)
+        prefills = [c.request for c in plan.chunks]
+        run_prefills = (lambda: [self._prefill(req) for req in prefills]) if prefills else None
+        run_decodes = (lambda: self._decode(plan.decodes)) if plan.decodes else None
+        firsts, chosen, self.last_lane_times = self.lanes.run(run_prefills, run_decodes, plan.prefill_share)
+        for req, token in zip(plan.decodes, chosen or []):
+            req.decode_steps += 1
+            outputs.append(self._postprocess(req, token))
+        for req, token in zip(prefills, firsts or []):
+            if token is not None:  # None: re-admitted after a preemption (its last token is fed next)
+                outputs.append(self._postprocess(req, token))
         return outputs
 
     def _memory(self) -> MemoryState:
@@ -198,28 +212,25 @@ class Engine:
         req.kv, req.status = None, Status.WAITING
         req.num_preemptions += 1
 
-    def _run_prefill(self, req: Request) -> Optional[RequestOutput]:
+    def _prefill(self, req: Request) -> Optional[int]:
+        """Prefill one request (a lane's work: no scheduler or output state is touched);
+        returns its first token, or None after a preemption."""
         t0 = time.perf_counter()
         expected = req.num_prompt_tokens + req.params.max_new_tokens
         req.kv, logits = self.runner.prefill(req.tokens_to_prefill(), expected=expected)
         req.status = Status.RUNNING
-        if req.output.out_ids:  # re-admitted after a preemption: its last token is fed next
+        if req.output.out_ids:
             req.kv.cost_sum, req.kv.cost_steps = req.carried_cost
             return None
         req.prefill_seconds = time.perf_counter() - t0
         token = int(select_tokens(logits[None], req.params, req.generator)[0])
         req.first_token_time = time.perf_counter()
-        return self._postprocess(req, token)
+        return token
 
-    def _run_decodes(self, reqs: list[Request]) -> list[RequestOutput]:
+    def _decode(self, reqs: list[Request]) -> list[int]:
+        """One decode step of ``reqs`` (a lane's work); their next tokens."""
         tokens = torch.tensor([r.output.out_ids[-1] for r in reqs], dtype=torch.int64)
-        logits = self.runner.decode([r.kv for r in reqs], tokens)
-        chosen = self._sample(reqs, logits)
-        outputs = []
-        for req, token in zip(reqs, chosen):
-            req.decode_steps += 1
-            outputs.append(self._postprocess(req, token))
-        return outputs
+        return self._sample(reqs, self.runner.decode([r.kv for r in reqs], tokens))
 
     def _sample(self, reqs: list[Request], logits: torch.Tensor) -> list[int]:
         """Next token per request: greedy rows in one argmax, sampled rows with their own
@@ -279,6 +290,7 @@ class Engine:
     def close(self) -> None:
         for req in list(self.requests.values()):
             self.abort(req.request_id)
+        self.lanes.close()
         self.runner.close()
 
 
