@@ -114,3 +114,13 @@ def test_green_context_lanes_grant_sms_and_run_both_lanes():
         assert p == pytest.approx((x @ x).sum().item(), rel=1e-3) and d == pytest.approx(2 * x.sum().item(), rel=1e-4)
     finally:
         lanes.close()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA machine the script runs the real checks")
+def test_gpu_check_script_says_there_is_no_cuda_and_exits_0(tmp_path):
+    import pathlib
+    import subprocess
+
+    script = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.sh"
+    run = subprocess.run(["bash", str(script), str(tmp_path / "out")], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and "no CUDA device" in run.stdout, run.stdout + run.stderr
