@@ -9,10 +9,14 @@ its traceback.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
-from typing import Any, NoReturn, Optional
+from typing import Any, Optional
+
+from magicpig.config import OneLineParser
+
+__all__ = ["OneLineParser", "UsageError", "check_device", "check_out_dir", "report", "resolve_model_args",
+           "user_error_types"]
 
 # What LongContextModel.from_pretrained accepts as a dtype name.
 DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
@@ -20,14 +24,6 @@ DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 
 class UsageError(Exception):
     """A user mistake found by a command's checks; shown as one line, exit status 2."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but an error is one line on stderr (``prog: message``) instead of the usage
-    block, so that every mistake reads the same."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: {message} (see --help)\n")
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:

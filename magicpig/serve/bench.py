@@ -28,12 +28,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, NoReturn, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import httpx
 import numpy as np
 
-from magicpig.config import check_float, check_int
+from magicpig.config import (
+    NONNEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, OneLineParser, argtype, check_float, check_int,
+)
 
 Prompt = Union[str, list[int]]
 
@@ -48,11 +50,13 @@ MAX_ERRORS_REPORTED = 5
 @dataclass
 class WorkItem:
     """One request to send: the prompt (text, or token ids the server takes as they are), how
-    many tokens to generate, and optionally its own arrival time (seconds from the start)."""
+    many tokens to generate, optionally its own arrival time (seconds from the start) and, for
+    a text prompt, its length in tokens when a trace states it (the simulator reads it)."""
 
     prompt: Prompt
     max_tokens: int
     arrival_s: Optional[float] = None
+    prompt_tokens: Optional[int] = None
 
 
 @dataclass
@@ -132,7 +136,8 @@ def _length_bounds(length: int, ratio: float) -> tuple[int, int]:
 
 def load_trace(path: Union[str, Path]) -> list[WorkItem]:
     """Requests from a JSONL file: one object a line with ``prompt`` (a non-empty string or
-    list of token ids), ``max_tokens`` (int >= 1) and optionally ``arrival_s`` (seconds >= 0).
+    list of token ids), ``max_tokens`` (int >= 1) and optionally ``arrival_s`` (seconds >= 0)
+    and ``prompt_tokens`` (int >= 1, the length of a text prompt).
     Blank lines are skipped; other keys are ignored. A bad line raises ValueError naming the
     file, the line number and the field."""
     try:
@@ -172,7 +177,11 @@ def _trace_item(line: str, where: str) -> WorkItem:
     if arrival is not None and (isinstance(arrival, bool) or not isinstance(arrival, (int, float))
                                 or not math.isfinite(arrival) or arrival < 0):
         raise ValueError(f"{where}: field 'arrival_s' must be a number >= 0, got {_short(arrival)}")
-    return WorkItem(prompt=prompt, max_tokens=max_tokens, arrival_s=None if arrival is None else float(arrival))
+    known = obj.get("prompt_tokens")
+    if known is not None and (isinstance(known, bool) or not isinstance(known, int) or known < 1):
+        raise ValueError(f"{where}: field 'prompt_tokens' must be an integer >= 1, got {_short(known)}")
+    return WorkItem(prompt=prompt, max_tokens=max_tokens, arrival_s=None if arrival is None else float(arrival),
+                    prompt_tokens=known)
 
 
 def _short(value: Any) -> str:
@@ -612,37 +621,14 @@ def _ms(seconds: Optional[float]) -> Optional[float]:
 # ----------------------------------------------------------------------------- the command
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse with the package's one-line errors (``prog: message``, exit 2)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: {message} (see --help)\n")
-
-
-def _argtype(convert: Callable[[str], Any], check: Callable[[Any], bool], expected: str) -> Callable[[str], Any]:
-    # argparse names the option in the message when the type function raises ArgumentTypeError.
-    def parse(text: str) -> Any:
-        try:
-            value = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected {expected}") from None
-        if not check(value):
-            raise argparse.ArgumentTypeError(f"{text!r}: expected {expected}")
-        return value
-
-    return parse
-
-
-_POS_INT = _argtype(int, lambda v: v >= 1, "an integer >= 1")
-_NONNEG_INT = _argtype(int, lambda v: v >= 0, "an integer >= 0")
-_POS_FLOAT = _argtype(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
-_RATE = _argtype(float, lambda v: v > 0 and not math.isnan(v), "a number > 0 (requests/s) or inf")
-_RATIO = _argtype(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+_POS_INT, _NONNEG_INT, _POS_FLOAT = POSITIVE_INT, NONNEGATIVE_INT, POSITIVE_FLOAT
+_RATE = argtype(float, lambda v: v > 0 and not math.isnan(v), "a number > 0 (requests/s) or inf")
+_RATIO = argtype(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
 def build_parser(prog: str = "magicpig bench serve") -> argparse.ArgumentParser:
     """The options of ``magicpig bench serve`` (vLLM's benchmark_serving names where they exist)."""
-    p = _OneLineParser(prog=prog, description="Measure an OpenAI-compatible completions server "
+    p = OneLineParser(prog=prog, description="Measure an OpenAI-compatible completions server "
                        "(TTFT, TPOT, ITL, E2E latency, throughput, goodput) as vLLM's benchmark_serving does.")
     p.add_argument("--base-url", default=DEFAULT_BASE_URL, help="server root; requests go to BASE/v1/completions")
     p.add_argument("--model", help="model name to send (default: the first id GET /v1/models lists)")

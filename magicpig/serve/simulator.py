@@ -73,11 +73,13 @@ import sys
 from collections import deque
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from magicpig.config import check_float, check_int
+from magicpig.config import (
+    NONNEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, OneLineParser, check_float, check_int,
+)
 from magicpig.serve.cost_model import METHODS, CostModel, ModelShape, load_profile
 from magicpig.serve.scheduler import (POLICIES, MemoryState, PolicyConfig, PrefillChunk, SchedulePlan, Scheduler,
                                       blocks_for, prefill_length, reserved_cpu_bytes)
@@ -156,47 +158,21 @@ def synthetic_trace(workload: str, num_requests: int, request_rate: float, burst
 
 
 def load_trace(path: Union[str, Path], chars_per_token: float = CHARS_PER_TOKEN) -> list[TraceItem]:
-    """A bench-serve JSONL trace as lengths: ``prompt`` a token-id list (its length) or a string
-    (its ``prompt_tokens`` field when present, else ceil(characters / ``chars_per_token``));
-    ``max_tokens`` the output length; ``arrival_s`` kept when present. ValueError naming the
-    file, line and field when a line is bad."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"trace {path}: cannot read it ({err})") from err
-    items = [_trace_line(line, f"trace {path}, line {i}", chars_per_token)
-             for i, line in enumerate(text.splitlines(), start=1) if line.strip()]
-    if not items:
-        raise ValueError(f"trace {path}: no requests in it")
-    return items
+    """A bench-serve JSONL trace (read and checked by :func:`magicpig.serve.bench.load_trace`)
+    as lengths: ``prompt`` a token-id list (its length) or a string (its ``prompt_tokens``
+    when given, else ceil(characters / ``chars_per_token``)); ``max_tokens`` the output length;
+    ``arrival_s`` kept when present."""
+    from magicpig.serve.bench import load_trace as load_work
+
+    return [TraceItem(_prompt_length(w, chars_per_token), w.max_tokens, w.arrival_s) for w in load_work(path)]
 
 
-def _trace_line(line: str, where: str, chars_per_token: float) -> TraceItem:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{where}: not valid JSON ({err.msg})") from err
-    if not isinstance(obj, dict):
-        raise ValueError(f"{where}: expected a JSON object")
-    prompt, known = obj.get("prompt"), obj.get("prompt_tokens")
-    if isinstance(prompt, list) and prompt:
-        n = len(prompt)
-    elif isinstance(prompt, str) and prompt:
-        n = known if _is_int(known, 1) else max(1, math.ceil(len(prompt) / chars_per_token))
-    else:
-        raise ValueError(f"{where}: field 'prompt' must be a non-empty string or list of token ids")
-    out = obj.get("max_tokens")
-    if not _is_int(out, 1):
-        raise ValueError(f"{where}: field 'max_tokens' must be an integer >= 1, got {out!r}")
-    arrival = obj.get("arrival_s")
-    if arrival is not None and (isinstance(arrival, bool) or not isinstance(arrival, (int, float))
-                                or not math.isfinite(arrival) or arrival < 0):
-        raise ValueError(f"{where}: field 'arrival_s' must be a number >= 0, got {arrival!r}")
-    return TraceItem(int(n), int(out), None if arrival is None else float(arrival))
-
-
-def _is_int(value: Any, low: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+def _prompt_length(item: Any, chars_per_token: float) -> int:
+    if isinstance(item.prompt, list):
+        return len(item.prompt)
+    if item.prompt_tokens is not None:
+        return item.prompt_tokens
+    return max(1, math.ceil(len(item.prompt) / chars_per_token))
 
 
 def paced(items: Sequence[TraceItem], request_rate: float, burstiness: float = 1.0, seed: int = 0,
@@ -592,34 +568,12 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: Union[str, Path]) -> None:
 
 
 # ----------------------------------------------------------------------------- the command
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse with one-line errors (``prog: message``, exit 2)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: {message} (see --help)\n")
-
-
-def _argtype(convert: Callable[[str], Any], ok: Callable[[Any], bool], expected: str) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:  # argparse names the option when this raises ArgumentTypeError
-        try:
-            value = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected {expected}") from None
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"{text!r}: expected {expected}")
-        return value
-
-    return parse
-
-
-_POS_INT = _argtype(int, lambda v: v >= 1, "an integer >= 1")
-_NONNEG_INT = _argtype(int, lambda v: v >= 0, "an integer >= 0")
-_POS_FLOAT = _argtype(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+_POS_INT, _NONNEG_INT, _POS_FLOAT = POSITIVE_INT, NONNEGATIVE_INT, POSITIVE_FLOAT
 
 
 def build_parser(prog: str = "magicpig simulate") -> argparse.ArgumentParser:
     """The options of ``magicpig simulate``."""
-    p = _OneLineParser(prog=prog, description="Simulate serving (the real scheduler, the cost model's step times) "
+    p = OneLineParser(prog=prog, description="Simulate serving (the real scheduler, the cost model's step times) "
                        "over a synthetic or replayed trace; sweep request rates, policies and methods.")
     p.add_argument("--profile", default="h100_llama31_8b", help="cost-model profile: shipped name or JSON path")
     p.add_argument("--workload", choices=sorted(WORKLOADS), default="long_data", help="synthetic lengths (Nexus)")
