@@ -126,7 +126,9 @@ def _engine_policy(args, model_dir, config):
     from magicpig.serve.scheduler import PolicyConfig
 
     profile = load_profile(args.profile)
-    shape = ModelShape.from_dict(load_config(model_dir).to_dict())  # the served model on the profiled device
+    # A profile measured on the served model carries its shape (with the runtime's byte widths);
+    # otherwise the served model's config on the profiled device.
+    shape = profile.model or ModelShape.from_dict(load_config(model_dir).to_dict())
     return PolicyConfig("nexus", method=config.method if config.method == "dense" else "magicpig"), \
         CostModel.for_config(profile, shape, config)
 
@@ -179,6 +181,16 @@ def _ruler_workload(args) -> list:
     return [WorkItem(s.prompt, s.tokens_to_generate) for s in samples]
 
 
+def _profile(argv: list[str]) -> int:
+    from magicpig.eval.usage import user_error_types
+    from magicpig.serve.profiler import main as profile
+
+    try:
+        return profile(argv)
+    except user_error_types() as err:
+        return report("magicpig profile", err)
+
+
 def _simulate(argv: list[str]) -> int:
     from magicpig.serve.simulator import main as simulate
 
@@ -205,6 +217,7 @@ COMMANDS = {
     "eval": (_eval, "RULER / LongBench evaluation of the attention methods"),
     "bench": (_bench, "benchmarks: " + ", ".join(sorted([*_BENCHMARKS, "serve"])) + " (NAME --help for options)"),
     "serve": (_serve, "OpenAI-compatible HTTP server on the engine (127.0.0.1:8000 by default)"),
+    "profile": (_profile, "measure this machine's prefill, decode and CPU-store times into a cost-model profile"),
     "simulate": (_simulate, "discrete-event simulation of the scheduling policies at GPU scale (cost model)"),
     "info": (_info, "SIMD level, threads, device and cache this install uses (--verify-cache)"),
 }

@@ -358,7 +358,7 @@ class StoreProfile:
         return asdict(self)
 
 
-def _solve(a: list[list[float]], b: list[float]) -> Optional[list[float]]:
+def solve_linear(a: list[list[float]], b: list[float]) -> Optional[list[float]]:
     """Gaussian elimination with partial pivoting; None when singular."""
     n = len(b)
     m = [row[:] + [b[i]] for i, row in enumerate(a)]
@@ -388,7 +388,7 @@ def _nonneg_least_squares(x: list[list[float]], y: list[float]) -> list[float]:
         rows = [[r[j] / max(t, 1e-300) for j in cols] for r, t in zip(x, y)]
         ata = [[sum(r[i] * r[j] for r in rows) for j in range(len(cols))] for i in range(len(cols))]
         atb = [sum(r[i] for r in rows) for i in range(len(cols))]
-        w = _solve(ata, atb)
+        w = solve_linear(ata, atb)
         if w is None or any(v < 0 for v in w):
             continue
         full = [0.0] * ncol
