@@ -315,6 +315,16 @@ def test_nexus_hysteresis_holds_the_split_under_small_load_changes(h100):
     assert 1.0 - s.schedule(mem(free_blocks=10**6)).prefill_share == shares[7]
 
 
+def test_nexus_keeps_a_prefill_lane_when_decode_needs_the_whole_device(h100):
+    """No decode share meets a target this tight: decode gets all but min_prefill_share, and the
+    planned chunk still runs (a prefill share of 0 stalled it; the simulator refused it)."""
+    running = [FakeRequest(f"r{i}", 64_000, generated=1) for i in range(8)]
+    s = policy_scheduler("nexus", waiting=[FakeRequest("p", 100)], running=running, cost=h100,
+                         tbt_target_s=0.001, method="dense", min_prefill_share=0.06)
+    plan = s.schedule(mem(free_blocks=10**6))
+    assert names(plan.prefills) == ["p"] and plan.prefill_share == 0.06
+
+
 def test_nexus_ages_a_long_prompt_past_its_wait_limit(h100):
     """Shortest first, until the long prompt has waited max_wait_s: then it goes first."""
     now = [0.0]

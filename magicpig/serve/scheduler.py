@@ -26,7 +26,8 @@ The policies (``POLICIES``), as in vLLM, Sarathi and Nexus (arXiv 2507.06608):
 * ``static``: two lanes at a fixed split: decode gets ``1 - static_prefill_share`` of the
   device, prefill the rest (one chunk of up to ``chunk_tokens`` per step).
 * ``nexus``: two lanes; decode gets the smallest share whose modelled step meets
-  ``tbt_target_s * slack`` (the cost model), prefill the rest; a smaller share is taken only
+  ``tbt_target_s * slack`` (the cost model), prefill the rest (at least
+  ``min_prefill_share`` while it has a chunk); a smaller share is taken only
   after it has sufficed for ``hysteresis_steps`` steps in a row (no flapping); when device blocks
   or CPU-store bytes pass ``memory_threshold`` of their totals, decode-first (no new prefill,
   decode gets the whole device) until they drop below; prefills shortest-first, except that a
@@ -119,6 +120,7 @@ class PolicyConfig:
     tbt_target_s: float = 0.1
     slack: float = 0.9
     memory_threshold: float = 0.9
+    min_prefill_share: float = 0.06  # nexus: a planned chunk keeps at least this (8 of 132 SMs)
     hysteresis_steps: int = 8
     max_wait_s: float = 30.0
     method: str = "magicpig"  # what the cost model prices decode as
@@ -132,6 +134,7 @@ class PolicyConfig:
         check_float("tbt_target_s", self.tbt_target_s, 0.0, 3600.0, low_open=True)
         check_float("slack", self.slack, 0.0, 10.0, low_open=True)
         check_float("memory_threshold", self.memory_threshold, 0.0, 1.0, low_open=True)
+        check_float("min_prefill_share", self.min_prefill_share, 0.0, 1.0, low_open=True, high_open=True)
         check_int("hysteresis_steps", self.hysteresis_steps, 0)
         check_float("max_wait_s", self.max_wait_s, 0.0, 1e9)
 
@@ -239,7 +242,9 @@ class Scheduler:
         elif pol.name == "static":
             plan.prefill_share = pol.static_prefill_share
         else:
-            plan.prefill_share = 1.0 - self._nexus_decode_share(ready)
+            # When decode needs (nearly) the whole device, a planned chunk still gets a lane: a
+            # share of 0 would stall it (and no partition has 0 SMs).
+            plan.prefill_share = max(1.0 - self._nexus_decode_share(ready), pol.min_prefill_share)
 
     def _nexus_decode_share(self, ready: list["Request"]) -> float:
         """The smallest share meeting the target; a smaller one than in force only after it
