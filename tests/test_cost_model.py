@@ -285,6 +285,26 @@ def test_json_round_trip(profile, tmp_path):
     assert load_profile(str(path)) == profile
 
 
+@pytest.mark.parametrize("method", ["dense", "magicpig"])
+def test_sequence_overhead_adds_c_per_sequence_to_decode_and_defaults_to_zero(method, tmp_path):
+    c = 2.5e-3
+    base = cpu_profile()
+    plus = replace(base, sequence_overhead_s=c)
+    for lens in ([300], [300, 900, 4000, 70]):
+        for share in (0.5, 1.0):
+            without = CostModel(base, SHAPE).decode_time(lens, method, share)
+            assert CostModel(plus, SHAPE).decode_time(lens, method, share) == pytest.approx(
+                without + c * len(lens), rel=1e-12, abs=1e-15)
+    assert CostModel(plus, SHAPE).prefill_time(512, 0, 1.0) == CostModel(base, SHAPE).prefill_time(512, 0, 1.0)
+    assert CostModel(plus, SHAPE).decode_time([], method, 1.0) == 0.0
+    assert DeviceProfile.from_json(plus.to_json()) == plus
+    doc = plus.to_dict()
+    del doc["device"]["sequence_overhead_s"]
+    assert DeviceProfile.from_dict(doc).sequence_overhead_s == 0.0
+    assert DeviceProfile.from_dict(doc) == base
+    assert H100.sequence_overhead_s == 0.0  # its JSON has no such key
+
+
 def test_load_profile_rejects_unknown_name_and_bad_schema():
     with pytest.raises(ValueError, match="path_or_name"):
         load_profile("no_such_profile")

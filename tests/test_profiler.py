@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -92,6 +93,25 @@ def test_fit_recovers_a_known_profile() -> None:
     errors = prof.fit["errors"]
     assert errors["fit"]["max_abs"] < 0.01 and errors["check"]["max_abs"] < 0.01
     assert DeviceProfile.from_json(prof.to_json()).to_json() == prof.to_json()
+
+
+def test_fit_recovers_a_known_per_sequence_cost() -> None:
+    config = MagicPIGConfig()
+    true = replace(_known_profile(), sequence_overhead_s=1.5e-3)
+    points = _synthetic_points(CostModel.for_config(true, SHAPE, config))
+    rates = fit_rates(points, SHAPE, CORES, config)
+    assert rates.sequence_overhead_s == pytest.approx(1.5e-3, rel=0.02)
+    assert rates.overhead_s == pytest.approx(true.step_overhead_s, rel=0.02)
+    for x in (0.5, 1.0):
+        assert rates.bandwidth[x] == pytest.approx(true.bandwidth * true.memory_saturation(x), rel=0.02)
+    settings = make_settings((1, 2), (1024, 4096), chunks=(128, 512, 2048), batches=(1, 4), repeats=1, cores=CORES)
+    prof = build_profile(SHAPE, config, points, _synthetic_store_log(), 2, CORES, settings, "synthetic")
+    assert prof.sequence_overhead_s == pytest.approx(1.5e-3, rel=0.02)
+    assert prof.fit["sequence_overhead_s"] == prof.sequence_overhead_s
+    assert prof.fit["errors"]["fit"]["max_abs"] < 0.01 and prof.fit["errors"]["check"]["max_abs"] < 0.01
+    # one batch size: the per-sequence cost cannot be told from the bandwidth and is not fitted
+    single = [p for p in points if p.kind == "prefill" or p.batch == 1]
+    assert fit_rates(single, SHAPE, CORES, config).sequence_overhead_s == 0.0
 
 
 def test_fit_store_reports_per_case_errors() -> None:

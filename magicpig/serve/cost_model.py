@@ -11,7 +11,13 @@ the sparse layers, the LM head) costs a roofline term
 
 with F, B the achievable FLOP/s and bytes/s of the whole device and s_c, s_m its compute and
 memory saturation curves (:class:`Saturation`, s(1) = 1): throughput grows with the share and
-flattens past a saturation share. A step adds a fixed per-step overhead.
+flattens past a saturation share. A step adds a fixed per-step overhead. A decode step also
+adds ``sequence_overhead_s`` per sequence of the batch (:class:`DeviceProfile`): seconds a
+sequence costs outside the roofline (on a CPU: its own attention calls, the inefficiency of
+matmuls with more rows, per-sequence Python work). It is added once per step, outside the lanes'
+roofline terms and not scaled by the share: what it stands for is mostly serial (Python,
+per-call dispatch), and the profiler fits it from dense decode at batch 1 and 4 at every share
+alike. It is 0 in the GPU profiles (a profile JSON without the key loads with 0).
 
 MagicPIG decode adds the CPU store's attend time C of the batch (its own profile,
 :class:`StoreProfile`: a per-call cost, a cost per K/V row read, a cost per bucket entry walked,
@@ -424,7 +430,9 @@ class DeviceProfile:
     the host: nothing overlaps). peak_flops (FLOP/s) and memory_bandwidth (bytes/s) are the
     specification; the efficiencies are the achievable fractions. compute_units: SMs or cores;
     granularity: the smallest step of a lane's units (8 SMs on Hopper, 1 core).
-    step_overhead_s: fixed seconds per lane step. link_bandwidth (bytes/s, 0 when kind is
+    step_overhead_s: fixed seconds per lane step. sequence_overhead_s: seconds per sequence per
+    decode step (added to the step, not scaled by the share; 0 when the JSON lacks it).
+    link_bandwidth (bytes/s, 0 when kind is
     "cpu") and link_latency_s (seconds per transfer): host<->device copies. model: the model
     the profile was fitted for, if any; fit: how it was fitted (informational); notes: the
     assumptions, in words.
@@ -449,6 +457,7 @@ class DeviceProfile:
     model: Optional[ModelShape] = None
     fit: dict = field(default_factory=dict, hash=False)
     notes: tuple[str, ...] = ()
+    sequence_overhead_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -457,7 +466,7 @@ class DeviceProfile:
                "compute_efficiency": 1.0, "memory_efficiency": 1.0}
         for f, high in pos.items():
             object.__setattr__(self, f, check_float(f"DeviceProfile.{f}", getattr(self, f), 0.0, high, low_open=True))
-        for f in ("step_overhead_s", "link_bandwidth", "link_latency_s"):
+        for f in ("step_overhead_s", "sequence_overhead_s", "link_bandwidth", "link_latency_s"):
             object.__setattr__(self, f, check_float(f"DeviceProfile.{f}", getattr(self, f), 0.0, math.inf))
         units = check_int("DeviceProfile.compute_units", self.compute_units, 1)
         object.__setattr__(self, "compute_units", units)
@@ -496,7 +505,7 @@ class DeviceProfile:
                 "peak_flops": self.peak_flops, "compute_efficiency": self.compute_efficiency,
                 "memory_bandwidth": self.memory_bandwidth, "memory_efficiency": self.memory_efficiency,
                 "compute_units": self.compute_units, "granularity": self.granularity,
-                "step_overhead_s": self.step_overhead_s,
+                "step_overhead_s": self.step_overhead_s, "sequence_overhead_s": self.sequence_overhead_s,
                 "compute_saturation": self.compute_saturation.to_dict(),
                 "memory_saturation": self.memory_saturation.to_dict(),
             },
@@ -530,7 +539,7 @@ class DeviceProfile:
             peak_flops=dev["peak_flops"], compute_efficiency=dev["compute_efficiency"],
             memory_bandwidth=dev["memory_bandwidth"], memory_efficiency=dev["memory_efficiency"],
             compute_units=dev["compute_units"], granularity=dev["granularity"],
-            step_overhead_s=dev["step_overhead_s"],
+            step_overhead_s=dev["step_overhead_s"], sequence_overhead_s=dev.get("sequence_overhead_s", 0.0),
             compute_saturation=Saturation.from_dict(dev["compute_saturation"]),
             memory_saturation=Saturation.from_dict(dev["memory_saturation"]),
             store=StoreProfile(**host["store"]), host_cores=host["cores"],
@@ -560,7 +569,8 @@ def profile_schema() -> str:
   "schema": 1, "name": str, "kind": "gpu" | "cpu",
   "device": {"peak_flops": [FLOP/s], "compute_efficiency": (0,1], "memory_bandwidth": [bytes/s],
              "memory_efficiency": (0,1], "compute_units": int, "granularity": int,
-             "step_overhead_s": [s], "compute_saturation": {"x0": share | null, "shape": p},
+             "step_overhead_s": [s], "sequence_overhead_s": [s per sequence per decode step, default 0],
+             "compute_saturation": {"x0": share | null, "shape": p},
              "memory_saturation": {"x0": share | null, "shape": p}},
   "host": {"cores": int, "memory_bandwidth": [bytes/s], "link_bandwidth": [bytes/s, 0 = none],
            "link_latency_s": [s per transfer],
@@ -615,6 +625,7 @@ class _DecodeWork:
     overlapped: tuple[_Work, ...]  # sparse layers' device work (ping-pong with the store)
     cpu_s: float  # the store's attend time plus hand-offs, seconds per step
     jobs: int  # flow-shop jobs per step (2 x sparse layers with ping-pong; 0: no overlap)
+    sequences: int = 0  # sequences in the batch (each pays the profile's sequence_overhead_s)
 
 
 class CostModel:
@@ -759,7 +770,7 @@ class CostModel:
         embed = len(lens) * s.hidden * s.bytes_per_param  # the B embedding rows gathered
         head = _Work(len(lens) * s.head_flops_per_token(), s.head_weight_bytes() + embed)
         if method == "dense":
-            return _DecodeWork((head, self._dense_layer_work(lens, s.layers, 1)), (), 0.0, 0)
+            return _DecodeWork((head, self._dense_layer_work(lens, s.layers, 1)), (), 0.0, 0, len(lens))
         sparse = s.layers - self.dense_layers
         # The runtime splits a batch of two or more into two micro-batches (runner._split).
         parts = 2 if len(lens) >= 2 and sparse else 1
@@ -767,12 +778,13 @@ class CostModel:
         overlapped = (self._sparse_layer_work(lens, sparse, parts),) if sparse else ()
         cpu_s = self._store_time(lens, sparse, parts, fraction) if sparse else 0.0
         jobs = parts * sparse if parts == 2 and self.profile.kind == "gpu" else 0
-        return _DecodeWork(serial, overlapped, cpu_s, jobs)
+        return _DecodeWork(serial, overlapped, cpu_s, jobs, len(lens))
 
     def _decode_step(self, work: _DecodeWork, share: float) -> float:
         device = self._device_time(work.serial, share)
         overlapped = self._device_time(work.overlapped, share)
-        return self.profile.step_overhead_s + device + self._combine(overlapped, work.cpu_s, work.jobs)
+        fixed = self.profile.step_overhead_s + self.profile.sequence_overhead_s * work.sequences
+        return fixed + device + self._combine(overlapped, work.cpu_s, work.jobs)
 
     def decode_time(self, context_lens: Sequence[int], method: str, share: float,
                     sampled_fraction: Optional[float] = None) -> float:
@@ -781,7 +793,8 @@ class CostModel:
         device. An empty batch takes 0 s. "dense": every layer reads the weights and every
         sequence's K/V. "magicpig": the dense layers as above; the sparse layers read weights,
         the hash projection and sinks + window on the device while the CPU store attends the
-        middle, overlapped by the ping-pong (module docstring)."""
+        middle, overlapped by the ping-pong (module docstring). Both add the step overhead and
+        the profile's ``sequence_overhead_s`` per sequence (not scaled by the share)."""
         lens = self._check_lens(context_lens)
         share = self._check_share(share)
         method = self._check_method(method)

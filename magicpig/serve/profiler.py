@@ -25,9 +25,14 @@ all of them alike. Torch's thread count is restored afterwards.
 How the profile is fitted (using the cost model's own FLOP and byte formulas)
 -----------------------------------------------------------------------------
 1. For each share x: an effective FLOP/s ``F_x`` and bytes/s ``B_x``, with one per-step overhead
-   ``o`` shared by all shares, minimise the squared log error of ``CostModel.prefill_time`` and
+   ``o`` and one per-sequence decode cost ``c`` (``sequence_overhead_s``) shared by all shares,
+   minimise the squared log error of ``CostModel.prefill_time`` and
    ``CostModel.decode_time(..., "dense")`` over the dense prefill (compute-bound) and dense
-   decode (memory-bound) points (Levenberg-Marquardt on log F_x, log B_x, log o).
+   decode (memory-bound) points (Levenberg-Marquardt on log F_x, log B_x, log o, log c). A dense
+   decode step is then o + bytes / B_x + batch * c: the decode points at two or more batch sizes
+   at each context separate the per-sequence cost from the bandwidth (the roofline alone reads
+   the weights once per step, so it has no term that grows with the batch at a fixed context
+   but the K/V). With a single batch size ``c`` is not fitted (0).
 2. The compute and memory :class:`Saturation` curves over the share: :func:`fit_saturation` of
    the points ``(x, 1 / F_x)`` and ``(x, 1 / B_x)`` (one parameter, x0; the shape is 1). With
    two cores the grid is only x = 0.5 and 1.0, so the fit is exact whenever the measured
@@ -373,19 +378,23 @@ def _totals(cost: CostModel, p: Point) -> tuple[float, float]:
 
 @dataclass
 class RateFit:
-    """Per-share effective rates, the shared overhead, and the log-error objective at the end."""
+    """Per-share effective rates, the shared overhead, the shared per-sequence decode cost and the
+    log-error objective at the end."""
 
     flops: dict[float, float]  # share -> FLOP/s
     bandwidth: dict[float, float]  # share -> bytes/s
-    overhead_s: float
+    overhead_s: float  # seconds per step
     sse: float
+    sequence_overhead_s: float = 0.0  # seconds per sequence per decode step
 
 
 def fit_rates(points: Sequence[Point], shape: ModelShape, cores: int,
               config: Optional[MagicPIGConfig] = None) -> RateFit:
-    """Per-share FLOP/s and bytes/s and one per-step overhead [s] minimising the squared log
-    error of the cost model over the points with role "fit" (Levenberg-Marquardt in log space:
-    log F_x, log B_x per share and log of the overhead)."""
+    """Per-share FLOP/s and bytes/s, one per-step overhead [s] and one per-sequence decode cost
+    [s] minimising the squared log error of the cost model over the points with role "fit"
+    (Levenberg-Marquardt in log space: log F_x, log B_x per share, log of the overhead and, when
+    the dense decode fit points have two or more batch sizes, log of the per-sequence cost; else
+    that cost is 0)."""
     fit_points = [p for p in points if p.role == "fit"]
     if not fit_points:
         raise ValueError("points: expected at least one point with role 'fit'")
@@ -393,17 +402,26 @@ def fit_rates(points: Sequence[Point], shape: ModelShape, cores: int,
     totals = [_totals(base, p) for p in fit_points]
     shares = sorted({p.share for p in fit_points})
     start, bounds = [math.log(1e-4)], [(math.log(1e-9), math.log(0.95 * min(p.seconds for p in fit_points)))]
+    decode = [p for p in fit_points if p.kind == "decode"]
+    per_sequence = len({p.batch for p in decode}) >= 2
     for x in shares:
         on = [(t, p.seconds) for t, p in zip(totals, fit_points) if p.share == x]
         for rate in (max(f / s for (f, _), s in on), max(b / s for (_, b), s in on)):
             start.append(math.log(rate))
             bounds.append((math.log(rate) - math.log(1e3), math.log(rate) + math.log(1e2)))
+    if per_sequence:  # last parameter: log c, at most the shortest decode step per sequence
+        start.append(math.log(1e-4))
+        bounds.append((math.log(1e-9), math.log(0.95 * min(p.seconds / p.batch for p in decode))))
+
+    def per_seq(theta: list[float]) -> float:
+        return math.exp(theta[-1]) if per_sequence else 0.0
 
     def residuals(theta: list[float]) -> list[float]:
         out = []
         for i, x in enumerate(shares):
             prof = replace(base.profile, peak_flops=math.exp(theta[1 + 2 * i]),
-                           memory_bandwidth=math.exp(theta[2 + 2 * i]), step_overhead_s=math.exp(theta[0]))
+                           memory_bandwidth=math.exp(theta[2 + 2 * i]), step_overhead_s=math.exp(theta[0]),
+                           sequence_overhead_s=per_seq(theta))
             cost = _cost_model(prof, shape, config)
             out += [math.log(model_seconds(cost, p, 1.0) / p.seconds) for p in fit_points if p.share == x]
         return out
@@ -411,7 +429,7 @@ def fit_rates(points: Sequence[Point], shape: ModelShape, cores: int,
     theta = _least_squares(residuals, start, bounds)
     return RateFit({x: math.exp(theta[1 + 2 * i]) for i, x in enumerate(shares)},
                    {x: math.exp(theta[2 + 2 * i]) for i, x in enumerate(shares)},
-                   math.exp(theta[0]), sum(v * v for v in residuals(theta)))
+                   math.exp(theta[0]), sum(v * v for v in residuals(theta)), per_seq(theta))
 
 
 def _cost_model(profile: DeviceProfile, shape: ModelShape, config: Optional[MagicPIGConfig],
@@ -648,8 +666,9 @@ def _diagnostic_notes(table: Sequence[dict], overhead_s: float) -> tuple[str, ..
     text = "; ".join(f"{m} " + ", ".join(f"batch {b}: {e:+.0%}" for b, e in errs.items())
                      for m, errs in by_batch.items())
     notes = [f"Decode error (model / measured - 1, median) by batch size: {text}. The roofline reads the weights "
-             "once per step and has no per-sequence cost; on the CPU each sequence also costs its own attention "
-             "calls (and GEMMs with more rows run slower than GEMV), so a trend with the batch is that cost."]
+             "once per step; on the CPU each sequence also costs its own attention calls (and GEMMs with more "
+             "rows run slower than GEMV): sequence_overhead_s, fitted to the dense decode points, stands for that "
+             "cost, so a trend left with the batch is what one constant per sequence does not capture."]
     if overhead_s < 1e-6:
         notes.append("The per-step overhead went to its lower bound (1e-9 s): the fitted points leave no room for "
                      "a fixed per-step cost (see the decode errors by batch size).")
@@ -666,6 +685,8 @@ def _notes(s: Settings, cores: int, how_c: str, how_m: str, store_threads: int) 
         "peak_flops and memory_bandwidth are the fitted effective full-share rates of the runtime's float32 CPU "
         "kernels through the cost model's own FLOP and byte counts (efficiencies 1): not hardware peaks.",
         "step_overhead_s is one overhead per step fitted jointly to dense prefill and dense decode; "
+        "sequence_overhead_s is one cost per sequence per decode step (all shares alike) fitted jointly with "
+        "the bandwidths to the dense decode points at batch 1 and 4; "
         "host_memory_bandwidth is the fitted full-share bytes/s.",
         f"Store: fit_store_attend on every attend call of the timed magicpig decode steps ({store_threads} store "
         "threads; the store's contention with the lane's cores is not modelled); append_s measured while the "
@@ -693,7 +714,7 @@ def build_profile(shape: ModelShape, config: MagicPIGConfig, points: list[Point]
     profile = DeviceProfile(
         name=name, kind="cpu", peak_flops=flops, compute_efficiency=1.0, memory_bandwidth=bandwidth,
         memory_efficiency=1.0, compute_units=cores, granularity=1, step_overhead_s=rates.overhead_s,
-        compute_saturation=sat_c, memory_saturation=sat_m, store=store, host_cores=cores,
+        sequence_overhead_s=rates.sequence_overhead_s, compute_saturation=sat_c, memory_saturation=sat_m, store=store, host_cores=cores,
         host_memory_bandwidth=bandwidth, link_bandwidth=0.0, link_latency_s=0.0, model=shape,
     )
     table = _check_table(profile, shape, config, points)
@@ -706,7 +727,9 @@ def build_profile(shape: ModelShape, config: MagicPIGConfig, points: list[Point]
                       for x in sorted(rates.flops)],
         "compute_saturation": {"how": how_c, "relative_errors": err_c},
         "memory_saturation": {"how": how_m, "relative_errors": err_m},
-        "objective": "least squares on log time over the 'fit' points (dense prefill, dense decode)",
+        "objective": "least squares on log time over the 'fit' points (dense prefill, dense decode); "
+                     "free: F and B per share, the step overhead and the per-sequence decode cost",
+        "sequence_overhead_s": rates.sequence_overhead_s,
         "objective_sse": rates.sse, "store": store_fit, "errors": error_summary(table),
         "decode_errors_by_batch": decode_errors_by_batch(table), "points": table, **(timing or {}),
     }
@@ -806,7 +829,8 @@ def summary_lines(profile: DeviceProfile) -> str:
     f, st = profile.fit, profile.store
     lines = [
         f"{profile.name}: {profile.flops / 1e9:.1f} GFLOP/s, {profile.bandwidth / 1e9:.2f} GB/s at full share; "
-        f"overhead {profile.step_overhead_s * 1e3:.2f} ms/step",
+        f"overhead {profile.step_overhead_s * 1e3:.2f} ms/step, "
+        f"{profile.sequence_overhead_s * 1e3:.2f} ms/sequence/decode step",
         f"compute saturation x0={profile.compute_saturation.x0} ({f['compute_saturation']['how']}); "
         f"memory saturation x0={profile.memory_saturation.x0} ({f['memory_saturation']['how']})",
         f"store ({st.threads} threads): {st.call_s * 1e6:.1f} us/call, {st.row_s * 1e9:.2f} ns/row, "
