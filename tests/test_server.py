@@ -180,9 +180,12 @@ def _error(resp, status: int) -> str:
     ({"model": MODEL, "prompt": [10**9]}, ["token id"]),
 ])
 def test_bad_completion_requests_are_400_naming_the_problem(server, body, words):
+    before = _metrics(server)["magicpig_prompt_tokens_total"]
     message = _error(_post(server, "/v1/completions", body), 400)
     for w in words:
         assert w in message, message
+    # A refused request never reaches the engine (it was once added, then answered 400).
+    assert _metrics(server)["magicpig_prompt_tokens_total"] == before
 
 
 @pytest.mark.parametrize("body, words", [

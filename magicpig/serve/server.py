@@ -224,6 +224,8 @@ async def _serve(state: ServerState, request: Request, body: _Sampling, prompt: 
     bad = body.unsupported()
     if bad:
         raise APIError(400, "unsupported by this server: " + ", ".join(bad), param=bad[0].split("=")[0].split(" ")[0])
+    if body.stream_options is not None and not body.stream:  # checked before the engine gets the request
+        raise APIError(400, "stream_options: only allowed when stream is true", param="stream_options")
     sub = Submission(new_id("chatcmpl" if chat else "cmpl"), prompt, chat, _sampling_params(body, max_tokens), max_tokens)
     stream = await _start(state, sub)
     tracker = _Tracker(state.metrics, started)
@@ -231,8 +233,6 @@ async def _serve(state: ServerState, request: Request, body: _Sampling, prompt: 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = _event_stream(stream, tracker, body.model, sub.request_id, chat, include_usage)
         return StreamingResponse(events, media_type="text/event-stream")
-    if body.stream_options is not None:
-        raise APIError(400, "stream_options: only allowed when stream is true", param="stream_options")
     return await _collect(stream, tracker, request, body.model, sub.request_id, chat)
 
 
