@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -146,8 +147,7 @@ class GreenContextLanes(_TwoThreads):
         asked = min(self.splits, key=lambda sms: abs(sms - prefill_share * self.total_sms))
         pctx, dctx = self.splits[asked]
         ready = torch.cuda.current_stream(self.device).record_event()
-        p, d, times = self._both(_on_stream(prefill, pctx.Stream(), ready), _on_stream(decode, dctx.Stream(), ready))
-        return p, d, times
+        return self._both(_on_stream(prefill, pctx.Stream(), ready), _on_stream(decode, dctx.Stream(), ready))
 
     def close(self) -> None:
         super().close()
@@ -165,20 +165,27 @@ def _on_stream(fn: Callable[[], Any], stream: "torch.cuda.Stream", ready: "torch
     return run
 
 
-def count_sms(stream: "torch.cuda.Stream", blocks: int = 4096) -> int:
-    """SMs a stream's kernels actually run on: a Triton kernel of many blocks records each
-    block's %smid; the distinct ids are the grant (the driver may round a request down)."""
+@functools.cache
+def _smid_kernel() -> Any:
+    """The %smid-recording Triton kernel, made once (triton is imported only on CUDA, and a
+    kernel defined per call would be compiled again for each of the ~30 start-up partitions)."""
     import triton
     import triton.language as tl
 
     @triton.jit
-    def _smid(out_ptr):
+    def smid(out_ptr):
         sm = tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
         tl.store(out_ptr + tl.program_id(0), sm)
 
+    return smid
+
+
+def count_sms(stream: "torch.cuda.Stream", blocks: int = 4096) -> int:
+    """SMs a stream's kernels actually run on: a Triton kernel of many blocks records each
+    block's %smid; the distinct ids are the grant (the driver may round a request down)."""
     with torch.cuda.stream(stream):
         out = torch.full((blocks,), -1, dtype=torch.int32, device="cuda")
-        _smid[(blocks,)](out)
+        _smid_kernel()[(blocks,)](out)
     stream.synchronize()
     return int(torch.unique(out).numel())
 
