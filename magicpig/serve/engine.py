@@ -183,7 +183,7 @@ class Engine:
             self._preempt(req)
         for chunk in plan.chunks:
             assert chunk.last and chunk.start == 0, "the runner prefills whole prompts"
-        prefills = [c.request for c in plan.chunks]
+        prefills = plan.prefills
         run_prefills = (lambda: [self._prefill(req) for req in prefills]) if prefills else None
         run_decodes = (lambda: self._decode(plan.decodes)) if plan.decodes else None
         firsts, chosen, self.last_lane_times = self.lanes.run(run_prefills, run_decodes, plan.prefill_share)
