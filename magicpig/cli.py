@@ -108,6 +108,11 @@ def _serve_parser() -> OneLineParser:
                    help="scheduling policy (docs/ENGINE.md; default fcfs)")
     p.add_argument("--profile", default=None,
                    help="cost-model profile (a shipped name or a JSON path) that --policy nexus prices decode with")
+    p.add_argument("--max-prefill-tokens", type=int, default=8192,
+                   help="prompt tokens prefilled per step under --policy fcfs (default 8192)")
+    p.add_argument("--no-chunked-prefill", dest="chunked_prefill", action="store_false",
+                   help="prefill each prompt whole in the step that admits it (default: prompts longer than the "
+                        "step's budget are prefilled in chunks over several steps)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
 
@@ -154,7 +159,8 @@ def _serve(argv: list[str]) -> int:
 
         policy, cost = _engine_policy(args, model_dir, config)
         engine = Engine(load_model(model_dir, device=device), config, max_num_seqs=args.max_num_seqs,
-                        max_model_len=args.max_model_len, policy=policy, cost=cost)
+                        max_model_len=args.max_model_len, policy=policy, cost=cost,
+                        max_prefill_tokens=args.max_prefill_tokens, chunked_prefill=args.chunked_prefill)
     except user_error_types() as err:
         return report("magicpig serve", err)
     from magicpig.serve.server import serve

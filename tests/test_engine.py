@@ -7,7 +7,9 @@ import torch
 
 from magicpig import Engine, LongContextModel, MagicPIGConfig, SamplingParams
 from magicpig.runtime.prefill import prefill_sequence
+from magicpig.attention.baselines import DenseMiddle
 from magicpig.runtime.runner import ModelRunner
+from magicpig.serve.scheduler import PolicyConfig
 from numerics import reorder_tolerance
 
 DENSE = MagicPIGConfig(method="dense")
@@ -128,6 +130,94 @@ def test_layer_by_layer_prefill_equals_the_full_prefill(model):
         assert torch.allclose(held, keys[layer], atol=1e-4, rtol=1e-4)
     runner.release(seq)
     assert runner.allocator.num_used == 0
+
+
+def _sparse_exact_runner(model, config) -> ModelRunner:
+    """A runner whose sparse layers attend their middle exactly (DenseMiddle), so that any two
+    ways of filling it must agree to float reordering."""
+    return ModelRunner(model.model, config, max_num_seqs=1, num_blocks=64, block_size=16, method_factory=DenseMiddle)
+
+
+@pytest.mark.parametrize("config", [DENSE, SPARSE], ids=["dense", "magicpig"])
+def test_chunked_prefill_equals_the_whole_prompt_prefill(model, config):
+    """A prompt prefilled in three uneven chunks (13, 40 and the rest tokens; rows of 16 within
+    each) leaves the same K/V in every cache (dense blocks; sparse slots, centring offsets and
+    middle store) and the same logits as the whole-prompt prefill, and the next five decode
+    steps give the same logits: a chunk that attended a wrong prefix, a wrong position or a
+    stale staging row would differ far beyond float reordering."""
+    ids = _prompts(model, 2)[1] * 3
+    whole_runner, chunk_runner = _sparse_exact_runner(model, config), _sparse_exact_runner(model, config)
+    whole, want = whole_runner.prefill(ids)
+    partial = chunk_runner.begin_prefill(ids)
+    for i, n in enumerate((13, 40, len(ids) - 53)):
+        got = chunk_runner.prefill_chunk(partial, n, chunk_size=16)
+        assert (got is None) == (i < 2) and partial.done == sum((13, 40, len(ids) - 53)[: i + 1])
+    assert not partial.keys, "the staging outlived the last chunk"
+    tol = reorder_tolerance(want, model.args.num_layers)
+    assert (got - want).abs().max().item() < tol
+    seq = partial.seq
+    assert (seq.length, seq.fill, seq.middle) == (whole.length, whole.fill, whole.middle)
+    for layer, cache in whole_runner.dense.items():
+        for a, b in zip(cache.sequence(whole.blocks, len(ids)), chunk_runner.dense[layer].sequence(seq.blocks, len(ids))):
+            assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+    for layer, (cache, mu, method) in whole_runner.sparse.items():
+        other, other_mu, other_method = chunk_runner.sparse[layer]
+        assert torch.allclose(mu[whole.slot], other_mu[seq.slot], atol=1e-5)
+        assert torch.allclose(cache.keys[whole.slot, :, : whole.fill], other.keys[seq.slot, :, : seq.fill], atol=1e-4)
+        assert torch.allclose(method._values[whole.store_ids[layer]], other_method._values[seq.store_ids[layer]],
+                              atol=1e-4)
+    token = torch.tensor([int(want.argmax())])
+    for _ in range(5):
+        a, b = whole_runner.decode([whole], token), chunk_runner.decode([seq], token)
+        assert (a - b).abs().max().item() < reorder_tolerance(a, model.args.num_layers)
+        token = a.argmax(dim=-1)
+
+
+def test_prefill_chunk_refuses_a_wrong_token_count(model):
+    runner = ModelRunner(model.model, DENSE, max_num_seqs=1, num_blocks=8, block_size=16)
+    with pytest.raises(ValueError, match="token_ids"):
+        runner.begin_prefill([])
+    partial = runner.begin_prefill([1, 2, 3, 4, 5])
+    for bad in (0, 6, -1, 2.0, True):
+        with pytest.raises(ValueError, match=r"num_tokens=.*\[1, 5\]"):
+            runner.prefill_chunk(partial, bad)
+    assert runner.prefill_chunk(partial, 2) is None and partial.done == 2
+    with pytest.raises(ValueError, match=r"\[1, 3\]"):
+        runner.prefill_chunk(partial, 4)
+    assert runner.prefill_chunk(partial, 3).shape == (model.args.vocab_size,)
+    runner.release(partial.seq)
+    assert runner.allocator.num_used == 0
+
+
+@pytest.mark.parametrize("config", [DENSE, SPARSE], ids=["dense", "magicpig"])
+def test_engine_prefills_in_chunks_and_frees_a_prompt_aborted_part_way(model, config):
+    """The ``chunked`` policy with a 24-token budget: prompts of 40-110 tokens are prefilled
+    over several steps while others decode, and each request gets its alone greedy tokens. One
+    request is aborted while part-way through its chunks: its blocks, slot, store ids and
+    staging are all freed."""
+    prompts = _prompts(model, 4)
+    alone = [model.generate(p, max_new_tokens=10, config=config) for p in prompts]
+    engine = Engine(model, config, max_num_seqs=4, block_size=16,
+                    policy=PolicyConfig("chunked", token_budget=24))
+    empty = _empty_store_bytes(engine)
+    ids = [engine.add_request(p, SamplingParams(max_new_tokens=10)) for p in prompts]
+    victim = engine.requests[ids[3]]
+    outputs: dict[str, list] = {}
+    part_way_steps = 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).append(out)
+        part_way_steps += sum(engine.scheduler.is_prefilling(r) for r in engine.scheduler.running)
+        if victim.partial is not None and victim.partial.done > 0:
+            engine.abort(ids[3])
+            assert victim.partial is None and victim.kv is None
+    assert part_way_steps >= 4 and outputs[ids[3]][-1].finish_reason == "abort"
+    for i in range(3):
+        tokens = [t for o in outputs[ids[i]] for t in o.new_token_ids]
+        _assert_same_greedy(model, config, prompts[i], tokens, alone[i].token_ids)
+    assert engine.blocks_in_use() == 0 and engine.cpu_store_bytes() == 0
+    assert _empty_store_bytes(engine) == empty and engine.runner.free_slots == engine.max_num_seqs
+    engine.close()
 
 
 def test_engine_rejects_bad_requests_by_name(model):

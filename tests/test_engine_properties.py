@@ -70,7 +70,10 @@ def token_ids(seed: int, n: int, vocab: int) -> list[int]:
 # CPU reservation (prompt + max_new_tokens each) hold one to four magicpig requests at once.
 # Prompts of 13 tokens and more have a middle in the CPU store (sinks 4 + window 8); shorter
 # ones spill into it after 8 decodes (the slot holds 4 + 8 + 8).
+# 24 prefill tokens a step: longer prompts, and prompts admitted behind others, are prefilled
+# in chunks over several steps (and may be aborted or preempted part-way).
 PROPERTY_BS, PROPERTY_BLOCKS, PROPERTY_SEQS, PROPERTY_CPU_TOKENS = 4, 12, 4, 64
+PROPERTY_PREFILL_TOKENS = 24
 PROMPT_LENGTHS = st.integers(2, 12) | st.integers(13, 40)
 # One op: a kind (weighted: add 3, step 1, abort 1) and the fields an add or an abort uses.
 OPS = st.lists(
@@ -190,8 +193,11 @@ class Tracker:
         assert set(ids) == live, f"scheduler holds {sorted(ids)}, caller expects {sorted(live)}"
         assert set(eng.requests) == live
         assert len(running) <= eng.max_num_seqs
-        assert all(r.kv is None for r in waiting), "a waiting request holds KV state"
+        assert all(r.kv is None and r.partial is None for r in waiting), "a waiting request holds KV state"
         assert all(r.kv is not None for r in running), "a running request has no KV state"
+        for r in running:  # a prompt part-way through its chunks holds its staging, and only then
+            assert (r.partial is not None) == sched.is_prefilling(r), r.request_id
+            self.stats["part-way"] += r.partial is not None
         blocks = [b for r in running for b in r.kv.blocks]
         assert len(blocks) == len(set(blocks)), "two running requests share a block"
         assert eng.blocks_in_use() == len(blocks), "blocks leaked or double-counted"
@@ -216,7 +222,7 @@ def test_random_operations_lose_nothing_and_free_everything(model, config):
     with max_new_tokens 1-12 and sometimes a stop string; step; abort a random id, live or
     finished), then drain; two explicit examples make sure of a preemption and of aborts.
     After every operation the engine agrees with the caller's view (Tracker.check_engine:
-    queued ids, blocks, slots, CPU reservations); at the end every id got exactly one finished
+    queued ids, blocks, slots, CPU reservations, chunked prefills' staging); at the end every id got exactly one finished
     output with a known reason and never anything after it, no request exceeded
     max_new_tokens, and every block, slot and store byte is back.
 
@@ -236,7 +242,7 @@ def test_random_operations_lose_nothing_and_free_everything(model, config):
     @example(ops=ABORTS)
     def run(ops):
         eng = tiny_engine(model, config, PROPERTY_BLOCKS, PROPERTY_SEQS, PROPERTY_CPU_TOKENS, block_size=PROPERTY_BS,
-                          max_prefill_tokens=128)
+                          max_prefill_tokens=PROPERTY_PREFILL_TOKENS)
         empty_store = [m.nbytes() for _, _, m in eng.runner.sparse.values()]
         t = Tracker(eng, stats)
         try:
@@ -274,6 +280,7 @@ def test_random_operations_lose_nothing_and_free_everything(model, config):
     assert stats["live aborts"] > 0 and stats["no-op aborts"] > 0, stats
     assert stats["length"] > 0 and stats["abort"] > 0, stats
     assert stats["max running"] >= 2, stats
+    assert stats["part-way"] > 0, f"no prompt was ever part-way through a chunked prefill: {stats}"
     if config is SPARSE:
         assert stats["max middle"] > 0, f"the CPU store was never used: {stats}"
         assert stats["cpu-bound waits"] > 0, f"the CPU budget never held a request back: {stats}"

@@ -9,11 +9,13 @@ A runner holds, for its whole lifetime:
   centring offsets ``mu`` per slot, and one :class:`MiddleAttention` (for magicpig: one CPU
   store) in which every sequence has an id.
 
-Per sequence, :class:`SequenceKV` records where its state lives. ``prefill`` runs layer by
-layer and offloads as it goes (peak device memory: the dense layers' K/V plus one layer's
-working set); ``add_prefilled`` starts a sequence from a full prefill state (the evaluation
-prefills once and decodes every method from it); ``decode`` feeds one token per sequence;
-``release`` frees everything a sequence holds at once. The runner knows nothing of queues,
+Per sequence, :class:`SequenceKV` records where its state lives. ``prefill`` runs a whole prompt
+layer by layer and offloads as it goes (peak device memory: the dense layers' K/V plus one
+layer's working set); ``begin_prefill`` + ``prefill_chunk`` run a prompt in pieces across
+engine steps (token-major: each piece goes through every layer); ``add_prefilled`` starts a
+sequence from a full prefill state (the evaluation prefills once and decodes every method from
+it); ``decode`` feeds one token per sequence; ``release`` frees everything a sequence holds at
+once. The runner knows nothing of queues,
 requests or sampling.
 """
 
@@ -71,6 +73,28 @@ class SequenceKV:
     @property
     def computation_cost(self) -> float:
         return self.cost_sum / self.cost_steps if self.cost_steps else 0.0
+
+
+@dataclass
+class PartialPrefill:
+    """A prompt part-way through a chunked prefill (:meth:`ModelRunner.prefill_chunk`).
+
+    seq: its sequence, holding the blocks, slot and store ids of the whole prompt from the first
+    chunk on. token_ids: the prompt. done: tokens prefilled so far. keys / values: per sparse
+    layer the prompt's K/V so far, [Hkv, n, d] in the model dtype on the device. The sparse
+    layers' K/V reach their slot and CPU store only after the last chunk, because the middle's
+    bounds and its centring need the whole prompt, and every chunk's exact attention reads all
+    the tokens before it; dense layers write straight into their blocks."""
+
+    seq: SequenceKV
+    token_ids: list[int]
+    done: int = 0
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)
+    values: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
 
 
 class _Part:
@@ -228,6 +252,61 @@ class ModelRunner:
         except BaseException:
             self.release(seq)
             raise
+
+    def begin_prefill(self, token_ids: list[int], expected: int = 0) -> PartialPrefill:
+        """Admit a prompt for a prefill in chunks: its sequence gets the memory of the whole
+        prompt now; :meth:`prefill_chunk` then runs it piece by piece (a chunked prefill keeps
+        the sparse layers' prompt K/V on the device until its last chunk, where the whole-prompt
+        :meth:`prefill` hands each layer on as soon as it is done)."""
+        if not token_ids:
+            raise ValueError("token_ids: expected at least one token")
+        a, n = self.model.args, len(token_ids)
+        partial = PartialPrefill(self._new_sequence(n, expected), list(token_ids))
+        for layer in self.sparse:
+            partial.keys[layer] = torch.empty(a.num_kv_heads, n, a.head_dim, device=self.device, dtype=self.model.dtype)
+            partial.values[layer] = torch.empty_like(partial.keys[layer])
+        return partial
+
+    @torch.inference_mode()
+    def prefill_chunk(
+        self, partial: PartialPrefill, num_tokens: int, chunk_size: int = PREFILL_CHUNK
+    ) -> torch.Tensor | None:
+        """Prefill the next ``num_tokens`` tokens of ``partial`` (exact causal attention over
+        everything before them). Returns float32 logits [vocab] after the prompt's last token
+        when this chunk completes it (its K/V then go to the slots and CPU stores), else None."""
+        left = partial.num_tokens - partial.done
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or not 1 <= num_tokens <= left:
+            raise ValueError(f"num_tokens={num_tokens!r}: expected an int in [1, {left}] (tokens left to prefill)")
+        end = partial.done + num_tokens
+        for start in range(partial.done, end, chunk_size):
+            x = self._prefill_rows(partial, start, min(end, start + chunk_size))
+        partial.done = end
+        if end < partial.num_tokens:
+            return None
+        for layer in self.sparse:
+            self._store_layer(partial.seq, layer, partial.keys[layer], partial.values[layer])
+        partial.keys, partial.values = {}, {}
+        return self.model.logits(x[-1:])[0]
+
+    def _prefill_rows(self, partial: PartialPrefill, start: int, end: int) -> torch.Tensor:
+        """Tokens [start, end) of the prompt through every layer; returns their hidden states."""
+        m = self.model
+        ids = torch.tensor(partial.token_ids[start:end], dtype=torch.int64, device=self.device)
+        cos, sin = m.rope(torch.arange(start, end, device=self.device), end - 1)
+        x = m.embed(ids)
+        for layer in range(m.args.num_layers):
+            q, k, v = m.attention_input(layer, x, cos, sin)
+            k, v = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, T, d]
+            if layer in self.dense:
+                cache = self.dense[layer]
+                cache.fill(partial.seq.blocks, k, v, start=start)
+                keys, values = cache.sequence(partial.seq.blocks, end)
+            else:
+                keys, values = partial.keys[layer][:, :end], partial.values[layer][:, :end]
+                keys[:, start:end], values[:, start:end] = k, v
+            attn = causal_chunk_attention(q, keys, values, start, m.scale)
+            x = m.mlp(layer, m.attention_output(layer, x, attn))
+        return x
 
     def release(self, seq: SequenceKV) -> None:
         """Free the sequence's blocks, slot and middle K/V (idempotent)."""

@@ -28,7 +28,7 @@ from magicpig.runtime.runner import DEFAULT_BLOCK_SIZE, ModelRunner, cache_bytes
 from magicpig.serve.request import Request, RequestOutput, Status, next_request_id
 from magicpig.serve.lanes import InterleavedLanes, LaneTimes, make_lanes
 from magicpig.serve.scheduler import (
-    SPLIT_POLICIES, DecodeCost, MemoryState, PolicyConfig, Scheduler, reserved_cpu_bytes,
+    SPLIT_POLICIES, DecodeCost, MemoryState, PolicyConfig, PrefillChunk, Scheduler, reserved_cpu_bytes,
 )
 
 DEFAULT_MAX_PREFILL_TOKENS = 8192
@@ -63,6 +63,9 @@ class Engine:
     policy: the scheduler's policy (a name of ``scheduler.POLICIES`` or a ``PolicyConfig``;
     ``nexus`` also needs ``cost``, a cost model pricing decode shares). lanes: how a split
     policy's lanes run ("auto": :func:`make_lanes`; "interleaved": one after the other).
+    chunked_prefill: a prompt longer than the step's prefill budget is prefilled over several
+    steps (the default, as in vLLM); False prefills each prompt whole in the step that admits it
+    (lower peak memory: the whole-prompt prefill hands each layer's K/V on as soon as it is done).
     """
 
     def __init__(
@@ -78,6 +81,7 @@ class Engine:
         policy: PolicyConfig | str = "fcfs",
         cost: DecodeCost | None = None,
         lanes: str = "auto",
+        chunked_prefill: bool = True,
     ):
         resolve_config(config)  # a wrong type fails before a model is loaded by name
         self.loaded = _as_loaded(model)
@@ -94,10 +98,10 @@ class Engine:
         check_int("device_memory_bytes", device_budget, 1)
         check_int("cpu_memory_bytes", self.cpu_budget, 0)
         self.runner = self._make_runner(device_budget, block_size)
-        # The runner prefills a prompt whole (layer by layer), so chunks are whole prompts; the
-        # lanes of a split policy run one after the other here (no lanes yet: DESIGN.md §4).
+        if not isinstance(chunked_prefill, bool):
+            raise TypeError(f"chunked_prefill={chunked_prefill!r}: expected True or False")
         self.scheduler = Scheduler(self.max_num_seqs, check_int("max_prefill_tokens", max_prefill_tokens, 1),
-                                   policy, chunked_prefill=False, cost=cost, clock=time.perf_counter)
+                                   policy, chunked_prefill=chunked_prefill, cost=cost, clock=time.perf_counter)
         # Split policies run their two lanes concurrently where the device allows it.
         self.lanes = make_lanes(self.loaded.model.device, lanes) if self.scheduler.policy.name in SPLIT_POLICIES \
             else InterleavedLanes()
@@ -181,18 +185,16 @@ class Engine:
         plan = self.scheduler.schedule(self._memory())
         for req in plan.preempted:
             self._preempt(req)
-        for chunk in plan.chunks:
-            assert chunk.last and chunk.start == 0, "the runner prefills whole prompts"
-        prefills = plan.prefills
-        run_prefills = (lambda: [self._prefill(req) for req in prefills]) if prefills else None
+        chunks = plan.chunks
+        run_prefills = (lambda: [self._prefill(c) for c in chunks]) if chunks else None
         run_decodes = (lambda: self._decode(plan.decodes)) if plan.decodes else None
         firsts, chosen, self.last_lane_times = self.lanes.run(run_prefills, run_decodes, plan.prefill_share)
         for req, token in zip(plan.decodes, chosen or []):
             req.decode_steps += 1
             outputs.append(self._postprocess(req, token))
-        for req, token in zip(prefills, firsts or []):
-            if token is not None:  # None: re-admitted after a preemption (its last token is fed next)
-                outputs.append(self._postprocess(req, token))
+        for chunk, token in zip(chunks, firsts or []):
+            if token is not None:  # None: part-way, or re-admitted after a preemption
+                outputs.append(self._postprocess(chunk.request, token))
         return outputs
 
     def _memory(self) -> MemoryState:
@@ -209,23 +211,43 @@ class Engine:
     def _preempt(self, req: Request) -> None:
         self.runner.release(req.kv)
         req.carried_cost = (req.kv.cost_sum, req.kv.cost_steps)  # into the re-prefilled state
-        req.kv, req.status = None, Status.WAITING
+        req.kv, req.partial, req.status = None, None, Status.WAITING
         req.num_preemptions += 1
 
-    def _prefill(self, req: Request) -> Optional[int]:
-        """Prefill one request (a lane's work: no scheduler or output state is touched);
-        returns its first token, or None after a preemption."""
+    def _prefill(self, chunk: PrefillChunk) -> Optional[int]:
+        """Run one prefill chunk (a lane's work: no scheduler or output state is touched);
+        returns the request's first token when the chunk completes its prompt, else None
+        (part-way, or re-admitted after a preemption: its last token is fed next)."""
+        req = chunk.request
         t0 = time.perf_counter()
-        expected = req.num_prompt_tokens + req.params.max_new_tokens
-        req.kv, logits = self.runner.prefill(req.tokens_to_prefill(), expected=expected)
-        req.status = Status.RUNNING
+        logits = self._run_chunk(req, chunk)
         if req.output.out_ids:
-            req.kv.cost_sum, req.kv.cost_steps = req.carried_cost
+            if logits is not None:
+                req.kv.cost_sum, req.kv.cost_steps = req.carried_cost
             return None
-        req.prefill_seconds = time.perf_counter() - t0
+        req.prefill_seconds += time.perf_counter() - t0  # compute time, summed over the chunks
+        if logits is None:
+            return None
         token = int(select_tokens(logits[None], req.params, req.generator)[0])
         req.first_token_time = time.perf_counter()
         return token
+
+    def _run_chunk(self, req: Request, chunk: PrefillChunk) -> Optional[torch.Tensor]:
+        """The runner's part: a whole prompt in one go, or the next piece of a chunked one.
+        Returns the logits after the prompt's last token, or None while part-way."""
+        expected = req.num_prompt_tokens + req.params.max_new_tokens
+        req.status = Status.RUNNING
+        if chunk.start == 0 and chunk.last:
+            req.kv, logits = self.runner.prefill(req.tokens_to_prefill(), expected=expected)
+            return logits
+        if chunk.start == 0:
+            req.partial = self.runner.begin_prefill(req.tokens_to_prefill(), expected=expected)
+            req.kv = req.partial.seq
+        assert req.partial.done == chunk.start, "chunks of a prompt run in order"
+        logits = self.runner.prefill_chunk(req.partial, chunk.num_tokens)
+        if chunk.last:
+            req.partial = None
+        return logits
 
     def _decode(self, reqs: list[Request]) -> list[int]:
         """One decode step of ``reqs`` (a lane's work); their next tokens."""
@@ -259,7 +281,7 @@ class Engine:
         req.stats = self._stats(req)
         if req.kv is not None:
             self.runner.release(req.kv)
-            req.kv = None
+            req.kv, req.partial = None, None
         self.scheduler.remove(req)
         req.status = Status.FINISHED
         del self.requests[req.request_id]  # the caller has its RequestOutput; nothing is kept

@@ -40,6 +40,7 @@ class Request:
     status: Status = Status.WAITING
     output: OutputText = field(default_factory=OutputText)
     kv: Optional[Any] = None
+    partial: Optional[Any] = None  # the runner's PartialPrefill while its prompt is part-way
     generator: Optional[Any] = None  # torch.Generator when params.seed is set
     first_token_time: Optional[float] = None
     finish_time: Optional[float] = None

@@ -11,9 +11,9 @@ Shared by every policy (the mechanism of admission):
   (+ its first decode's token) and its CPU-store reservation fit. A request's CPU-store bytes
   are reserved for its whole length (prompt + max_new_tokens) at admission, so the store never
   outgrows its budget mid-decode; device blocks are not reserved (preemption handles them).
-* chunks: with ``chunked_prefill`` a prompt may be prefilled over several steps (a request
-  partly prefilled is running but does not decode yet); without it (the engine's runner today)
-  a prompt is prefilled whole in the step that admits it.
+* chunks: with ``chunked_prefill`` (the engine's default) a prompt may be prefilled over
+  several steps (a request partly prefilled is running but does not decode yet); without it a
+  prompt is prefilled whole in the step that admits it.
 
 The policies (``POLICIES``), as in vLLM, Sarathi and Nexus (arXiv 2507.06608):
 * ``fcfs``: one batch per step: every decode, then waiting prompts in arrival order up to

@@ -483,8 +483,8 @@ def simulate(trace: Sequence[TraceItem], cost_model: CostModel, policy: Union[Po
              slo_ttft_s: float = 2.0, slo_tbt_s: float = 0.1, max_steps: int = 10_000_000) -> SimResult:
     """Simulate serving ``trace`` (items with arrivals, seconds) with ``policy`` and ``method``
     ("dense" or "magicpig") on ``cost_model``'s device. A policy given by name prices nexus
-    decode shares as ``method``. ``chunked_prefill`` False prefills whole prompts (the engine's
-    runner today). Memory budgets in GiB; SLOs in seconds. See the module docstring."""
+    decode shares as ``method``. ``chunked_prefill`` False prefills whole prompts (as
+    ``Engine(chunked_prefill=False)``). Memory budgets in GiB; SLOs in seconds. See the module docstring."""
     if method not in METHODS:
         raise ValueError(f"method={method!r}: expected one of {METHODS}")
     pol = PolicyConfig(policy, method=method) if isinstance(policy, str) else policy
@@ -594,7 +594,7 @@ def build_parser(prog: str = "magicpig simulate") -> argparse.ArgumentParser:
     p.add_argument("--token-budget", type=_POS_INT, default=2048, help="chunked / prefill_first: tokens per step")
     p.add_argument("--chunk-tokens", type=_POS_INT, default=2048, help="static / nexus: prefill chunk tokens")
     p.add_argument("--tbt-target", type=_POS_FLOAT, help="nexus: decode step target, seconds (default --slo-tbt)")
-    p.add_argument("--whole-prompts", action="store_true", help="no chunked prefill (the engine's runner today)")
+    p.add_argument("--whole-prompts", action="store_true", help="no chunked prefill (as magicpig serve --no-chunked-prefill)")
     p.add_argument("--block-size", type=_POS_INT, default=256, help="tokens per device K/V block")
     p.add_argument("--device-memory-gb", type=_POS_FLOAT, default=80.0, help="device memory, GiB (weights included)")
     p.add_argument("--host-memory-gb", type=_POS_FLOAT, default=512.0, help="CPU-store budget, GiB")

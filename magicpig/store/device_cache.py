@@ -112,13 +112,18 @@ class PagedKVCache:
         h, _, d = self.keys.shape
         return 2 * h * d * self.keys.element_size()
 
-    def fill(self, blocks: list[int], keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Write a sequence's first n tokens, keys/values [Hkv, n, d], into its blocks."""
-        bs, n = self.block_size, keys.shape[1]
-        for i, block in enumerate(blocks[: blocks_for(n, bs)]):
-            lo, hi = i * bs, min(n, (i + 1) * bs)
-            self.keys[:, block * bs : block * bs + hi - lo] = keys[:, lo:hi]
-            self.values[:, block * bs : block * bs + hi - lo] = values[:, lo:hi]
+    def fill(self, blocks: list[int], keys: torch.Tensor, values: torch.Tensor, start: int = 0) -> None:
+        """Write keys/values [Hkv, n, d] as a sequence's tokens [start, start + n) into its
+        blocks (one copy per block touched)."""
+        bs, end = self.block_size, start + keys.shape[1]
+        pos = start
+        while pos < end:
+            offset = pos % bs
+            take = min(bs - offset, end - pos)
+            dst = blocks[pos // bs] * bs + offset
+            self.keys[:, dst : dst + take] = keys[:, pos - start : pos - start + take]
+            self.values[:, dst : dst + take] = values[:, pos - start : pos - start + take]
+            pos += take
 
     def write(self, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """One token per row: keys/values [b, Hkv, d] at the flat token slots int64 [b]
