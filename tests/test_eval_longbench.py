@@ -18,13 +18,53 @@ def tok():
     return load_tokenizer(embedded_model_dir())
 
 
-def test_config_covers_the_official_tasks():
+# LongBench v1's config/dataset2maxlen.json and eval.py's dataset2metric, by our metric names.
+OFFICIAL = {
+    "narrativeqa": (128, "qa_f1"), "qasper": (128, "qa_f1"), "multifieldqa_en": (64, "qa_f1"),
+    "multifieldqa_zh": (64, "qa_f1_zh"), "hotpotqa": (32, "qa_f1"), "2wikimqa": (32, "qa_f1"),
+    "musique": (32, "qa_f1"), "dureader": (128, "rouge_zh"), "gov_report": (512, "rouge"),
+    "qmsum": (512, "rouge"), "multi_news": (512, "rouge"), "vcsum": (512, "rouge_zh"),
+    "trec": (64, "classification"), "triviaqa": (32, "qa_f1"), "samsum": (128, "rouge"),
+    "lsht": (64, "classification"), "passage_count": (32, "count"),
+    "passage_retrieval_en": (32, "retrieval"), "passage_retrieval_zh": (32, "retrieval_zh"),
+    "lcc": (64, "code_sim"), "repobench-p": (64, "code_sim"),
+}
+
+
+def test_config_is_the_official_one():
     cfg = longbench.task_configs()
-    assert len(cfg) == 21
-    assert cfg["hotpotqa"]["max_gen"] == 32 and cfg["hotpotqa"]["metric"] == "qa_f1"
-    assert cfg["gov_report"]["max_gen"] == 512 and cfg["gov_report"]["metric"] == "rouge"
-    assert not cfg["trec"]["chat"] and cfg["trec"]["first_line"]
+    assert {t: (c["max_gen"], c["metric"]) for t, c in cfg.items()} == OFFICIAL
+    # eval.py scores only the first line on these four; pred.py skips the chat template on them
+    # and on the two code tasks.
+    assert {t for t, c in cfg.items() if c["first_line"]} == {"trec", "triviaqa", "samsum", "lsht"}
+    assert {t for t, c in cfg.items() if not c["chat"]} == {"trec", "triviaqa", "samsum", "lsht",
+                                                            "lcc", "repobench-p"}
     assert all("{context}" in c["prompt"] for c in cfg.values())
+
+
+def test_prompt_budget_is_max_length_minus_generation():
+    assert longbench.prompt_budget("hotpotqa", 4096) == 4096 - 32
+    assert longbench.prompt_budget("gov_report", 8192) == 8192 - 512
+    with pytest.raises(ValueError, match="512 generated tokens"):
+        longbench.prompt_budget("gov_report", 512)
+
+
+class CharTokenizer:
+    """One token per character: truncation's arithmetic without a real vocabulary."""
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": [ord(c) for c in text]}
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(map(chr, ids))
+
+
+def test_truncate_middle_keeps_half_from_each_end():
+    tok = CharTokenizer()
+    assert longbench.truncate_middle(tok, "abcdefghij", 10) == "abcdefghij"
+    assert longbench.truncate_middle(tok, "abcdefghij", 6) == "abchij"
+    # pred.py: half = int(max_length / 2) from each end, so an odd budget keeps one token less.
+    assert longbench.truncate_middle(tok, "abcdefghij", 5) == "abij"
 
 
 def test_resolve_tasks():
@@ -53,6 +93,15 @@ def test_middle_truncation_keeps_both_ends(tok):
     assert "Passage 0:" in s.prompt and "Passage 399:" in s.prompt  # both ends kept
     assert "Passage 200:" not in s.prompt  # the middle is gone
     assert "Question: Where does river 399 flow?" in s.prompt
+
+
+def test_prompt_never_passes_the_budget(tok):
+    # The chat template counts inside the budget, and re-encoding at the cut cannot push the
+    # prompt over it: prompt + the task's answer fit max_length.
+    for max_length in (300, 301, 457, 1000):
+        s = longbench.load_samples(DATA, "hotpotqa", tok, max_length)[1]
+        assert s.num_tokens == len(tok(s.prompt, add_special_tokens=False)["input_ids"])
+        assert max_length - 32 - 3 <= s.num_tokens <= max_length - 32
 
 
 def test_bad_records_raise(tmp_path):

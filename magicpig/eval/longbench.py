@@ -3,8 +3,11 @@
 Each ``<DIR>/<task>.jsonl`` line holds ``input``, ``context``, ``answers``, ``all_classes`` and
 ``length`` (LongBench-E files ``<task>_e.jsonl`` work too). The per-task prompt template,
 generation length, metric and whether the chat template is applied come from
-``magicpig/eval/data/longbench.json`` (the benchmark's published values). Prompts longer than
-the model's budget are cut in the middle, keeping the first and the last half (LongBench's rule).
+``magicpig/eval/data/longbench.json`` (the benchmark's ``config/dataset2prompt.json`` and
+``dataset2maxlen.json``). Prompts longer than the budget (:func:`prompt_budget`) are cut in the
+middle, keeping the first and the last half (``pred.py``'s rule). The files are the official
+ones: ``data.zip`` of the Hugging Face dataset ``THUDM/LongBench``, unzipped; this module never
+downloads them.
 """
 
 from __future__ import annotations
@@ -96,29 +99,66 @@ def read_records(data_dir: str | Path, task: str) -> Iterator[dict[str, Any]]:
 
 
 def truncate_middle(tokenizer: Any, text: str, max_tokens: int) -> str:
-    """Keep the first and last max_tokens // 2 tokens of ``text`` when it is longer."""
+    """``text`` unchanged if it has at most ``max_tokens`` tokens, else its first and last
+    ``max_tokens // 2`` tokens decoded and joined (LongBench pred.py: ``half = int(max_length/2)``
+    from each end, so an odd budget keeps one token less)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) <= max_tokens:
         return text
     half = max_tokens // 2
     return (tokenizer.decode(ids[:half], skip_special_tokens=True)
-            + tokenizer.decode(ids[len(ids) - (max_tokens - half):], skip_special_tokens=True))
+            + tokenizer.decode(ids[len(ids) - half:], skip_special_tokens=True))
+
+
+def prompt_budget(task: str, max_length: int) -> int:
+    """Most tokens of a ``task`` prompt (chat template included) when the prompt and the answer
+    must fit in ``max_length`` tokens: ``max_length`` minus the task's generation length
+    (dataset2maxlen: 32 for hotpotqa, 512 for gov_report).
+
+    ``max_length`` defaults to the model's context (``magicpig eval longbench --max-length``).
+    Official LongBench truncates the prompt *before* the chat template to ``model2maxlen[model]``,
+    which is the model's context minus a flat 500 left for the answer and the template (3500 for
+    its 4k models, 7500 for 8k, 31500 for 32k). Here the room left is the task's own generation
+    length and the template counts inside the budget, as in our RULER runner (target =
+    length - tokens_to_generate): the prompt plus the longest answer fit the model exactly, and
+    short-answer tasks keep more context than the official runs (4064 tokens for hotpotqa at 4096
+    against llama2-7b-chat-4k's 3500). ValueError if nothing is left for the prompt.
+    """
+    max_gen = task_configs()[task]["max_gen"]
+    if max_length - max_gen <= 0:
+        raise ValueError(f"max_length={max_length}: expected more than {task}'s {max_gen} generated tokens")
+    return max_length - max_gen
+
+
+def _count(tokenizer: Any, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _fit_prompt(tokenizer: Any, text: str, chat: bool, budget: int) -> tuple[str, int]:
+    """(prompt, tokens): ``text`` middle-truncated so that it, inside the chat template when
+    ``chat``, has at most ``budget`` tokens. Decoding the two halves and encoding the result can
+    merge or split tokens at the cut (a few more than planned): shrink by the excess and retry."""
+    overhead = _count(tokenizer, render_prompt(tokenizer, "", "")) if chat else 0
+    limit = budget - overhead
+    if limit <= 0:
+        raise ValueError(f"a prompt budget of {budget} tokens leaves no room inside the {overhead}-token chat template")
+    for _ in range(4):
+        kept = truncate_middle(tokenizer, text, limit)
+        prompt = render_prompt(tokenizer, kept, "") if chat else kept
+        n = _count(tokenizer, prompt)
+        if n <= budget:
+            break
+        limit = max(0, limit - (n - budget))
+    return prompt, n
 
 
 def build_sample(task: str, index: int, record: dict[str, Any], tokenizer: Any,
                  max_length: int) -> LongBenchSample:
-    """One sample: template filled, middle-truncated to ``max_length - max_gen`` tokens, then the
-    chat template (for the tasks LongBench chats on)."""
+    """One sample: template filled, middle-truncated to :func:`prompt_budget` tokens with the chat
+    template (for the tasks LongBench chats on) around it."""
     cfg = task_configs()[task]
     text = cfg["prompt"].format(context=record["context"], input=record["input"])
-    budget = max_length - cfg["max_gen"]
-    if budget <= 0:
-        raise ValueError(f"max_length={max_length}: expected more than {task}'s {cfg['max_gen']} generated tokens")
-    # The chat template adds a few dozen tokens; keep them inside the budget too.
-    overhead = len(tokenizer(render_prompt(tokenizer, "", ""), add_special_tokens=False)["input_ids"]) if cfg["chat"] else 0
-    text = truncate_middle(tokenizer, text, budget - overhead)
-    prompt = render_prompt(tokenizer, text, "") if cfg["chat"] else text
-    n = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    prompt, n = _fit_prompt(tokenizer, text, cfg["chat"], prompt_budget(task, max_length))
     return LongBenchSample(task=task, index=index, prompt=prompt, answers=[str(a) for a in record["answers"]],
                            all_classes=list(record.get("all_classes") or []), num_tokens=n,
                            tokens_to_generate=cfg["max_gen"], metric=cfg["metric"],
