@@ -66,6 +66,44 @@ def test_sampled_middle_matches_reference_estimator():
         assert torch.allclose(lse[b], ref_lse[0], atol=1e-4)
 
 
+def test_trusted_attend_equals_the_checked_one_and_survives_a_nan_query():
+    """The runner's unchecked per-layer path (its own hash call straight into a buffer, the
+    store called without checks) gives exactly the checked path's out, lse and counts: GQA
+    groups of 3, a batch of 4 with a repeated id and unequal lengths, one sequence with no
+    middle, a bf16 store and queries in bf16. A NaN query head, which only the checks would
+    stop, comes back as NaN or as "no key" (out 0, lse -inf) for that head, with no crash and
+    the other heads unchanged (to float rounding within its GQA group, whose candidate rows the
+    kernel reads together); the device half of that head's attention is NaN anyway."""
+    cfg = MagicPIGConfig(K=5, L=40, min_collisions=2, kv_dtype="bf16", seed=7)
+    hkv, hq, d = 2, 6, 32
+    g = torch.Generator().manual_seed(1)
+    method = SampledMiddle(cfg, layer=2, num_kv_heads=hkv, head_dim=d)
+    ids = [method.add_sequence() for _ in range(3)]
+    for sid, n in zip(ids, (500, 37, 0)):
+        if n:
+            method.append(sid, torch.randn(hkv, n, d, generator=g), torch.randn(hkv, n, d, generator=g))
+    batch = [ids[0], ids[1], ids[0], ids[2]]
+    for dtype in (torch.float32, torch.bfloat16):
+        q = (torch.randn(4, hq, d, generator=g) * 3).to(dtype)
+        want = method.attend_async(batch, q).wait()
+        got = method.attend_trusted(batch, q).wait()
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+        assert int(want[2][:3].sum()) > 0 and int(want[2][3].sum()) == 0  # the empty middle: no key read
+    q = torch.randn(4, hq, d, generator=g)
+    clean = method.attend_trusted(batch, q).wait()
+    q[1, 4] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        method.attend_async(batch, q)
+    out, lse, num = method.attend_trusted(batch, q).wait()
+    assert torch.isnan(out[1, 4]).all() or (torch.equal(out[1, 4], torch.zeros(d)) and torch.isneginf(lse[1, 4]))
+    keep = torch.ones(4, hq, dtype=torch.bool)
+    keep[1, 4] = False
+    torch.testing.assert_close(out[keep], clean[0][keep], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse[keep], clean[1][keep], rtol=1e-5, atol=1e-5)
+    assert torch.equal(num[keep], clean[2][keep])
+
+
 def test_magicpig_equals_dense_when_window_covers_context(model):
     state = model.prefill(PROMPTS)
     wide = MagicPIGConfig(window_tokens=2048)

@@ -93,6 +93,12 @@ class MiddleAttention(ABC):
         result = self.attend(seq_ids, queries)
         return PendingAttention(lambda: result)
 
+    def attend_trusted(self, seq_ids: list[int], queries: torch.Tensor) -> PendingAttention:
+        """:meth:`attend_async` for a caller that has validated the sequence ids and the
+        queries' shape once (the runner's decode step, per layer): a method may skip its
+        per-call checks here. By default it is attend_async."""
+        return self.attend_async(seq_ids, queries)
+
     def nbytes(self, seq_id: int | None = None) -> int:
         """Bytes held (for one sequence, or all)."""
         return 0

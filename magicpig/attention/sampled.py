@@ -9,12 +9,18 @@ only hashes, moves tensors and keeps per-sequence lengths.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from magicpig.attention.base import MiddleAttention, PendingAttention, register_method
-from magicpig.config import MagicPIGConfig
+from magicpig.config import MagicPIGConfig, max_cpu_threads
 from magicpig.lsh import hash_codes, layer_projection
 from magicpig.store import CPUStore
+
+try:  # the trusted path calls the hash kernel directly; without the extension it is not taken
+    from magicpig import _C
+except ImportError:  # pragma: no cover - depends on the build
+    _C = None
 
 APPEND_BLOCK = 4096
 
@@ -42,6 +48,8 @@ class SampledMiddle(MiddleAttention):
         self._on_device: dict[torch.device, torch.Tensor] = {}
         self.store = _make_store(config, num_kv_heads, head_dim)
         self._lengths: dict[int, int] = {}
+        self._projection_np: np.ndarray | None = None
+        self._max_threads = max_cpu_threads()
 
     def _projection(self, device: torch.device) -> torch.Tensor:
         """[Hkv, d, K*L] float32 on ``device`` (cached per device)."""
@@ -108,6 +116,32 @@ class SampledMiddle(MiddleAttention):
             return out.to(device), lse.to(device), num.to(device)
 
         return PendingAttention(finish)
+
+    def attend_trusted(self, seq_ids: list[int], queries: torch.Tensor) -> PendingAttention:
+        """:meth:`attend_async` for the runner's decode step, which validated once what the
+        per-call checks would (its sequence ids are this layer's, its queries the model's
+        [B, Hq, d]): hash with the extension's kernel straight into a buffer and call the store
+        unchecked. On the CPU the checks, temporaries and reshapes cost several times the native
+        attend of a short middle (measured: 0.56 ms per layer and step against 0.02 ms)."""
+        if queries.device.type != "cpu" or self.store.backend != "cpp":
+            return self.attend_async(seq_ids, queries)  # the GPU hashes with Triton; numba has no fast path
+        b, hq, d = queries.shape
+        hkv = self.num_kv_heads
+        q = queries.detach().to(torch.float32).contiguous()
+        rows = q.view(b, hkv, hq // hkv, d).transpose(0, 1).reshape(hkv, -1, d)  # each KV head's queries together
+        codes = torch.empty(hkv, rows.shape[1], self.config.L, dtype=torch.int32)
+        _C.simhash_codes(rows.numpy(), hkv, rows.shape[1], d, self._numpy_projection(), self.config.K,
+                         self.config.L, codes.numpy(), min(torch.get_num_threads(), self._max_threads))
+        codes = codes.view(hkv, b, hq // hkv, -1).transpose(0, 1).reshape(b, hq, -1)
+        ids = np.fromiter(seq_ids, dtype=np.int64, count=b)
+        result = self.store.attend_trusted(ids, q.numpy(), codes.numpy())
+        return PendingAttention(lambda: result)
+
+    def _numpy_projection(self) -> np.ndarray:
+        """The projection [Hkv, d, K*L] float32 as the extension takes it (made once)."""
+        if self._projection_np is None:
+            self._projection_np = self.projection.to(torch.float32).contiguous().numpy()
+        return self._projection_np
 
     def nbytes(self, seq_id: int | None = None) -> int:
         return int(self.store.nbytes(seq_id))

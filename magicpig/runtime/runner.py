@@ -381,7 +381,7 @@ class ModelRunner:
             return torch.cat(outs), None
         cache, mu, method = self.sparse[layer]
         cache.write(part.slots, part.fills, k - mu[part.slots], v)
-        return q, method.attend_async(part.store_ids[layer], q)
+        return q, method.attend_trusted(part.store_ids[layer], q)  # ids and shapes are the runner's own
 
     def _layer_finish(self, layer: int, x: torch.Tensor, part: _Part, started: tuple) -> torch.Tensor:
         """Second half: (wait for the middle and merge,) O-projection and MLP."""

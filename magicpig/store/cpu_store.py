@@ -262,9 +262,7 @@ class CPUStore:
         q32 = q.to(torch.float32).contiguous()
         if not _all_finite(q32):
             raise ValueError("queries: expected finite values, got nan or inf")
-        out = torch.empty(B, Hq, d, dtype=torch.float32)
-        lse = torch.empty(B, Hq, dtype=torch.float32)
-        ncand = torch.empty(B, Hq, dtype=torch.int32)
+        out, lse, ncand = self._outputs(B, Hq)
         ids = np.asarray(ids_list, dtype=np.int64)
         return ids, B, Hq, q32.numpy(), qc, out, lse, ncand
 
@@ -285,7 +283,34 @@ class CPUStore:
         whose ``wait()`` gives the same tuple. Inputs are validated and copied before this
         returns, so errors raise here (not in ``wait()``) and the caller may reuse its buffers."""
         ids, B, Hq, q, qc, out, lse, ncand = self._prepare(seq_ids, queries, query_codes)
-        q, qc = q.copy(), qc.copy()  # the caller may reuse its buffers before wait()
+        return self._submit(ids, q.copy(), qc.copy())  # the caller may reuse its buffers before wait()
+
+    def attend_trusted(self, seq_ids: np.ndarray, queries: np.ndarray, query_codes: np.ndarray,
+                       wait: bool = True) -> Union[AttendResult, AttendHandle]:
+        """:meth:`attend` (``wait``) or :meth:`attend_async` without the per-call checks, for a
+        caller that has validated once what the checks would: seq_ids int64 [B] of live
+        sequences, queries float32 [B, Hq, d] C-contiguous, Hq a multiple of num_kv_heads,
+        query_codes int32 [B, Hq, L] C-contiguous in [0, 2^K) (its own hash kernel's output).
+        The runner's decode step calls this once per sparse layer (its sequence ids are the
+        store's own, its shapes the model's): the checks cost several times the native attend of
+        a short middle. Only a non-finite query gets past them; the kernel then returns NaN for
+        that head (it never indexes by a score). Async: the caller must not write the arrays
+        before ``wait()``."""
+        if not wait:
+            return self._submit(seq_ids, queries, query_codes)
+        out, lse, ncand = self._outputs(queries.shape[0], queries.shape[1])
+        self._impl.attend(seq_ids, queries.shape[0], queries.shape[1], queries, query_codes,
+                          out.numpy(), lse.numpy(), ncand.numpy())
+        return out, lse, ncand
+
+    def _outputs(self, B: int, Hq: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (torch.empty(B, Hq, self.head_dim, dtype=torch.float32), torch.empty(B, Hq, dtype=torch.float32),
+                torch.empty(B, Hq, dtype=torch.int32))
+
+    def _submit(self, ids: np.ndarray, q: np.ndarray, qc: np.ndarray) -> AttendHandle:
+        """The native attend of validated arrays on the worker thread."""
+        B, Hq = q.shape[0], q.shape[1]
+        out, lse, ncand = self._outputs(B, Hq)
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="magicpig-store")
 
