@@ -7,6 +7,7 @@ import torch
 
 from magicpig import Engine, LongContextModel, MagicPIGConfig, SamplingParams
 from magicpig.runtime.prefill import prefill_sequence
+from magicpig.attention.base import PendingAppend
 from magicpig.attention.baselines import DenseMiddle
 from magicpig.runtime.runner import ModelRunner
 from magicpig.serve.scheduler import PolicyConfig
@@ -173,6 +174,39 @@ def test_chunked_prefill_equals_the_whole_prompt_prefill(model, config):
         token = a.argmax(dim=-1)
 
 
+def test_tables_built_on_the_workers_equal_the_inline_build(model):
+    """A prefill whose sparse layers' CPU tables are built on the stores' workers while the next
+    layers compute (overlap_appends, the GPU default) holds what the inline build holds: the
+    same logits, store bytes and six decode steps. An append that fails on a worker fails the
+    prefill and frees the sequence."""
+    ids = _prompts(model, 2)[1] * 3
+    config = MagicPIGConfig(window_tokens=16, sink_tokens=4, K=8, L=60, min_collisions=2)
+    runners = [ModelRunner(model.model, config, max_num_seqs=1, num_blocks=64, block_size=16, overlap_appends=f)
+               for f in (True, False)]
+    seqs, firsts = zip(*(r.prefill(ids) for r in runners))
+    assert torch.equal(firsts[0], firsts[1])
+    assert [r.cpu_bytes(s) for r, s in zip(runners, seqs)][0] == runners[1].cpu_bytes(seqs[1]) > 0
+    token = torch.tensor([int(firsts[0].argmax())])
+    for _ in range(6):
+        a, b = (r.decode([s], token) for r, s in zip(runners, seqs))
+        assert torch.equal(a, b)
+        token = a.argmax(dim=-1)
+    for r in runners:
+        r.close()
+
+    class FailingAppend(DenseMiddle):
+        def append_async(self, seq_id, keys, values):
+            def fail():
+                raise RuntimeError("store worker failed")
+            return PendingAppend(fail)
+
+    runner = ModelRunner(model.model, config, max_num_seqs=1, num_blocks=64, block_size=16, overlap_appends=True,
+                         method_factory=FailingAppend)
+    with pytest.raises(RuntimeError, match="store worker failed"):
+        runner.prefill(ids)
+    assert runner.allocator.num_used == 0 and runner.free_slots == 1
+
+
 def test_prefill_chunk_refuses_a_wrong_token_count(model):
     runner = ModelRunner(model.model, DENSE, max_num_seqs=1, num_blocks=8, block_size=16)
     with pytest.raises(ValueError, match="token_ids"):
@@ -242,7 +276,7 @@ def test_ping_pong_halves_are_balanced_by_middle_length(model):
     """The two micro-batches split the CPU store's work (middle tokens), not the row count."""
     from magicpig.runtime.runner import SequenceKV
 
-    runner = ModelRunner(model.model, SPARSE, max_num_seqs=4, num_blocks=1, block_size=16)
+    runner = ModelRunner(model.model, SPARSE, max_num_seqs=4, num_blocks=1, block_size=16, ping_pong=True)
     seqs = [SequenceKV(length=n + 20, middle=n) for n in (3000, 100, 100, 100)]
     assert runner._split(seqs) == [(0, 1), (1, 4)]
     seqs = [SequenceKV(length=n + 20, middle=n) for n in (10, 10, 10, 500, 500)]
@@ -251,6 +285,31 @@ def test_ping_pong_halves_are_balanced_by_middle_length(model):
     dense = ModelRunner(model.model, DENSE, max_num_seqs=4, num_blocks=1, block_size=16)
     assert dense._split(seqs) == [(0, 5)]  # no middle attention to overlap: one batch
     runner.close()
+    on_cpu = ModelRunner(model.model, SPARSE, max_num_seqs=4, num_blocks=1, block_size=16)
+    assert not on_cpu.ping_pong and on_cpu._split(seqs) == [(0, 5)]  # the store is inline: nothing to overlap
+    on_cpu.close()
+
+
+def test_ping_pong_decode_equals_one_batch(model):
+    """Three sequences of unequal middles decoded in two micro-batches (the GPU's ping-pong,
+    forced on here) give the one-batch logits for six steps, window spills included: a
+    micro-batch that attended another's store ids, slots or positions would differ far beyond
+    float reordering."""
+    ids = _prompts(model, 4)
+    prompts = [ids[1] * 2, ids[0], ids[3]]
+    runners = [ModelRunner(model.model, SPARSE, max_num_seqs=3, num_blocks=64, block_size=16, ping_pong=p)
+               for p in (True, False)]
+    logits, seqs = [], []
+    for r in runners:
+        seqs.append([r.prefill(p)[0] for p in prompts])
+    assert runners[0]._split(seqs[0]) != [(0, 3)] and len({s.middle for s in seqs[0]}) == 3
+    tokens = torch.tensor([5, 6, 7])
+    for _ in range(20):  # the window of 16 fills: spills into the store happen on the way
+        logits = [r.decode(s, tokens) for r, s in zip(runners, seqs)]
+        assert (logits[0] - logits[1]).abs().max().item() < reorder_tolerance(logits[1], model.args.num_layers)
+        tokens = logits[1].argmax(dim=-1)
+    for r in runners:
+        r.close()
 
 
 def test_paged_cache_reads_runs_in_place_and_gathers_fragments():

@@ -235,3 +235,33 @@ def test_nbytes_total_is_fixed_part_plus_sequences(backend):
     for s in live:
         store.remove_sequence(s)
     assert store.nbytes() == fixed
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_append_async_equals_append_and_remove_waits_for_it(backend):
+    """Tokens appended on the worker (in two pieces, attends queued behind them) are held as
+    the same tokens appended inline: equal attends once wait() returns. Removing a sequence
+    with an append still queued waits for it and frees everything. Bad input raises at the
+    call, before anything is queued."""
+    H, d, K, L = 2, 32, 6, 12
+    k, v, c = _data(H, 3000, d, K, L, seed=1)
+    q, qc = _queries(1, 4, d, K, L, seed=2)
+    inline = CPUStore(H, d, K, L, backend=backend, kv_dtype="fp32")
+    worker = CPUStore(H, d, K, L, backend=backend, kv_dtype="fp32")
+    a, b = inline.add_sequence(), worker.add_sequence()
+    inline.append(a, k, v, c)
+    handles = [worker.append_async(b, k[:, :1000], v[:, :1000], c[:, :1000]),
+               worker.append_async(b, k[:, 1000:], v[:, 1000:], c[:, 1000:])]
+    pending = worker.attend_async([b], q, qc)  # queued after the appends on the one worker
+    assert [h.wait() for h in handles] == [None, None]
+    assert _equal(pending.wait(), inline.attend([a], q, qc)) and worker.length(b) == 3000
+    with pytest.raises(ValueError, match="key_codes"):
+        worker.append_async(b, k, v, c + (1 << K))
+    assert worker.length(b) == 3000
+    fixed = CPUStore(H, d, K, L, backend=backend).nbytes()
+    x = worker.add_sequence()
+    worker.append_async(x, k, v, c)
+    worker.remove_sequence(x)  # waits for the queued append, then frees it
+    worker.remove_sequence(b)
+    assert worker.nbytes() == fixed and worker.append_async(worker.add_sequence(), k[:, :0], v[:, :0], c[:, :0]).wait() is None
+    worker.close()

@@ -27,6 +27,18 @@ class PendingAttention:
         return self._fn()
 
 
+class PendingAppend:
+    """Result of :meth:`MiddleAttention.append_async`; ``wait()`` returns once the tokens are
+    held (and re-raises an error of the append)."""
+
+    def __init__(self, wait: Callable[[], None] | None = None):
+        self._wait = wait
+
+    def wait(self) -> None:
+        if self._wait is not None:
+            self._wait()
+
+
 class MiddleAttention(ABC):
     """Attention over the middle keys ``[S, n - W)`` of one layer, for many sequences.
 
@@ -72,6 +84,14 @@ class MiddleAttention(ABC):
     @abstractmethod
     def append(self, seq_id: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Add middle tokens. keys, values: [Hkv, t, d] (keys centred)."""
+
+    def append_async(self, seq_id: int, keys: torch.Tensor, values: torch.Tensor) -> PendingAppend:
+        """Start :meth:`append`; the tokens are retrievable once ``wait()`` returns. Methods with
+        a CPU backend build their index on a worker thread while the caller goes on (the
+        runner's prefill: layer l's tables are built while layer l + 1 is computed). By
+        default the append runs here."""
+        self.append(seq_id, keys, values)
+        return PendingAppend()
 
     @abstractmethod
     def length(self, seq_id: int) -> int:

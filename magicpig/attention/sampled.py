@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from magicpig.attention.base import MiddleAttention, PendingAttention, register_method
+from magicpig.attention.base import MiddleAttention, PendingAppend, PendingAttention, register_method
 from magicpig.config import MagicPIGConfig, max_cpu_threads
 from magicpig.lsh import hash_codes, layer_projection
 from magicpig.store import CPUStore
@@ -73,20 +73,28 @@ class SampledMiddle(MiddleAttention):
 
     def append(self, seq_id: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """keys, values [Hkv, t, d] (keys centred), any device; hashed where they are."""
+        self.append_async(seq_id, keys, values, overlap=False).wait()
+
+    def append_async(self, seq_id: int, keys: torch.Tensor, values: torch.Tensor,
+                     overlap: bool = True) -> PendingAppend:
+        """Hash the keys here (on their device), copy K/V and codes to the host, and build the
+        store's tables on its worker thread (``overlap``) or at once. A prefill on a GPU hides
+        the table build behind the next layers' compute this way."""
         self.check_kv(keys, values)
         proj = self._projection(keys.device)
+        handles = []
         # Blocks bound the [Hkv, t, K*L] projection temporaries (t can be ~100k at prefill).
         for start in range(0, keys.shape[1], APPEND_BLOCK):
             k = keys[:, start : start + APPEND_BLOCK]
             v = values[:, start : start + APPEND_BLOCK]
-            codes = hash_codes(k, proj, self.config.K)
-            self.store.append(
-                seq_id,
-                k.detach().to("cpu", torch.float32).contiguous(),
-                v.detach().to("cpu", torch.float32).contiguous(),
-                codes.to("cpu").contiguous(),
-            )
+            args = (seq_id, k.detach().to("cpu", torch.float32).contiguous(),
+                    v.detach().to("cpu", torch.float32).contiguous(), hash_codes(k, proj, self.config.K).to("cpu"))
+            if overlap:
+                handles.append(self.store.append_async(*args))
+            else:
+                self.store.append(*args)
             self._lengths[seq_id] = self.length(seq_id) + k.shape[1]
+        return PendingAppend(lambda: [h.wait() for h in handles] and None)
 
     def _query_args(self, seq_ids: list[int], queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.check_queries(seq_ids, queries)

@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from magicpig.attention.base import MiddleAttention, make_method
+from magicpig.attention.base import MiddleAttention, PendingAppend, make_method
 from magicpig.config import MagicPIGConfig
 from magicpig.model.llama import LlamaModel, attention_with_middle, causal_chunk_attention, decode_attention
 from magicpig.store.device_cache import BlockAllocator, PagedKVCache, SlotKVCache, blocks_for
@@ -126,7 +126,9 @@ class ModelRunner:
 
     num_blocks: dense-layer KV blocks of ``block_size`` tokens (shared by all sequences).
     ``method_factory(config, layer, num_kv_heads, head_dim)`` builds each sparse layer's middle
-    attention (default: the class registered under ``config.method``).
+    attention (default: the class registered under ``config.method``). ``overlap_appends``:
+    build a layer's CPU tables while the next layer prefills (default: on a GPU). ``ping_pong``:
+    decode in two micro-batches that overlap the store with the device (default: on a GPU).
     """
 
     def __init__(
@@ -137,6 +139,8 @@ class ModelRunner:
         num_blocks: int,
         block_size: int = DEFAULT_BLOCK_SIZE,
         method_factory: Callable[[MagicPIGConfig, int, int, int], MiddleAttention] | None = None,
+        overlap_appends: bool | None = None,
+        ping_pong: bool | None = None,
     ):
         a = model.args
         self.model, self.config, self.block_size = model, config, block_size
@@ -162,6 +166,16 @@ class ModelRunner:
         # the slots and the stores' sequence tables are shared, so their updates take this lock.
         self._lock = threading.Lock()
         self.max_num_seqs = max_num_seqs
+        # A prefill hands each sparse layer's middle to its store's worker thread and goes on
+        # with the next layer (the tables are built meanwhile). None: on a GPU, where the
+        # worker has the host cores to itself; on a CPU device it would share the cores that
+        # compute the next layer (docs/GENERATE.md has both measured).
+        self.overlap_appends = self.device.type == "cuda" if overlap_appends is None else bool(overlap_appends)
+        # Two micro-batches let the store attend one while the device computes the other, but
+        # every weight is then read twice. On a CPU device the store is called inline (there is
+        # no separate device to overlap with), so the split would only cost: measured at Llama
+        # layer shapes, 16k x 4, one batch 336 ms a step against 509 ms split (scripts/bench_decode.py).
+        self.ping_pong = self.device.type == "cuda" if ping_pong is None else bool(ping_pong)
 
     # ------------------------------------------------------------------ capacity
     def blocks_needed(self, tokens: int) -> int:
@@ -195,33 +209,62 @@ class ModelRunner:
         seq.fill, seq.middle = min(length, S + W), max(0, length - S - W)
         return seq
 
-    def _store_layer(self, seq: SequenceKV, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    def _store_layer(self, seq: SequenceKV, layer: int, k: torch.Tensor, v: torch.Tensor) -> PendingAppend:
         """Hand one layer's prompt K/V [Hkv, n, d] to its cache: all of it into the dense
-        blocks, or sinks + window into the slot and the centred middle to the CPU side."""
+        blocks, or sinks + window into the slot and the centred middle to the CPU side, whose
+        index is built on the store's worker when ``overlap_appends`` (wait before decoding)."""
         if layer in self.dense:
             self.dense[layer].fill(seq.blocks, k, v)
-            return
+            return PendingAppend()
         cache, mu, method = self.sparse[layer]
         S, W, n = self.config.sink_tokens, self.config.window_tokens, k.shape[1]
         if seq.middle == 0:
             cache.fill(seq.slot, k, v)
             mu[seq.slot] = 0
-            return
+            return PendingAppend()
         lo, hi = S, n - W
         # Centre by the mean middle key (fp32 mean): softmax is shift-invariant, and centred
         # keys spread over the hash buckets far better.
         mu[seq.slot] = k[:, lo:hi].float().mean(dim=1).to(k.dtype)
         kc = k - mu[seq.slot][:, None, :]
-        method.append(seq.store_ids[layer], kc[:, lo:hi], v[:, lo:hi])
         cache.fill(seq.slot, kc[:, :S], v[:, :S])
         cache.fill(seq.slot, kc[:, hi:], v[:, hi:], start=S)
+        if self.overlap_appends:
+            return method.append_async(seq.store_ids[layer], kc[:, lo:hi], v[:, lo:hi])
+        method.append(seq.store_ids[layer], kc[:, lo:hi], v[:, lo:hi])
+        return PendingAppend()
+
+    @classmethod
+    def _wait_all_quietly(cls, pending: list[PendingAppend]) -> None:
+        """Wait for the appends already started (before releasing their sequence); errors
+        are dropped: the caller is raising one already."""
+        try:
+            cls._wait_all(pending)
+        except BaseException:  # noqa: BLE001
+            pass
+
+    @staticmethod
+    def _wait_all(pending: list[PendingAppend]) -> None:
+        """Wait for every layer's append (all of them, even after an error, which then raises)."""
+        error = None
+        for p in pending:
+            try:
+                p.wait()
+            except BaseException as err:  # noqa: BLE001 - re-raised below, after the others
+                error = error or err
+        if error is not None:
+            raise error
 
     def add_prefilled(self, keys: list[torch.Tensor], values: list[torch.Tensor], expected: int = 0) -> SequenceKV:
         """A sequence from a full prefill state: keys[layer], values[layer] [Hkv, n, d].
         ``expected``: the tokens it may grow to (placement hint)."""
         seq = self._new_sequence(keys[0].shape[1], expected)
-        for layer in range(self.model.args.num_layers):
-            self._store_layer(seq, layer, keys[layer], values[layer])
+        try:
+            self._wait_all([self._store_layer(seq, layer, keys[layer], values[layer])
+                            for layer in range(self.model.args.num_layers)])
+        except BaseException:
+            self.release(seq)
+            raise
         return seq
 
     @torch.inference_mode()
@@ -234,6 +277,7 @@ class ModelRunner:
         m, n = self.model, len(token_ids)
         a = m.args
         seq = self._new_sequence(n, expected)
+        pending: list[PendingAppend] = []
         try:
             ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
             cos, sin = m.rope(torch.arange(n, device=self.device), n - 1)
@@ -247,9 +291,13 @@ class ModelRunner:
                     k_all[:, start:end], v_all[:, start:end] = k.transpose(0, 1), v.transpose(0, 1)
                     attn = causal_chunk_attention(q, k_all[:, :end], v_all[:, :end], start, m.scale)
                     x[start:end] = m.mlp(layer, m.attention_output(layer, x[start:end], attn))
-                self._store_layer(seq, layer, k_all, v_all)
-            return seq, m.logits(x[-1:])[0]
+                # This layer's tables are built while the next layer computes (overlap_appends).
+                pending.append(self._store_layer(seq, layer, k_all, v_all))
+            logits = m.logits(x[-1:])[0]
+            self._wait_all(pending)
+            return seq, logits
         except BaseException:
+            self._wait_all_quietly(pending)
             self.release(seq)
             raise
 
@@ -283,8 +331,8 @@ class ModelRunner:
         partial.done = end
         if end < partial.num_tokens:
             return None
-        for layer in self.sparse:
-            self._store_layer(partial.seq, layer, partial.keys[layer], partial.values[layer])
+        self._wait_all([self._store_layer(partial.seq, layer, partial.keys[layer], partial.values[layer])
+                        for layer in self.sparse])
         partial.keys, partial.values = {}, {}
         return self.model.logits(x[-1:])[0]
 
@@ -352,8 +400,9 @@ class ModelRunner:
 
     def _split(self, seqs: list[SequenceKV]) -> list[tuple[int, int]]:
         """Two micro-batches for the ping-pong, balanced by CPU-store work (middle tokens),
-        not by row count; one when there is no middle attention or a single sequence."""
-        if not self.sparse or len(seqs) < 2:
+        not by row count; one when there is no middle attention, a single sequence, or no
+        ping-pong (``ping_pong``)."""
+        if not self.sparse or len(seqs) < 2 or not self.ping_pong:
             return [(0, len(seqs))]
         work = [s.middle + 1 for s in seqs]
         total, run, best, cut = sum(work), 0, None, 1

@@ -90,7 +90,8 @@ def _code_input(name: str, x: object, shape: tuple[Optional[int], ...], meaning:
 
 
 class AttendHandle:
-    """A pending :meth:`CPUStore.attend_async`; ``wait()`` returns (out, lse, num_candidates)."""
+    """A pending :meth:`CPUStore.attend_async` (``wait()`` returns (out, lse, num_candidates))
+    or :meth:`CPUStore.append_async` (``wait()`` returns None); ``wait()`` re-raises its error."""
 
     def __init__(self, future: "concurrent.futures.Future[AttendResult]"):
         self._future = future
@@ -162,7 +163,7 @@ class CPUStore:
             self._impl = NumbaStore(*args)
         self._live: set[int] = set()
         self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
-        # attend_async calls not yet finished -> the sequence ids they read (remove_sequence
+        # attend_async / append_async calls not yet finished -> the sequence ids they use (remove_sequence
         # waits for them); the lock guards the dict against the worker's done-callbacks.
         self._pending: dict[concurrent.futures.Future, frozenset[int]] = {}
         self._pending_lock = threading.Lock()
@@ -175,8 +176,8 @@ class CPUStore:
         return seq_id
 
     def remove_sequence(self, seq_id: int) -> None:
-        """Forget a sequence; its memory is returned. Pending :meth:`attend_async` calls that
-        read it finish first (their ``wait()`` gives their results); later ones are refused."""
+        """Forget a sequence; its memory is returned. Pending :meth:`attend_async` and
+        :meth:`append_async` calls that use it finish first (their ``wait()`` gives their results); later ones are refused."""
         self._check_seq("seq_id", seq_id)
         sid = int(seq_id)
         self._live.discard(sid)  # from here on, attends naming it raise "unknown sequence id"
@@ -214,6 +215,25 @@ class CPUStore:
         keys, values: float [Hkv, t, d] (keys already centred), converted to kv_dtype;
         key_codes: integer [Hkv, t, L] in [0, 2^K) (SimHash codes of the keys).
         """
+        args = self._append_args(seq_id, keys, values, key_codes)
+        if args is not None:
+            self._impl.append(*args)
+
+    def append_async(self, seq_id: int, keys: ArrayLike, values: ArrayLike, key_codes: ArrayLike) -> AttendHandle:
+        """:meth:`append` on the worker thread (the native call releases the GIL; appends and
+        attends of this store run in the order they were started). Inputs are validated before
+        this returns; ``wait()`` returns None once the tokens are held. The store may read the
+        caller's arrays until then (no copy when they already are contiguous in kv_dtype):
+        do not write them before ``wait()``."""
+        args = self._append_args(seq_id, keys, values, key_codes)
+        if args is None:
+            done: concurrent.futures.Future = concurrent.futures.Future()
+            done.set_result(None)
+            return AttendHandle(done)
+        return self._run_on_worker(lambda: self._impl.append(*args), [args[0]])
+
+    def _append_args(self, seq_id: int, keys: ArrayLike, values: ArrayLike, key_codes: ArrayLike):
+        """The native append's arguments, validated; None for zero tokens."""
         self._check_seq("seq_id", seq_id)
         H, d, L = self.num_kv_heads, self.head_dim, self.L
         k = _float_input("keys", keys, (H, None, d), "[num_kv_heads, t, head_dim]")
@@ -221,9 +241,8 @@ class CPUStore:
         v = _float_input("values", values, (H, t, d), "[num_kv_heads, t, head_dim]")
         codes = _code_input("key_codes", key_codes, (H, t, L), "[num_kv_heads, t, L]", self.K)
         if t == 0:
-            return
-        kb, vb = self._kv_buffer("keys", k), self._kv_buffer("values", v)
-        self._impl.append(int(seq_id), kb, vb, codes, t)
+            return None
+        return int(seq_id), self._kv_buffer("keys", k), self._kv_buffer("values", v), codes, t
 
     def _kv_buffer(self, name: str, x: torch.Tensor) -> np.ndarray:
         """Contiguous numpy view of x in the store dtype (bf16 as its uint16 bits); no copy when
@@ -311,16 +330,21 @@ class CPUStore:
         """The native attend of validated arrays on the worker thread."""
         B, Hq = q.shape[0], q.shape[1]
         out, lse, ncand = self._outputs(B, Hq)
-        if self._executor is None:
-            self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="magicpig-store")
 
         def run() -> AttendResult:
             self._impl.attend(ids, B, Hq, q, qc, out.numpy(), lse.numpy(), ncand.numpy())
             return out, lse, ncand
 
-        future = self._executor.submit(run)
+        return self._run_on_worker(run, ids)
+
+    def _run_on_worker(self, fn, seq_ids) -> AttendHandle:
+        """``fn()`` on the store's one worker thread; remove_sequence of any of ``seq_ids``
+        waits for it."""
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="magicpig-store")
+        future = self._executor.submit(fn)
         with self._pending_lock:
-            self._pending[future] = frozenset(int(i) for i in ids)
+            self._pending[future] = frozenset(int(i) for i in seq_ids)
         future.add_done_callback(self._forget_pending)  # runs at once if already done
         return AttendHandle(future)
 
