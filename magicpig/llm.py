@@ -170,7 +170,8 @@ class LongContextModel:
         """Run the prompts through an engine sized for exactly them; yields (index, piece)."""
         slot_bytes, block_bytes = cache_bytes(self.model, config, DEFAULT_BLOCK_SIZE)
         blocks = sum(blocks_for(len(p) + params.max_new_tokens + 1, DEFAULT_BLOCK_SIZE) for p in ids)
-        engine = Engine(self, config, max_num_seqs=len(ids), max_prefill_tokens=1,
+        # One whole prompt per step (the layer-by-layer prefill: the lowest peak memory).
+        engine = Engine(self, config, max_num_seqs=len(ids), max_prefill_tokens=1, chunked_prefill=False,
                         device_memory_bytes=max(1, len(ids) * slot_bytes + blocks * block_bytes))
         try:
             index = {engine.add_request(p, params): i for i, p in enumerate(ids)}

@@ -104,6 +104,19 @@ def test_trusted_attend_equals_the_checked_one_and_survives_a_nan_query():
     assert torch.equal(num[keep], clean[2][keep])
 
 
+def test_generate_prefills_each_prompt_whole_in_one_step(model, monkeypatch):
+    """generate() runs its engine with one whole prompt per step (the layer-by-layer prefill);
+    a prefill split into chunks (of max_prefill_tokens=1 token!) would call prefill_chunk."""
+    from magicpig.runtime.runner import ModelRunner
+
+    def chunked(*args, **kwargs):
+        raise AssertionError("generate() prefilled a prompt in chunks")
+
+    monkeypatch.setattr(ModelRunner, "prefill_chunk", chunked)
+    results = model.generate(PROMPTS, max_new_tokens=3, config=DENSE)
+    assert [len(r.token_ids) for r in results] == [3] * len(PROMPTS)
+
+
 def test_magicpig_equals_dense_when_window_covers_context(model):
     state = model.prefill(PROMPTS)
     wide = MagicPIGConfig(window_tokens=2048)
