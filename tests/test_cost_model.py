@@ -305,6 +305,35 @@ def test_sequence_overhead_adds_c_per_sequence_to_decode_and_defaults_to_zero(me
     assert H100.sequence_overhead_s == 0.0  # its JSON has no such key
 
 
+@pytest.mark.parametrize("method", ["dense", "magicpig"])
+def test_multi_row_and_attention_efficiencies_price_what_they_name(method):
+    """multi_row_efficiency slows only the weight reads of decode steps of two or more
+    sequences; attention_efficiency scales only a prefill's attention FLOPs; both default to 1
+    (a JSON without them loads as before)."""
+    base = cpu_profile()
+    slow_rows = replace(base, multi_row_efficiency=0.5)
+    assert CostModel(slow_rows, SHAPE).decode_time([300], method, 1.0) == CostModel(base, SHAPE).decode_time(
+        [300], method, 1.0)
+    for lens in ([300, 900], [300, 900, 4000, 70]):
+        assert CostModel(slow_rows, SHAPE).decode_time(lens, method, 1.0) > CostModel(base, SHAPE).decode_time(
+            lens, method, 1.0)
+    fast_attention = replace(base, attention_efficiency=4.0)
+    flat = replace(base, step_overhead_s=0.0)
+    long_ = CostModel(replace(flat, attention_efficiency=4.0), SHAPE).prefill_time(4096, 8192, 1.0)
+    assert long_ < CostModel(flat, SHAPE).prefill_time(4096, 8192, 1.0)
+    shape = SHAPE
+    linear = CostModel(replace(flat, peak_flops=1.0, memory_bandwidth=1e300), shape)
+    quarter = CostModel(replace(flat, peak_flops=1.0, memory_bandwidth=1e300, attention_efficiency=4.0), shape)
+    n, c0 = 512, 2048
+    assert linear.prefill_time(n, c0, 1.0) - quarter.prefill_time(n, c0, 1.0) == pytest.approx(
+        0.75 * shape.attention_flops(n, c0), rel=1e-9)
+    assert CostModel(fast_attention, SHAPE).decode_time([300, 900], method, 1.0) == CostModel(
+        base, SHAPE).decode_time([300, 900], method, 1.0)
+    doc = slow_rows.to_dict()
+    del doc["device"]["multi_row_efficiency"], doc["device"]["attention_efficiency"]
+    assert DeviceProfile.from_dict(doc) == base
+
+
 def test_load_profile_rejects_unknown_name_and_bad_schema():
     with pytest.raises(ValueError, match="path_or_name"):
         load_profile("no_such_profile")

@@ -34,7 +34,9 @@ TRUE_STORE = StoreProfile(call_s=80e-6, row_s=3e-9, entry_s=0.5e-9, append_s=1e-
 # at one thread; dense decode of 2 sequences costs ~1.7x one on the CPU, which no roofline of
 # weights read once per step reproduces, so the bound is loose).
 TINY_MEDIAN_BOUND = 0.35
-TINY_MAX_FACTOR = 2.0
+# Any single point, of 15 timed twice each: a neighbour's burst can double one (seen once in a
+# dozen runs right after the full suite), so the bound on the worst point is looser.
+TINY_MAX_FACTOR = 2.5
 
 
 def _known_profile() -> DeviceProfile:
@@ -46,14 +48,15 @@ def _known_profile() -> DeviceProfile:
     )
 
 
-def _synthetic_points(cost: CostModel) -> list[Point]:
+def _synthetic_points(cost: CostModel, batches: tuple[int, ...] = (1, 4)) -> list[Point]:
     """Exact measurements of ``cost``: dense prefill and dense decode fit points, magicpig
     decode checks, at shares 0.5 and 1."""
     points = []
     for k in (1, 2):
         for n in (128, 512, 2048):
             points.append(Point("prefill", "dense", k, k / CORES, 1, n, [0.0]))
-        for b in (1, 4):
+        points.append(Point("prefill", "dense", k, k / CORES, 1, 512, [0.0], context=2048))  # a later chunk
+        for b in batches:
             for c in (1024, 4096):
                 points.append(Point("decode", "dense", k, k / CORES, b, c, [0.0]))
                 points.append(Point("decode", "magicpig", k, k / CORES, b, c, [0.0], "check", 0.03))
@@ -114,6 +117,51 @@ def test_fit_recovers_a_known_per_sequence_cost() -> None:
     assert fit_rates(single, SHAPE, CORES, config).sequence_overhead_s == 0.0
 
 
+def test_fit_recovers_known_attention_and_multi_row_efficiencies() -> None:
+    """Prompts of three sizes separate the attention kernel's rate from the matmuls'; decode at
+    batches 1, 2, 4 and 8 separates the step from one row to two (multi-row GEMMs) from the
+    per-sequence cost. Each is recovered from exact measurements of a profile that has it, and
+    pricing with it reproduces every point; with batches 1 and 4 only it is not fitted (1)."""
+    config = MagicPIGConfig()
+    true = replace(_known_profile(), sequence_overhead_s=1e-3, attention_efficiency=2.5, multi_row_efficiency=0.4)
+    points = _synthetic_points(CostModel.for_config(true, SHAPE, config), batches=(1, 2, 4, 8))
+    rates = fit_rates(points, SHAPE, CORES, config)
+    assert rates.attention_efficiency == pytest.approx(2.5, rel=0.03)
+    assert rates.multi_row_efficiency == pytest.approx(0.4, rel=0.03)
+    assert rates.sequence_overhead_s == pytest.approx(1e-3, rel=0.05)
+    settings = make_settings((1, 2), (1024, 4096), chunks=(128, 512, 2048), batches=(1, 2, 4, 8), repeats=1,
+                             cores=CORES)
+    prof = build_profile(SHAPE, config, points, _synthetic_store_log(), 2, CORES, settings, "synthetic")
+    assert prof.fit["errors"]["fit"]["max_abs"] < 0.01
+    assert DeviceProfile.from_json(prof.to_json()).to_json() == prof.to_json()
+    two = [p for p in points if p.kind == "prefill" or p.batch in (1, 4)]
+    assert fit_rates(two, SHAPE, CORES, config).multi_row_efficiency == 1.0
+
+
+def test_refit_fits_a_saved_profile_again_from_its_own_points(tmp_path) -> None:
+    """``magicpig profile --refit``: a saved profile's points fitted again give its parameters
+    back (nothing measured, the store's fit kept); a profile the model priced differently (an
+    old fit) gets the current fit; a GPU profile is refused by name."""
+    config = MagicPIGConfig()
+    true = replace(_known_profile(), sequence_overhead_s=1e-3, multi_row_efficiency=0.5)
+    points = _synthetic_points(CostModel.for_config(true, SHAPE, config), batches=(1, 2, 4, 8))
+    settings = make_settings((1, 2), (1024, 4096), chunks=(128, 512, 2048), batches=(1, 2, 4, 8), repeats=1,
+                             cores=CORES)
+    prof = build_profile(SHAPE, config, points, _synthetic_store_log(), 2, CORES, settings, "synthetic")
+    stale = replace(prof, multi_row_efficiency=1.0, sequence_overhead_s=0.0)  # as an older fit left it
+    path = tmp_path / "old.json"
+    stale.save(path)
+    out = tmp_path / "new.json"
+    assert main(["--refit", str(path), "--out", str(out)]) == 0
+    new = load_profile(str(out))
+    assert new.multi_row_efficiency == pytest.approx(0.5, rel=0.03)
+    assert new.sequence_overhead_s == pytest.approx(1e-3, rel=0.05)
+    assert new.store == prof.store and new.fit["errors"]["fit"]["max_abs"] < 0.01
+    with pytest.raises(SystemExit) as exc:
+        main(["--refit", "h100_llama31_8b", "--out", str(tmp_path / "x.json")])
+    assert exc.value.code == 2
+
+
 def test_fit_store_reports_per_case_errors() -> None:
     store, summary = fit_store(_synthetic_store_log(), 2)
     assert summary["calls"] == 40 and summary["median_abs_error_per_call"] < 1e-6
@@ -129,13 +177,16 @@ def test_tiny_real_profile_reproduces_its_points() -> None:
     assert torch.get_num_threads() == before
     assert prof.kind == "cpu" and prof.model is not None and prof.model.bytes_per_param == 4
     table = prof.fit["points"]
-    # 2 prefill + 4 dense decode fit points, 1 source prefill, 4 magicpig decode, 2 magicpig prefill checks
-    assert len(table) == 13 and sum(r["role"] == "fit" for r in table) == 6
+    # 3 prefill (32 and 64 tokens, 32 after 64) + 4 dense decode fit points, 1 source prefill,
+    # 4 magicpig decode, 3 magicpig prefill checks
+    assert len(table) == 15 and sum(r["role"] == "fit" for r in table) == 7
+    assert {(r["tokens"], r["context"]) for r in table if r["kind"] == "prefill" and r["method"] == "dense"} >= {
+        (32, 0), (64, 0), (32, 64)}
     cost = CostModel.for_config(prof, prof.model, MagicPIGConfig())
     errors = []
     for row in table:
         p = Point(row["kind"], row["method"], row["threads"], row["share"], row["batch"], row["tokens"],
-                  row["samples"], row["role"], row["sampled_fraction"])
+                  row["samples"], row["role"], row["sampled_fraction"], context=row.get("context", 0))
         assert row["model_s"] == pytest.approx(model_seconds(cost, p), rel=1e-9)
         errors.append(abs(math.log(row["model_s"] / row["seconds"])))
     errors.sort()
@@ -157,7 +208,7 @@ def test_shipped_cpu_profile_loads_and_prices_prefill() -> None:
     # the shipped table is what the shipped parameters give
     for row in prof.fit["points"]:
         p = Point(row["kind"], row["method"], row["threads"], row["share"], row["batch"], row["tokens"],
-                  row["samples"], row["role"], row["sampled_fraction"])
+                  row["samples"], row["role"], row["sampled_fraction"], context=row.get("context", 0))
         assert row["model_s"] == pytest.approx(model_seconds(cost, p), rel=1e-6)
 
 

@@ -32,8 +32,8 @@ a two-machine flow shop of 2 x (sparse layers) identical jobs, whose makespan is
 the other side is exposed). A cruder max + min/2 would treat the whole step as one job; the
 runtime hands off per layer, so only one layer-half is exposed. With one sequence (one
 micro-batch) or when the "device" is the host CPU (attention/sampled.py attends synchronously
-there), nothing overlaps: D + C. Two micro-batches read every layer's weights twice; the model
-charges that.
+there, and the runner does not split the batch: ``ModelRunner.ping_pong``), nothing overlaps:
+D + C. Two micro-batches read every layer's weights twice; the model charges that.
 
 Shipped GPU profile (``profiles/h100_llama31_8b.json``, :func:`build_gpu_profile`)
 -----------------------------------------------------------------------------------
@@ -432,6 +432,13 @@ class DeviceProfile:
     granularity: the smallest step of a lane's units (8 SMs on Hopper, 1 core).
     step_overhead_s: fixed seconds per lane step. sequence_overhead_s: seconds per sequence per
     decode step (added to the step, not scaled by the share; 0 when the JSON lacks it).
+    attention_efficiency: the attention kernel's FLOP rate relative to the matmuls' (a prefill's
+    attention FLOPs cost ``flops / attention_efficiency`` at the matmul rate; fitted on a CPU,
+    where the flash kernel and the GEMMs differ; 1 when the JSON lacks it).
+    multi_row_efficiency: the fraction of the bandwidth a decode step of two or more sequences
+    reads the weights at, relative to one sequence's (a CPU's multi-row GEMM streams the weights
+    far less efficiently than its single-row GEMV: measured here, 2 rows cost as much as 4;
+    1 on a GPU and when the JSON lacks it).
     link_bandwidth (bytes/s, 0 when kind is
     "cpu") and link_latency_s (seconds per transfer): host<->device copies. model: the model
     the profile was fitted for, if any; fit: how it was fitted (informational); notes: the
@@ -458,12 +465,15 @@ class DeviceProfile:
     fit: dict = field(default_factory=dict, hash=False)
     notes: tuple[str, ...] = ()
     sequence_overhead_s: float = 0.0
+    attention_efficiency: float = 1.0
+    multi_row_efficiency: float = 1.0
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"DeviceProfile.kind={self.kind!r}: expected one of {KINDS}")
         pos = {"peak_flops": math.inf, "memory_bandwidth": math.inf, "host_memory_bandwidth": math.inf,
-               "compute_efficiency": 1.0, "memory_efficiency": 1.0}
+               "compute_efficiency": 1.0, "memory_efficiency": 1.0, "attention_efficiency": 100.0,
+               "multi_row_efficiency": 1.0}
         for f, high in pos.items():
             object.__setattr__(self, f, check_float(f"DeviceProfile.{f}", getattr(self, f), 0.0, high, low_open=True))
         for f in ("step_overhead_s", "sequence_overhead_s", "link_bandwidth", "link_latency_s"):
@@ -506,6 +516,8 @@ class DeviceProfile:
                 "memory_bandwidth": self.memory_bandwidth, "memory_efficiency": self.memory_efficiency,
                 "compute_units": self.compute_units, "granularity": self.granularity,
                 "step_overhead_s": self.step_overhead_s, "sequence_overhead_s": self.sequence_overhead_s,
+                "attention_efficiency": self.attention_efficiency,
+                "multi_row_efficiency": self.multi_row_efficiency,
                 "compute_saturation": self.compute_saturation.to_dict(),
                 "memory_saturation": self.memory_saturation.to_dict(),
             },
@@ -540,6 +552,8 @@ class DeviceProfile:
             memory_bandwidth=dev["memory_bandwidth"], memory_efficiency=dev["memory_efficiency"],
             compute_units=dev["compute_units"], granularity=dev["granularity"],
             step_overhead_s=dev["step_overhead_s"], sequence_overhead_s=dev.get("sequence_overhead_s", 0.0),
+            attention_efficiency=dev.get("attention_efficiency", 1.0),
+            multi_row_efficiency=dev.get("multi_row_efficiency", 1.0),
             compute_saturation=Saturation.from_dict(dev["compute_saturation"]),
             memory_saturation=Saturation.from_dict(dev["memory_saturation"]),
             store=StoreProfile(**host["store"]), host_cores=host["cores"],
@@ -570,6 +584,8 @@ def profile_schema() -> str:
   "device": {"peak_flops": [FLOP/s], "compute_efficiency": (0,1], "memory_bandwidth": [bytes/s],
              "memory_efficiency": (0,1], "compute_units": int, "granularity": int,
              "step_overhead_s": [s], "sequence_overhead_s": [s per sequence per decode step, default 0],
+             "attention_efficiency": [attention FLOP rate / matmul FLOP rate, default 1],
+             "multi_row_efficiency": (0,1] [weight-read bandwidth of a multi-sequence decode step, default 1],
              "compute_saturation": {"x0": share | null, "shape": p},
              "memory_saturation": {"x0": share | null, "shape": p}},
   "host": {"cores": int, "memory_bandwidth": [bytes/s], "link_bandwidth": [bytes/s, 0 = none],
@@ -698,7 +714,7 @@ class CostModel:
         c0 = check_int("context_before", context_before, 0)
         share = self._check_share(share)
         method = self._check_method(method)
-        flops = n * s.linear_flops_per_token() + s.attention_flops(n, c0)
+        flops = n * s.linear_flops_per_token() + s.attention_flops(n, c0) / self.profile.attention_efficiency
         bytes_ = s.layers * s.layer_weight_bytes() + (c0 + n) * s.kv_bytes_per_token()
         head = _Work(s.head_flops_per_token(), s.head_weight_bytes())  # the last token's logits
         sparse = s.layers - self.dense_layers if method == "magicpig" else 0
@@ -729,13 +745,19 @@ class CostModel:
             raise TypeError(f"context_lens={context_lens!r}: expected a sequence of token counts")
         return [check_int("context_lens", c, 1) for c in context_lens]
 
+    def _weight_read(self, rows: int) -> float:
+        """Bytes-equivalent factor of reading the weights for a decode (micro-)batch of ``rows``
+        sequences: 1 for one row, 1 / multi_row_efficiency for more."""
+        return 1.0 if rows <= 1 else 1.0 / self.profile.multi_row_efficiency
+
     def _dense_layer_work(self, lens: Sequence[int], layers: int, parts: int) -> _Work:
         """``layers`` layers of exact attention over each sequence's whole context, for one of
         ``parts`` equal micro-batches (each reads all the layers' weights)."""
         s = self.shape
         flops = len(lens) * s.linear_flops_per_token(layers) + sum(s.attention_flops(1, c, layers) for c in lens)
         kv = sum(c + 1 for c in lens) * s.kv_bytes_per_token(layers)
-        return _Work(flops / parts, layers * s.layer_weight_bytes() + kv / parts, parts)
+        weights = layers * s.layer_weight_bytes() * self._weight_read(-(-len(lens) // parts))
+        return _Work(flops / parts, weights + kv / parts, parts)
 
     def _sparse_layer_work(self, lens: Sequence[int], layers: int, parts: int) -> _Work:
         """The device side of ``layers`` sparse layers: matmuls, hashing the queries
@@ -746,7 +768,8 @@ class CostModel:
         kl = self.hash_bits * self.tables
         flops = len(lens) * (s.linear_flops_per_token(layers) + 2.0 * s.heads * s.head_dim * kl * layers)
         flops += sum(s.attention_flops(1, c, layers) for c in near)
-        weights = layers * (s.layer_weight_bytes() + 4 * s.kv_heads * s.head_dim * kl)
+        weights = layers * (s.layer_weight_bytes() * self._weight_read(-(-len(lens) // parts))
+                            + 4 * s.kv_heads * s.head_dim * kl)
         kv = sum(c + 1 for c in near) * s.kv_bytes_per_token(layers)
         return _Work(flops / parts, weights + kv / parts, parts)
 
@@ -768,12 +791,13 @@ class CostModel:
     def _decode_work(self, lens: Sequence[int], method: str, fraction: float) -> _DecodeWork:
         s = self.shape
         embed = len(lens) * s.hidden * s.bytes_per_param  # the B embedding rows gathered
-        head = _Work(len(lens) * s.head_flops_per_token(), s.head_weight_bytes() + embed)
+        head = _Work(len(lens) * s.head_flops_per_token(), s.head_weight_bytes() * self._weight_read(len(lens)) + embed)
         if method == "dense":
             return _DecodeWork((head, self._dense_layer_work(lens, s.layers, 1)), (), 0.0, 0, len(lens))
         sparse = s.layers - self.dense_layers
-        # The runtime splits a batch of two or more into two micro-batches (runner._split).
-        parts = 2 if len(lens) >= 2 and sparse else 1
+        # On a GPU the runtime splits a batch of two or more into two micro-batches
+        # (runner._split); on a CPU device it decodes one batch (ModelRunner.ping_pong).
+        parts = 2 if len(lens) >= 2 and sparse and self.profile.kind == "gpu" else 1
         serial = (head, self._dense_layer_work(lens, self.dense_layers, parts)) if self.dense_layers else (head,)
         overlapped = (self._sparse_layer_work(lens, sparse, parts),) if sparse else ()
         cpu_s = self._store_time(lens, sparse, parts, fraction) if sparse else 0.0

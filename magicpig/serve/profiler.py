@@ -3,8 +3,8 @@
 
 What is measured (the loaded model, on the CPU, with the engine's own runner)
 ---------------------------------------------------------------------------
-* **Prefill** (method "dense"): one whole prompt of ``n`` random tokens per step (the runner
-  prefills whole prompts: no context before the chunk) for each chunk size, at each lane
+* **Prefill** (method "dense"): one whole prompt of ``n`` random tokens per step (no context
+  before the chunk) for each chunk size, at each lane
   thread count ``k`` (``torch.set_num_threads(k)``; the lane's share is ``k / os.cpu_count()``).
   With method "magicpig", the same chunks with the magicpig config at the most threads,
   interleaved with the dense ones (checks the hashing and store-append part of the model; not
@@ -28,7 +28,9 @@ How the profile is fitted (using the cost model's own FLOP and byte formulas)
    ``o`` and one per-sequence decode cost ``c`` (``sequence_overhead_s``) shared by all shares,
    minimise the squared log error of ``CostModel.prefill_time`` and
    ``CostModel.decode_time(..., "dense")`` over the dense prefill (compute-bound) and dense
-   decode (memory-bound) points (Levenberg-Marquardt on log F_x, log B_x, log o, log c). A dense
+   decode (memory-bound) points (Levenberg-Marquardt on log F_x, log B_x, log o, log c, and log a,
+   the attention kernel's FLOP rate relative to the matmuls', from three or more prompt sizes:
+   the attention's FLOPs grow with the square of the prompt, the matmuls' linearly). A dense
    decode step is then o + bytes / B_x + batch * c: the decode points at two or more batch sizes
    at each context separate the per-sequence cost from the bandwidth (the roofline alone reads
    the weights once per step, so it has no term that grows with the batch at a fixed context
@@ -74,12 +76,15 @@ from magicpig.serve.cost_model import (
     StoreProfile,
     fit_saturation,
     fit_store_attend,
+    load_profile,
 )
 from magicpig.store.device_cache import blocks_for
 
 PROG = "magicpig profile"
 PROFILE_METHODS = ("magicpig", "dense")
-FULL = {"chunks": (256, 1024, 2048), "contexts": (1024, 4096), "batches": (1, 4), "repeats": 3}
+# Decode at batches 1, 2, 4 and 8: a CPU's multi-row GEMMs are not linear in the rows (measured
+# here: 3 rows slower than 4), so the per-sequence cost is fitted over the batches a server runs.
+FULL = {"chunks": (256, 1024, 2048), "contexts": (1024, 4096), "batches": (1, 2, 4, 8), "repeats": 3}
 QUICK = {"chunks": (128, 512), "contexts": (512, 2048), "batches": (1, 4), "repeats": 3}
 SEED = 0
 
@@ -91,7 +96,7 @@ Progress = Optional[Callable[[str], None]]
 class Point:
     """One measured step. kind: "prefill" | "decode"; method: "dense" | "magicpig"; threads:
     torch threads of the lane, share = threads / cores; batch: sequences in the step (1 for
-    prefill); tokens: prefill prompt tokens (no context before), or decode tokens cached per
+    prefill); tokens: prefill chunk tokens (``context`` tokens of the prompt before it), or decode tokens cached per
     sequence (mean over the timed steps); samples: each timed step [s]; role: "fit" (used to
     fit F, B and the overhead) or "check"; sampled_fraction: magicpig decode, the runtime's
     mean fraction of middle keys each query head read (``SequenceKV.computation_cost``);
@@ -107,6 +112,7 @@ class Point:
     role: str = "fit"
     sampled_fraction: float = 0.0
     rows_per_layer: float = 0.0
+    context: int = 0  # prefill: tokens of the same prompt before the chunk (a chunked prefill)
 
     @property
     def seconds(self) -> float:
@@ -131,18 +137,23 @@ class _StoreProbe:
 
     def __init__(self, runner: ModelRunner, log: StoreLog):
         self.log, self.tag = log, None
+        self.calls_per_layer = 2 if runner.ping_pong else 1  # a batch of two or more, split or not
         self.stores = [m.store for _, _, m in runner.sparse.values() if hasattr(getattr(m, "store", None), "attend")]
         for store in self.stores:
-            store.attend = self._attend(store)
+            store.attend = self._attend(store, "attend")
+            store.attend_trusted = self._attend(store, "attend_trusted")  # the runner's decode path
             store.append = self._append(store)
 
-    def _attend(self, store) -> Callable:
-        inner = type(store).attend.__get__(store)
+    def _attend(self, store, name: str) -> Callable:
+        inner = getattr(type(store), name).__get__(store)
         stats = getattr(store._impl, "last_attend_stats", None)
 
-        def attend(seq_ids, queries, query_codes):
+        def attend(seq_ids, queries, query_codes, *args, **kwargs):
             t0 = time.perf_counter()
-            out, lse, ncand = inner(seq_ids, queries, query_codes)
+            result = inner(seq_ids, queries, query_codes, *args, **kwargs)
+            if not isinstance(result, tuple):  # a handle (an asynchronous attend): not timed here
+                return result
+            out, lse, ncand = result
             dt = time.perf_counter() - t0
             if self.tag is not None:
                 if stats is not None:
@@ -168,8 +179,8 @@ class _StoreProbe:
 
     def close(self) -> None:
         for store in self.stores:
-            vars(store).pop("attend", None)
-            vars(store).pop("append", None)
+            for name in ("attend", "attend_trusted", "append"):
+                vars(store).pop(name, None)
 
 
 def _set_threads(k: int) -> None:
@@ -182,31 +193,44 @@ def _random_ids(gen: torch.Generator, n: int, vocab: int) -> list[int]:
 
 def _measure_prefill(runners: dict[str, ModelRunner], chunks: Sequence[int], threads: Sequence[int],
                      repeats: int, gen: torch.Generator, cores: int) -> list[Point]:
-    """Prefill steps of whole prompts of each chunk size: the "dense" runner at every thread
-    count (fit points), any other at the most threads (check points), all interleaved within
-    each repetition (medians of ``repeats`` after a warm-up of each)."""
+    """Prefill steps of whole prompts of each chunk size, and of a chunk of the middle size after
+    the largest (a chunked prefill's later chunk, as the engine runs it: ``prefill_chunk``): the
+    "dense" runner at every thread count (fit points), any other at the most threads (check
+    points), all interleaved within each repetition (medians of ``repeats`` after a warm-up)."""
     vocab = next(iter(runners.values())).model.args.vocab_size
-    prompts = {n: _random_ids(gen, n, vocab) for n in chunks}
+    cases = [(n, 0) for n in chunks]
+    if len(chunks) >= 2:
+        cases.append((sorted(chunks)[len(chunks) // 2 - 1], max(chunks)))
+    prompts = {(n, c0): _random_ids(gen, c0 + n, vocab) for n, c0 in cases}
     plan = [(m, k) for k in threads for m in runners if m == "dense" or k == max(threads)]
 
-    def once(method: str, n: int) -> float:
-        t0 = time.perf_counter()
-        seq, _ = runners[method].prefill(prompts[n])
-        dt = time.perf_counter() - t0
-        runners[method].release(seq)
+    def once(method: str, case: tuple[int, int]) -> float:
+        runner, (n, c0) = runners[method], case
+        if c0 == 0:
+            t0 = time.perf_counter()
+            seq, _ = runner.prefill(prompts[case])
+            dt = time.perf_counter() - t0
+        else:
+            partial = runner.begin_prefill(prompts[case])
+            runner.prefill_chunk(partial, c0)  # the context before, untimed
+            t0 = time.perf_counter()
+            runner.prefill_chunk(partial, n)
+            dt = time.perf_counter() - t0
+            seq = partial.seq
+        runner.release(seq)
         return dt
 
     for m, k in plan:
         _set_threads(k)
-        once(m, min(chunks))
-    samples: dict[tuple[str, int, int], list[float]] = {(m, n, k): [] for n in chunks for m, k in plan}
+        once(m, cases[0])
+    samples: dict[tuple[str, tuple[int, int], int], list[float]] = {(m, c, k): [] for c in cases for m, k in plan}
     for _ in range(repeats):
-        for n in chunks:
+        for case in cases:
             for m, k in plan:
                 _set_threads(k)
-                samples[(m, n, k)].append(once(m, n))
-    return [Point("prefill", m, k, k / cores, 1, n, s, "fit" if m == "dense" else "check")
-            for (m, n, k), s in samples.items()]
+                samples[(m, case, k)].append(once(m, case))
+    return [Point("prefill", m, k, k / cores, 1, n, s, "fit" if m == "dense" else "check", context=c0)
+            for (m, (n, c0), k), s in samples.items()]
 
 
 def _source_kv(runner: ModelRunner, tokens: int, gen: torch.Generator, threads: int,
@@ -263,11 +287,11 @@ def _decode_case(runner: ModelRunner, method: str, kv: tuple[list[torch.Tensor],
 
 def _rows_per_layer(probe: Optional[_StoreProbe], tag: tuple) -> float:
     """Store rows read per sparse layer per step in the steps recorded under ``tag`` (a batch
-    of two or more is attended in two calls per layer: the runner's micro-batches)."""
+    of two or more is attended in two calls per layer where the runner splits it)."""
     if probe is None:
         return 0.0
     rows = [c[0] for c in probe.log.calls if c[3] == tag]
-    return statistics.fmean(rows) * (2 if tag[0] >= 2 else 1) if rows else 0.0
+    return statistics.fmean(rows) * (probe.calls_per_layer if tag[0] >= 2 else 1) if rows else 0.0
 
 
 def _decode_runner(model: LoadedModel, config: MagicPIGConfig, batches: Sequence[int],
@@ -328,7 +352,7 @@ def model_seconds(cost: CostModel, p: Point, share: Optional[float] = None) -> f
     """The cost model's time of a measured point [s] (at ``share``, default the point's)."""
     x = p.share if share is None else share
     if p.kind == "prefill":
-        return cost.prefill_time(p.tokens, 0, x, p.method)
+        return cost.prefill_time(p.tokens, p.context, x, p.method)
     fraction = p.sampled_fraction if p.method == "magicpig" and p.sampled_fraction > 0 else None
     return cost.decode_time([p.tokens] * p.batch, p.method, x, sampled_fraction=fraction)
 
@@ -386,15 +410,19 @@ class RateFit:
     overhead_s: float  # seconds per step
     sse: float
     sequence_overhead_s: float = 0.0  # seconds per sequence per decode step
+    attention_efficiency: float = 1.0  # attention FLOP rate / matmul FLOP rate (prefill)
+    multi_row_efficiency: float = 1.0  # weight-read bandwidth of a multi-sequence decode step
 
 
 def fit_rates(points: Sequence[Point], shape: ModelShape, cores: int,
               config: Optional[MagicPIGConfig] = None) -> RateFit:
     """Per-share FLOP/s and bytes/s, one per-step overhead [s] and one per-sequence decode cost
     [s] minimising the squared log error of the cost model over the points with role "fit"
-    (Levenberg-Marquardt in log space: log F_x, log B_x per share, log of the overhead and, when
-    the dense decode fit points have two or more batch sizes, log of the per-sequence cost; else
-    that cost is 0)."""
+    (Levenberg-Marquardt in log space: log F_x, log B_x per share, log of the overhead; when
+    the dense decode fit points have two or more batch sizes, log of the per-sequence cost, else
+    that cost is 0; when the prefill fit points have three or more prompt sizes, log of the
+    attention kernel's efficiency relative to the matmuls, else 1; when the decode points have
+    batch 1 and two or more larger batches, log of the multi-row weight-read efficiency, else 1)."""
     fit_points = [p for p in points if p.role == "fit"]
     if not fit_points:
         raise ValueError("points: expected at least one point with role 'fit'")
@@ -409,19 +437,39 @@ def fit_rates(points: Sequence[Point], shape: ModelShape, cores: int,
         for rate in (max(f / s for (f, _), s in on), max(b / s for (_, b), s in on)):
             start.append(math.log(rate))
             bounds.append((math.log(rate) - math.log(1e3), math.log(rate) + math.log(1e2)))
-    if per_sequence:  # last parameter: log c, at most the shortest decode step per sequence
+    extra = len(start)  # the optional parameters follow: log c, then log attention efficiency
+    if per_sequence:  # log c, at most the shortest decode step per sequence
         start.append(math.log(1e-4))
         bounds.append((math.log(1e-9), math.log(0.95 * min(p.seconds / p.batch for p in decode))))
+    # Three or more prompt sizes separate the attention's (quadratic) FLOPs from the matmuls'.
+    attention = len({p.tokens for p in fit_points if p.kind == "prefill"}) >= 3
+    if attention:
+        start.append(0.0)
+        bounds.append((math.log(0.1), math.log(10.0)))
+    # Batch 1 and two larger batches separate the multi-row GEMMs' slower weight reads (a step
+    # from one row to two) from the per-sequence cost (linear in the rows).
+    batches = {p.batch for p in decode}
+    multi_row = 1 in batches and len(batches - {1}) >= 2
+    if multi_row:
+        start.append(math.log(0.5))
+        bounds.append((math.log(0.05), 0.0))
 
     def per_seq(theta: list[float]) -> float:
-        return math.exp(theta[-1]) if per_sequence else 0.0
+        return math.exp(theta[extra]) if per_sequence else 0.0
+
+    def attention_efficiency(theta: list[float]) -> float:
+        return math.exp(theta[extra + per_sequence]) if attention else 1.0
+
+    def multi_row_efficiency(theta: list[float]) -> float:
+        return math.exp(theta[-1]) if multi_row else 1.0
 
     def residuals(theta: list[float]) -> list[float]:
         out = []
         for i, x in enumerate(shares):
             prof = replace(base.profile, peak_flops=math.exp(theta[1 + 2 * i]),
                            memory_bandwidth=math.exp(theta[2 + 2 * i]), step_overhead_s=math.exp(theta[0]),
-                           sequence_overhead_s=per_seq(theta))
+                           sequence_overhead_s=per_seq(theta), attention_efficiency=attention_efficiency(theta),
+                           multi_row_efficiency=multi_row_efficiency(theta))
             cost = _cost_model(prof, shape, config)
             out += [math.log(model_seconds(cost, p, 1.0) / p.seconds) for p in fit_points if p.share == x]
         return out
@@ -429,7 +477,8 @@ def fit_rates(points: Sequence[Point], shape: ModelShape, cores: int,
     theta = _least_squares(residuals, start, bounds)
     return RateFit({x: math.exp(theta[1 + 2 * i]) for i, x in enumerate(shares)},
                    {x: math.exp(theta[2 + 2 * i]) for i, x in enumerate(shares)},
-                   math.exp(theta[0]), sum(v * v for v in residuals(theta)), per_seq(theta))
+                   math.exp(theta[0]), sum(v * v for v in residuals(theta)), per_seq(theta),
+                   attention_efficiency(theta), multi_row_efficiency(theta))
 
 
 def _cost_model(profile: DeviceProfile, shape: ModelShape, config: Optional[MagicPIGConfig],
@@ -499,11 +548,11 @@ def error_summary(table: Sequence[dict]) -> dict:
 
 def format_table(table: Sequence[dict]) -> str:
     """The measured-vs-modelled table, one line per point (times in ms)."""
-    lines = [f"{'kind':7} {'method':8} {'thr':>3} {'share':>5} {'batch':>5} {'tokens':>6} {'measured':>9} "
-             f"{'model':>9} {'error':>7}  role"]
+    lines = [f"{'kind':7} {'method':8} {'thr':>3} {'share':>5} {'batch':>5} {'tokens':>6} {'after':>5} "
+             f"{'measured':>9} {'model':>9} {'error':>7}  role"]
     for r in table:
         lines.append(f"{r['kind']:7} {r['method']:8} {r['threads']:>3} {r['share']:>5.2f} {r['batch']:>5} "
-                     f"{r['tokens']:>6} {r['seconds'] * 1e3:>9.1f} {r['model_s'] * 1e3:>9.1f} "
+                     f"{r['tokens']:>6} {r.get('context', 0):>5} {r['seconds'] * 1e3:>9.1f} {r['model_s'] * 1e3:>9.1f} "
                      f"{r['error']:>+7.1%}  {r['role']}")
     return "\n".join(lines)
 
@@ -577,7 +626,8 @@ def _measure_all(model: LoadedModel, config: MagicPIGConfig, s: Settings, cores:
     finally:
         if "magicpig" in runners:
             runners.pop("magicpig").close()
-    _say(progress, "prefill: " + ", ".join(f"{p.method} {p.tokens} tok {p.threads} thr {p.seconds * 1e3:.0f} ms"
+    _say(progress, "prefill: " + ", ".join(f"{p.method} {p.tokens} tok after {p.context} {p.threads} thr "
+                                           f"{p.seconds * 1e3:.0f} ms"
                                            for p in points))
     keys, values, source = _source_kv(runners.pop("dense"), max(s.contexts), gen, max(s.threads), cores)
     points.append(source)
@@ -686,12 +736,14 @@ def _notes(s: Settings, cores: int, how_c: str, how_m: str, store_threads: int) 
         "kernels through the cost model's own FLOP and byte counts (efficiencies 1): not hardware peaks.",
         "step_overhead_s is one overhead per step fitted jointly to dense prefill and dense decode; "
         "sequence_overhead_s is one cost per sequence per decode step (all shares alike) fitted jointly with "
-        "the bandwidths to the dense decode points at batch 1 and 4; "
+        f"the bandwidths to the dense decode points at batches {', '.join(map(str, s.batches))}; "
         "host_memory_bandwidth is the fitted full-share bytes/s.",
         f"Store: fit_store_attend on every attend call of the timed magicpig decode steps ({store_threads} store "
         "threads; the store's contention with the lane's cores is not modelled); append_s measured while the "
         "decode sequences were loaded.",
-        "Prefill was measured as whole prompts (no context before the chunk), as the engine runs them.",
+        "Prefill was measured as whole prompts and as a later chunk of a chunked prefill (the points with "
+        "context > 0, where the table has them); attention_efficiency (the attention kernel's FLOP rate relative "
+        "to the matmuls') is fitted jointly from three or more prompt sizes and prices the context before a chunk.",
         "The model shape has the runtime's CPU widths (float32: 4 bytes per weight and K/V element); price the "
         "served model with this profile's 'model', not the checkpoint's bf16 config.",
         "Other processes may have shared the cores while measuring: see fit.load_average_*; re-run "
@@ -701,20 +753,26 @@ def _notes(s: Settings, cores: int, how_c: str, how_m: str, store_threads: int) 
 
 def build_profile(shape: ModelShape, config: MagicPIGConfig, points: list[Point], log: Optional[StoreLog],
                   store_threads: int, cores: int, s: Settings, name: str,
-                  timing: Optional[dict] = None) -> DeviceProfile:
+                  timing: Optional[dict] = None,
+                  store_fit: Optional[tuple[StoreProfile, dict]] = None) -> DeviceProfile:
     """Fit a cpu :class:`DeviceProfile` to measured points and store calls (module docstring,
-    steps 1-4); ``fit`` holds the per-point table and the errors."""
+    steps 1-4); ``fit`` holds the per-point table and the errors. ``store_fit``: the store's
+    profile and its fit summary, already fitted (:func:`refit`), instead of a ``log``."""
     rates = fit_rates(points, shape, cores, config)
     sat_c, flops, err_c, how_c = fit_curve_over_shares(rates.flops)
     sat_m, bandwidth, err_m, how_m = fit_curve_over_shares(rates.bandwidth)
-    if log is not None:
+    if store_fit is not None:
+        store, store_fit = store_fit
+    elif log is not None:
         store, store_fit = fit_store(log, store_threads)
     else:
         store, store_fit = StoreProfile(0.0, 0.0, threads=store_threads), {"calls": 0, "note": "method dense"}
     profile = DeviceProfile(
         name=name, kind="cpu", peak_flops=flops, compute_efficiency=1.0, memory_bandwidth=bandwidth,
         memory_efficiency=1.0, compute_units=cores, granularity=1, step_overhead_s=rates.overhead_s,
-        sequence_overhead_s=rates.sequence_overhead_s, compute_saturation=sat_c, memory_saturation=sat_m, store=store, host_cores=cores,
+        sequence_overhead_s=rates.sequence_overhead_s, attention_efficiency=rates.attention_efficiency,
+        multi_row_efficiency=rates.multi_row_efficiency,
+        compute_saturation=sat_c, memory_saturation=sat_m, store=store, host_cores=cores,
         host_memory_bandwidth=bandwidth, link_bandwidth=0.0, link_latency_s=0.0, model=shape,
     )
     table = _check_table(profile, shape, config, points)
@@ -728,13 +786,39 @@ def build_profile(shape: ModelShape, config: MagicPIGConfig, points: list[Point]
         "compute_saturation": {"how": how_c, "relative_errors": err_c},
         "memory_saturation": {"how": how_m, "relative_errors": err_m},
         "objective": "least squares on log time over the 'fit' points (dense prefill, dense decode); "
-                     "free: F and B per share, the step overhead and the per-sequence decode cost",
-        "sequence_overhead_s": rates.sequence_overhead_s,
+                     "free: F and B per share, the step overhead, the per-sequence decode cost and the "
+                     "attention kernel's efficiency relative to the matmuls, the multi-row weight-read efficiency",
+        "sequence_overhead_s": rates.sequence_overhead_s, "attention_efficiency": rates.attention_efficiency,
+        "multi_row_efficiency": rates.multi_row_efficiency,
         "objective_sse": rates.sse, "store": store_fit, "errors": error_summary(table),
         "decode_errors_by_batch": decode_errors_by_batch(table), "points": table, **(timing or {}),
     }
     notes = _notes(s, cores, how_c, how_m, store_threads) + _diagnostic_notes(table, rates.overhead_s)
     return replace(profile, fit=fit, notes=notes)
+
+
+def refit(profile: DeviceProfile) -> DeviceProfile:
+    """A measured cpu profile fitted again, from its own points (``fit["points"]``, samples
+    kept), by this version's cost model: for a profile measured before the model gained a term.
+    The store's fit and the load averages are kept; nothing is measured."""
+    f = profile.fit
+    if profile.kind != "cpu" or "points" not in f or "config" not in f or profile.model is None:
+        raise ValueError(f"profile {profile.name!r}: expected a cpu profile written by 'magicpig profile'")
+    c = f["config"]
+    config = MagicPIGConfig(K=c["K"], L=c["L"], min_collisions=c["min_collisions"], sink_tokens=c["sink_tokens"],
+                            window_tokens=c["window_tokens"], dense_layers=tuple(c["dense_layers"]),
+                            kv_dtype=c["kv_dtype"])
+    points = [Point(r["kind"], r["method"], r["threads"], r["share"], r["batch"], r["tokens"], r["samples"],
+                    r["role"], r["sampled_fraction"], r.get("rows_per_layer", 0.0), r.get("context", 0))
+              for r in f["points"]]
+    st = f["settings"]
+    settings = Settings(tuple(st["threads"]), tuple(st["chunks"]), tuple(st["contexts"]), tuple(st["batches"]),
+                        st["repeats"], st["method"])
+    kept = {k: v for k, v in f.items() if k.startswith("load_average") or k == "measure_s"}
+    new = build_profile(profile.model, config, points, None, profile.store.threads, profile.compute_units, settings,
+                        profile.name, kept or None, store_fit=(profile.store, f.get("store", {})))
+    return replace(new, notes=new.notes + ("Refitted by 'magicpig profile --refit' from the points measured by an "
+                                           "earlier run (samples and the store's fit as measured).",))
 
 
 def _check_table(profile: DeviceProfile, shape: ModelShape, config: MagicPIGConfig,
@@ -778,6 +862,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--contexts", type=int, nargs="+", default=None, metavar="N", help="decode contexts [tokens]")
     p.add_argument("--batches", type=int, nargs="+", default=None, metavar="B", help="decode batch sizes")
     p.add_argument("--repeats", type=int, default=None, help="timed steps per point (default 3)")
+    p.add_argument("--refit", metavar="PROFILE", default=None,
+                   help="measure nothing: fit this measured profile (name or JSON path) again with this version's "
+                        "cost model, from its own points")
     return p
 
 
@@ -798,16 +885,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = Path(args.out) if args.out else None
     if out is not None:
         _check_out(parser, out)
+    if args.refit:
+        return _refit_main(parser, args.refit, out)
     progress = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     t0 = time.perf_counter()
     profile = profile_cpu(args.model, None, args.threads, args.contexts, args.quick, chunks=args.chunks,
                           batches=args.batches, repeats=args.repeats, method=args.method, name=args.name,
                           progress=progress)
+    return _save_and_report(profile, out, f"profile written: {{}} ({time.perf_counter() - t0:.0f} s)")
+
+
+def _refit_main(parser: argparse.ArgumentParser, source: str, out: Optional[Path]) -> int:
+    """``magicpig profile --refit PROFILE``: fit a measured profile again (no measuring)."""
+    try:
+        profile = refit(load_profile(source))
+    except ValueError as err:
+        parser.error(f"--refit {source}: {err}")
+    return _save_and_report(profile, out, f"profile refitted from {source}, written: {{}}")
+
+
+def _save_and_report(profile: DeviceProfile, out: Optional[Path], last_line: str) -> int:
+    """Write the profile (default: the user cache), print its table, summary and ``last_line``
+    (``{}``: the path written)."""
     out = out or cache_dir() / "profiles" / f"{profile.name}.json"
     profile.save(out)
     print(format_table(profile.fit["points"]))
     print(summary_lines(profile))
-    print(f"profile written: {out} ({time.perf_counter() - t0:.0f} s)")
+    print(last_line.format(out))
     return 0
 
 
@@ -830,7 +934,9 @@ def summary_lines(profile: DeviceProfile) -> str:
     lines = [
         f"{profile.name}: {profile.flops / 1e9:.1f} GFLOP/s, {profile.bandwidth / 1e9:.2f} GB/s at full share; "
         f"overhead {profile.step_overhead_s * 1e3:.2f} ms/step, "
-        f"{profile.sequence_overhead_s * 1e3:.2f} ms/sequence/decode step",
+        f"{profile.sequence_overhead_s * 1e3:.2f} ms/sequence/decode step; attention "
+        f"{profile.attention_efficiency:.2f}x the matmuls' FLOP rate; multi-row decode reads the weights at "
+        f"{profile.multi_row_efficiency:.2f}x the single-row bandwidth",
         f"compute saturation x0={profile.compute_saturation.x0} ({f['compute_saturation']['how']}); "
         f"memory saturation x0={profile.memory_saturation.x0} ({f['memory_saturation']['how']})",
         f"store ({st.threads} threads): {st.call_s * 1e6:.1f} us/call, {st.row_s * 1e9:.2f} ns/row, "
