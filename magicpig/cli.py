@@ -18,7 +18,8 @@ from magicpig.eval.usage import OneLineParser, UsageError, report
 
 _REPO = Path(__file__).resolve().parent.parent
 _BENCHMARKS = {"cpu-attention": "bench_cpu_attention.py", "engine": "bench_engine.py", "generate": "bench_generate.py",
-               "hashing": "bench_hashing.py", "prefill-memory": "bench_prefill_memory.py"}
+               "decode": "bench_decode.py", "hashing": "bench_hashing.py", "prefill-memory": "bench_prefill_memory.py",
+               "prefill-overlap": "bench_prefill_overlap.py"}
 
 
 def _version() -> str:

@@ -6,14 +6,19 @@ One run, one prompt (a needle-in-a-haystack prompt of --tokens tokens), the same
   * transformers: model.generate(max_new_tokens=1+N, min_new_tokens=1+N), timed from inside by
     a logits processor: prefill = until the first logits, decode tok/s = N / (last - first).
 Prints tokens/s and the ratios (goal: dense decode >= 1.5x transformers at 8k; magicpig decode
-faster than dense).
+faster than dense). ``--e2e-tokens N``: also ``LongContextModel.generate`` of one N-token prompt
+with --e2e-new-tokens new tokens, dense and magicpig alternated for --repeats rounds, setup
+(prefill, hashing, table builds) included: the medians and their ratio.
 
-    python scripts/bench_generate.py [--tokens 8000] [--new-tokens 32] [--model PATH]
+    python scripts/bench_generate.py [--tokens 8000] [--new-tokens 32] [--model PATH] [--json PATH]
+        [--e2e-tokens 2500 --e2e-new-tokens 32 --repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
 import time
 
 import torch
@@ -62,6 +67,26 @@ def _hf_rates(source: str, ids: list[int], steps: int) -> tuple[float, float]:
     return len(ids) / (t[0] - t0), (len(t) - 1) / (t[-1] - t[0])
 
 
+def _end_to_end(model, tokens: int, new_tokens: int, repeats: int) -> dict:
+    """Median seconds of ``model.generate`` of one ``tokens``-token prompt (dense, magicpig),
+    alternated round by round after one warm-up each."""
+    from magicpig import MagicPIGConfig
+    from magicpig.demo import needle_prompt
+
+    prompt, _ = needle_prompt(model.tokenizer, tokens)
+    configs = {"dense": MagicPIGConfig(method="dense"), "magicpig": MagicPIGConfig()}
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    for rnd in range(repeats + 1):
+        for name in (list(configs) if rnd % 2 else list(configs)[::-1]):
+            t0 = time.perf_counter()
+            model.generate(prompt, max_new_tokens=new_tokens, config=configs[name])
+            if rnd:
+                times[name].append(time.perf_counter() - t0)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    return {"tokens": tokens, "new_tokens": new_tokens, "seconds": times, "median_s": med,
+            "magicpig_over_dense": med["magicpig"] / med["dense"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="default: the embedded smollm2-135m-instruct")
@@ -70,6 +95,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--bf16", action="store_true", help="also run this runner with bf16 weights")
+    parser.add_argument("--e2e-tokens", type=int, default=0, help="also time generate() end to end at this length")
+    parser.add_argument("--e2e-new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of the end-to-end comparison")
+    parser.add_argument("--json", metavar="PATH", help="write the figures here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -107,6 +136,7 @@ def main() -> None:
             ("magicpig runner bf16, dense", bf_prefill, bf_dense, bf_dense_setup),
             (f"magicpig runner bf16, magicpig (cost {bf_cost:.3f})", bf_prefill, bf_mp, bf_mp_setup),
         ]
+    e2e = _end_to_end(model, args.e2e_tokens, args.e2e_new_tokens, args.repeats) if args.e2e_tokens else None
     if not args.skip_transformers:
         state = model = None  # free memory before loading transformers' copy
         hf_prefill, hf_rate = _hf_rates(source, ids, args.new_tokens)
@@ -122,9 +152,21 @@ def main() -> None:
         print(f"dense decode / transformers decode:   {dense_rate / hf_rate:.2f}x")
         print(f"prefill / transformers prefill:       {ours_prefill / hf_prefill:.2f}x")
     print(f"magicpig decode / dense decode:       {mp_rate / dense_rate:.2f}x")
+    if e2e:
+        med = e2e["median_s"]
+        print(f"generate() of {e2e['tokens']} + {e2e['new_tokens']} tokens, setup included (medians of "
+              f"{args.repeats}): dense {med['dense']:.2f} s, magicpig {med['magicpig']:.2f} s: "
+              f"magicpig / dense = {e2e['magicpig_over_dense']:.2f}x")
     import os
 
     print(f"(load average at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores)")
+    if args.json:
+        doc = {"prompt_tokens": n, "new_tokens": args.new_tokens, "threads": torch.get_num_threads(),
+               "rows": [{"runner": name, "prefill_tok_s": p, "decode_tok_s": d, "setup_s": setup}
+                        for name, p, d, setup in rows],
+               "magicpig_over_dense_decode": mp_rate / dense_rate, "end_to_end": e2e}
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1)
 
 
 if __name__ == "__main__":
