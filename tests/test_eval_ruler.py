@@ -23,9 +23,15 @@ def _user_text(prompt: str) -> str:
 
 
 def _check_length(tok, s: ruler.RulerSample, target: int) -> None:
+    """Prompt + tokens to generate fit the target; the prompt is within 2% below it, or (whole
+    needles / documents) short of it by less than the next unit."""
     n = len(tok(s.prompt, add_special_tokens=False)["input_ids"])
-    assert n == s.num_tokens
-    assert (1 - ruler.LENGTH_TOLERANCE) * target <= n <= target, (s.task, n, target)
+    assert n == s.num_tokens and s.target_tokens == target - s.tokens_to_generate
+    assert n + s.tokens_to_generate <= target, (s.task, n, target)
+    if "next_unit_tokens" in s.meta:
+        assert ruler._whole_units(s.task) and n + s.meta["next_unit_tokens"] > s.target_tokens
+    else:
+        assert (1 - ruler.LENGTH_TOLERANCE) * s.target_tokens <= n, (s.task, n, target)
 
 
 LENGTH_CASES = [(t, 1024) for t in ruler.TASKS if t != "qa_2"] + [("qa_2", 2048)]
@@ -46,9 +52,20 @@ def test_lengths_at_4k_and_model_limit(tok):
     s = ruler.generate_sample("niah_multikey_1", 4096, 0, tok)
     _check_length(tok, s, 4096)
     # Near the model's limit the target leaves room for the tokens to generate (RULER's rule).
-    s = ruler.generate_sample("niah_single_2", 2048, 0, tok, max_total=2100)
-    assert s.target_tokens == 2100 - 128
-    _check_length(tok, s, 2100 - 128)
+    s = ruler.generate_sample("niah_single_2", 2048, 0, tok, max_total=2000)
+    assert s.target_tokens == 2000 - 128
+    _check_length(tok, s, 2000)
+    s = ruler.generate_sample("niah_single_2", 2048, 0, tok, max_total=4096)
+    _check_length(tok, s, 2048)
+
+
+@pytest.mark.parametrize("task", list(ruler.TASKS))
+def test_token_budget_at_4k(tok, task):
+    """RULER's budget: prompt (chat template included) + tokens to generate <= 4096."""
+    s = ruler.generate_sample(task, 4096, 0, tok)
+    _check_length(tok, s, 4096)
+    assert s.tokens_to_generate == {"niah": 128, "variable_tracking": 30, "common_words_extraction": 120,
+                                    "freq_words_extraction": 50, "qa": 32}[ruler.TASKS[task][0]]
 
 
 def test_short_target_raises(tok):
@@ -193,3 +210,69 @@ def test_resolve_tasks():
     assert ruler.resolve_tasks(["vt", "cwe", "vt"]) == ["vt", "cwe"]
     with pytest.raises(ValueError, match="niah_x"):
         ruler.resolve_tasks(["niah_x"])
+
+
+def _qa_documents(s: ruler.RulerSample) -> list[str]:
+    """The documents of a QA prompt, in order (Document 1 first)."""
+    user = _user_text(s.prompt).split("The following are given documents.\n\n", 1)[1]
+    context = user.rsplit("\n\nAnswer the question based on", 1)[0]
+    return re.split(r"\n\n(?=Document \d+:\n)", context)
+
+
+def _official_gold_slot(num_docs: int, seed: int) -> int:
+    """RULER qa.py: all_docs = gold + others, then random.Random(seed).shuffle(all_docs)."""
+    import random
+
+    docs = list(range(num_docs))
+    random.Random(seed).shuffle(docs)
+    return docs.index(0) + 1
+
+
+@pytest.mark.parametrize("task", ["qa_1", "qa_2"])
+def test_qa_gold_slot_follows_the_official_layout(tok, task):
+    for index in (0, 1):
+        s = ruler.generate_sample(task, 4096, index, tok)
+        docs = _qa_documents(s)
+        assert s.meta["gold_documents"][0] == _official_gold_slot(len(docs), 42)  # seed 0 -> RULER's 42
+        s3 = ruler.generate_sample(task, 4096, index, tok, seed=3)
+        assert s3.meta["gold_documents"][0] == _official_gold_slot(len(_qa_documents(s3)), 45)
+    # The per-sample shuffle stays available and places the gold document elsewhere.
+    slots = {ruler.generate_sample("qa_1", 4096, i, tok, qa_shuffle="per_sample").meta["gold_documents"][0]
+             for i in range(4)}
+    assert len(slots) > 1
+    with pytest.raises(ValueError, match="qa_shuffle"):
+        ruler.generate_sample("qa_1", 4096, 0, tok, qa_shuffle="nope")
+
+
+@pytest.mark.parametrize("task", ["qa_1", "qa_2"])
+def test_qa_documents_are_whole(tok, task):
+    _, all_docs = ruler.qa_dataset(ruler.TASKS[task][1]["dataset"])
+    known = set(all_docs)
+    s = ruler.generate_sample(task, 4096, 0, tok)
+    docs = _qa_documents(s)
+    for i, d in enumerate(docs):
+        head, body = d.split("\n", 1)
+        assert head == f"Document {i + 1}:" and body in known, (i, body[-80:])
+
+
+@pytest.mark.parametrize("task,length", [("niah_multikey_2", 1024), ("niah_multikey_3", 1024),
+                                         ("niah_multikey_3", 4096)])
+def test_needle_haystack_is_whole_needles(tok, task, length):
+    s = ruler.generate_sample(task, length, 0, tok)
+    context = _user_text(s.prompt).split("\n", 1)[1].rsplit("\nWhat ", 1)[0]
+    uuid = r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
+    item = uuid if "uuids" in s.meta["needles"][0] else r"[a-z]+-[a-z]+|\d{7}"
+    lines = context.split("\n")
+    assert len(lines) > 5
+    for line in lines:
+        assert re.fullmatch(rf"One of the special magic (numbers?|uuids?) for ({item}) is: ({item})\.", line), line
+    for needle in s.meta["needles"]:
+        assert needle in lines
+
+
+@pytest.mark.parametrize("length", [2048, 4096, 8192])
+def test_fwe_vocabulary_size(length):
+    """RULER: vocab_size = (max_seq_length - tokens_to_generate) // 50, tokens_to_generate = 50."""
+    d = ruler.make_freq_words("0:fwe:0", 3000, length, alpha=2.0)
+    assert d.meta["vocab_size"] == (length - 50) // 50
+    assert len(set(d.fields["context"].split())) <= (length - 50) // 50

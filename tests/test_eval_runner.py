@@ -225,8 +225,8 @@ def test_cli_end_to_end_real_model_and_resume(tmp_path, capsys):
     recs = read_records(tmp_path)
     assert len(recs) == 2 * 2 * len(methods)
     by = {(r["task"], r["index"], r["method"]): r for r in recs}
-    for r in recs:
-        assert 0.98 * 1024 <= r["prompt_tokens"] <= 1024
+    for r in recs:  # prompt + niah's 128 tokens to generate within 1024 (whole distractor needles: within one)
+        assert 0.9 * (1024 - 128) <= r["prompt_tokens"] <= 1024 - 128
     # The model finds a single needle in a noise haystack with dense attention...
     assert by[("niah_single_1", 0, "dense")]["score"] == 1.0
     # ...dense reads everything, streaming nothing, quest about its budget.

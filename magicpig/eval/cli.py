@@ -76,9 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="bench", required=True)
     r = sub.add_parser("ruler", help="RULER's 13 synthetic tasks at given lengths")
     _common(r)
-    r.add_argument("--lengths", type=int, nargs="+", default=[4096], help="target prompt lengths in tokens")
+    r.add_argument("--lengths", type=int, nargs="+", default=[4096], help="lengths in tokens: prompt + tokens to generate (RULER's max_seq_length)")
     r.add_argument("--tasks", nargs="+", default=["all"], help=f"'all' or some of {list(ruler.TASKS)}")
     r.add_argument("--seed", type=int, default=0, help="sample generator seed")
+    r.add_argument("--qa-shuffle", choices=ruler.QA_SHUFFLES, default="official",
+                   help="QA document order: RULER's fixed-seed layout or one shuffle per sample")
     lb = sub.add_parser("longbench", help="LongBench from the official jsonl files")
     _common(lb)
     lb.add_argument("--data", required=True, help="directory with <task>.jsonl files")
@@ -161,21 +163,23 @@ def _rank_kl(args: argparse.Namespace, model: Any) -> list:
 
 
 def ruler_groups(tokenizer: Any, tasks: list[str], lengths: list[int], samples: int, seed: int,
-                 max_context: int | None) -> list:
+                 max_context: int | None, qa_shuffle: str = "official") -> list:
     """(group key, item maker, count) per (length, task) of a RULER run."""
     groups = []
     for length in lengths:
         for task in tasks:
             groups.append((("ruler", task, length),
-                           partial(_ruler_items, tokenizer, task, length, samples, seed, max_context), samples))
+                           partial(_ruler_items, tokenizer, task, length, samples, seed, max_context, qa_shuffle),
+                           samples))
     return groups
 
 
 def _ruler_items(tokenizer: Any, task: str, length: int, samples: int, seed: int,
-                 max_context: int | None) -> list[EvalItem]:
+                 max_context: int | None, qa_shuffle: str = "official") -> list[EvalItem]:
     items = []
     for i in range(samples):
-        s = ruler.generate_sample(task, length, i, tokenizer, seed=seed, max_total=max_context)
+        s = ruler.generate_sample(task, length, i, tokenizer, seed=seed, max_total=max_context,
+                                    qa_shuffle=qa_shuffle)
         metric = RULER_METRICS[s.metric]
 
         def score(pred: str, answers: list[str] = s.answers, metric: Any = metric) -> float:
@@ -223,7 +227,8 @@ def main(argv: list[str] | None = None, adapter: ModelAdapter | None = None) -> 
         return report(prog, err)
     out = Path(args.out)
     if args.bench == "ruler":
-        groups = ruler_groups(adapter.tokenizer, tasks, args.lengths, args.samples, args.seed, adapter.max_context)
+        groups = ruler_groups(adapter.tokenizer, tasks, args.lengths, args.samples, args.seed, adapter.max_context,
+                              args.qa_shuffle)
     else:
         max_length = args.max_length or adapter.max_context
         groups = longbench_groups(adapter.tokenizer, args.data, tasks, args.samples, max_length)

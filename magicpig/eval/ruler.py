@@ -12,16 +12,19 @@ Where we deviate (and why):
 - every sample is drawn from ``random.Random(f"{seed}:{task}:{index}")``, so each one is
   reproducible on its own and does not depend on which other samples were generated;
 - the haystack size is counted in words (split at spaces and hyphens: essay words, noise-sentence words, distractor-needle
-  words, distractor-document words), the last unit cut short, so a binary search can fit the
-  prompt to within a few tokens of the target; RULER steps by whole units (up to a whole
-  document for QA), which cannot meet a 2% tolerance at short lengths;
+  words, distractor-document words), so a binary search can fit the prompt to within a few
+  tokens of the target; filler (essay, noise) is cut at a word, but distractor needles and QA
+  documents are taken whole, as in RULER, so those prompts may fall short by up to one unit;
 - needles go in at depths drawn from RULER's 40-point grid for every haystack (RULER draws unit
   indices uniformly for the non-essay haystacks: the same distribution up to rounding);
 - essays are split into sentences with a regex instead of nltk's punkt (its data is a download);
-- the target length is the prompt length (chat template and answer prefix included); RULER
-  also subtracts the tokens to generate. We do that only where the model needs it: when a
-  model limit ``max_total`` is given and length + tokens to generate would pass it, the
-  target is ``max_total - tokens_to_generate``. Prompts fall in [0.98 * target, target].
+- the length counts the prompt (chat template and answer prefix included) plus the task's
+  tokens to generate, as RULER's max_seq_length does: prompts get at most
+  ``min(length, max_total) - tokens_to_generate`` tokens (within 2% below it for word-cut
+  haystacks);
+- QA documents are shuffled by default as RULER does, with a fresh ``random.Random(42 + seed)``
+  per sample (the gold document's slot depends only on the number of documents);
+  ``qa_shuffle="per_sample"`` draws one permutation per sample instead.
 """
 
 from __future__ import annotations
@@ -224,15 +227,20 @@ def random_value(rng: random.Random, kind: str) -> str:
     raise ValueError(f"needle type {kind!r}: expected 'numbers', 'words' or 'uuids'")
 
 
-def _take_words(units: Callable[[int], str], n_words: int) -> list[str]:
-    """Consecutive units (unit(i) for i = 0, 1, ...) until n_words words; the last is cut short.
+def _take_words(units: Callable[[int], str], n_words: int, whole: bool = False) -> list[str]:
+    """Consecutive units (unit(i) for i = 0, 1, ...) up to n_words words.
 
     A "word" here is a run of characters up to a space or a hyphen, so a uuid (~25 tokens)
     counts as five words: the length search then moves in steps of a few tokens.
+    ``whole=False`` (filler such as the noise sentences): the last unit is cut short.
+    ``whole=True`` (distractor needles, QA documents): only units that fit entirely are taken,
+    so the haystack never ends in a broken needle, uuid or document (RULER's whole units).
     """
     out, left, i = [], n_words, 0
     while left > 0:
         words = _WORD.findall(units(i))
+        if whole and len(words) > left:
+            break
         out.append("".join(words[:left]).rstrip(" -"))
         left -= len(words)
         i += 1
@@ -303,7 +311,7 @@ def make_niah(seed: str, size: int, target: int, haystack: str, key: str, value:
                                                  value=random_value(fill, value)))
             return distractors[i]
 
-        units = _take_words(distractor, size)
+        units = _take_words(distractor, size, whole=True)
         joiner = "\n"
     else:
         raise ValueError(f"haystack={haystack!r}: expected 'essay', 'repeat' or 'needle'")
@@ -398,7 +406,10 @@ def _zeta(alpha: float, terms: int = 10_000) -> float:
 def make_freq_words(seed: str, size: int, target: int, alpha: float,
                     coded_wordlen: int = 6, vocab_size: int = -1) -> Draft:
     rng = random.Random(seed)
-    vocab_size = max(10, target // 50) if vocab_size <= 0 else vocab_size
+    if vocab_size <= 0:
+        # RULER: max_seq_length // 50 after subtracting the tokens to generate (and the model
+        # template's tokens, 0 by default); floor of 10 only where RULER's would break (< 550).
+        vocab_size = max(10, (target - TEMPLATES["freq_words_extraction"]["tokens_to_generate"]) // 50)
     vocab: set[str] = set()
     while len(vocab) < vocab_size:
         vocab.add("".join(rng.choices(string.ascii_lowercase, k=coded_wordlen)))
@@ -410,10 +421,31 @@ def make_freq_words(seed: str, size: int, target: int, alpha: float,
     words = [w for w, c in zip(ranked, counts) for _ in range(c)]
     rng.shuffle(words)
     return Draft(fields={"context": " ".join(words)}, answers=ranked[1:4],
-                 meta={"counts": dict(zip(ranked[:5], counts[:5]))})
+                 meta={"counts": dict(zip(ranked[:5], counts[:5])), "vocab_size": vocab_size})
 
 
-def make_qa(seed: str, size: int, target: int, dataset: str, index: int = 0) -> Draft:
+QA_SHUFFLES = ("official", "per_sample")
+QA_OFFICIAL_SEED = 42  # RULER's prepare.py --random_seed default (chunk 0); our seed s uses 42 + s
+
+
+def qa_order(num_docs: int, shuffle: str, sample_seed: str, run_seed: int) -> list[int]:
+    """positions[slot] = index into [gold..., distractors...] of the document shown at ``slot``.
+
+    "official": RULER's qa.py shuffles every sample's documents with a fresh
+    ``random.Random(random_seed)``, so the permutation depends only on the number of documents:
+    the gold document lands in the same slot for every sample with that many documents.
+    "per_sample": a permutation drawn per sample (gold slots spread over the context).
+    """
+    if shuffle not in QA_SHUFFLES:
+        raise ValueError(f"qa_shuffle={shuffle!r}: expected one of {QA_SHUFFLES}")
+    rng = random.Random(QA_OFFICIAL_SEED + run_seed) if shuffle == "official" else random.Random(sample_seed + ":shuffle")
+    positions = list(range(num_docs))
+    rng.shuffle(positions)  # same draws as shuffling the documents themselves
+    return positions
+
+
+def make_qa(seed: str, size: int, target: int, dataset: str, index: int = 0,
+            qa_shuffle: str = "official", run_seed: int = 0) -> Draft:
     qas, docs = qa_dataset(dataset)
     qa = qas[index % len(qas)]
     rng = random.Random(seed)
@@ -432,10 +464,8 @@ def make_qa(seed: str, size: int, target: int, dataset: str, index: int = 0) -> 
                 order.append(j)
         return docs[order[i]]
 
-    chosen = [docs[i] for i in gold] + _take_words(distractor, size)
-    shuffle = random.Random(seed + ":shuffle")
-    positions = list(range(len(chosen)))
-    shuffle.shuffle(positions)
+    chosen = [docs[i] for i in gold] + _take_words(distractor, size, whole=True)
+    positions = qa_order(len(chosen), qa_shuffle, seed, run_seed)
     ordered = [chosen[p] for p in positions]
     context = "\n\n".join(DOCUMENT.format(i=i + 1, document=d) for i, d in enumerate(ordered))
     gold_slots = [positions.index(g) + 1 for g in range(len(gold))]  # 1-based document numbers
@@ -529,25 +559,27 @@ def fit_size(length_of: Callable[[int], int], target: int, start: int) -> int:
 
 
 def generate_sample(task: str, length: int, index: int, tokenizer: Any, seed: int = 0,
-                    max_total: int | None = None) -> RulerSample:
-    """One RULER sample of ``task`` fitted to ``length`` prompt tokens with ``tokenizer``.
+                    max_total: int | None = None, qa_shuffle: str = "official") -> RulerSample:
+    """One RULER sample of ``task`` fitted to ``length`` total tokens with ``tokenizer``.
 
-    The prompt (chat template + task text + answer prefix) has between
-    (1 - LENGTH_TOLERANCE) * target and target tokens, where target = length, or
-    ``max_total - tokens_to_generate`` when that is smaller (a model of ``max_total`` positions
-    must still have room for the answer: RULER's own convention). ValueError if that cannot be met.
+    As in RULER, ``length`` counts the prompt and the task's tokens to generate: the prompt
+    (chat template + task text + answer prefix) gets target = min(length, max_total) -
+    tokens_to_generate tokens at most, and at least (1 - LENGTH_TOLERANCE) * target where the
+    haystack is cut at words; where it is made of whole units (distractor needles, QA documents)
+    it is the most whole units that fit (RULER's criterion), short of the target by less than
+    one unit (``meta["next_unit_tokens"]``). ValueError if that cannot be met.
+    ``qa_shuffle``: QA document order, "official" (RULER's fixed-seed layout) or "per_sample".
     """
     if task not in TASKS:
         raise ValueError(f"task={task!r}: expected one of {list(TASKS)}")
     if not isinstance(length, int) or length <= 0:
         raise ValueError(f"length={length!r}: expected a positive number of tokens")
     family, _ = TASKS[task]
-    target = length
-    if max_total is not None:
-        target = min(length, max_total - TEMPLATES[family]["tokens_to_generate"])
+    # RULER fits prompt + tokens to generate into max_seq_length (its --max_seq_length help).
+    target = min(length, length if max_total is None else max_total) - TEMPLATES[family]["tokens_to_generate"]
     extra: dict[str, Any] = {}
     if family == "qa":
-        extra["index"] = index
+        extra.update(index=index, qa_shuffle=qa_shuffle, run_seed=seed)
     if family == "variable_tracking":
         extra["icl_size"] = _vt_example_size(tokenizer, seed, index)
     cache: dict[int, tuple[str, int, Draft]] = {}
@@ -561,7 +593,10 @@ def generate_sample(task: str, length: int, index: int, tokenizer: Any, seed: in
     # Start near the answer: roughly 0.75 words per token for prose.
     size = fit_size(lambda s: build(s)[1], target, max(1, int(target * 0.6)))
     prompt, n, draft = build(size)
-    if n < (1 - LENGTH_TOLERANCE) * target:
+    if n < (1 - LENGTH_TOLERANCE) * target and _whole_units(task):
+        # fit_size leaves size + 1 too long: there, the next whole unit came in.
+        draft.meta["next_unit_tokens"] = build(size + 1)[1] - n
+    elif n < (1 - LENGTH_TOLERANCE) * target:
         raise ValueError(
             f"{task} at length {target}: the best fit has {n} tokens, more than "
             f"{LENGTH_TOLERANCE:.0%} below the target (haystack exhausted?)"
@@ -570,6 +605,12 @@ def generate_sample(task: str, length: int, index: int, tokenizer: Any, seed: in
                        num_tokens=n, tokens_to_generate=TEMPLATES[family]["tokens_to_generate"],
                        metric=METRICS.get(family, "string_match_all"), meta=draft.meta,
                        target_tokens=target)
+
+
+def _whole_units(task: str) -> bool:
+    """Whether the task's haystack grows by whole units (distractor needles, QA documents)."""
+    family, params = TASKS[task]
+    return family == "qa" or params.get("haystack") == "needle"
 
 
 def _vt_example_size(tokenizer: Any, seed: int, index: int) -> int:
