@@ -641,7 +641,7 @@ def build_parser(prog: str = "magicpig bench serve") -> argparse.ArgumentParser:
     p.add_argument("--random-range-ratio", type=_RATIO, default=0.0,
                    help="lengths uniform in [len*(1-r), len*(1+r)]")
     p.add_argument("--ruler-task", default="niah_single_1", help="RULER task (ruler dataset)")
-    p.add_argument("--ruler-length", type=_POS_INT, default=4096, help="RULER context length in tokens")
+    p.add_argument("--ruler-length", type=_POS_INT, default=4096, help="RULER length in tokens: prompt + the task's tokens to generate")
     p.add_argument("--trace", metavar="PATH", help="JSONL of {prompt, max_tokens[, arrival_s]} (trace dataset)")
     p.add_argument("--ignore-trace-arrivals", action="store_true",
                    help="pace a trace by --request-rate even when its lines have arrival_s")
