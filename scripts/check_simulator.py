@@ -41,7 +41,7 @@ from magicpig.model.loaded import load_model
 from magicpig.serve.bench import arrival_times
 from magicpig.serve.cost_model import CostModel, load_profile
 from magicpig.serve.scheduler import PolicyConfig
-from magicpig.serve.simulator import TraceItem, simulate
+from magicpig.serve.simulator import TraceItem, mixed_step_seconds, simulate
 
 GIB = 1 << 30
 
@@ -135,9 +135,8 @@ def latency_means(requests: Sequence[Any], arrival: str = "arrival") -> dict[str
 
 
 def predicted_step(cost: CostModel, method: str, step: StepRecord) -> float:
-    """Seconds the simulator gives a step of this composition (its mixed_step)."""
-    t = sum(cost.prefill_time(n, start, 1.0, method) for n, start in step.chunks)
-    return t + (cost.decode_time(step.decode_contexts, method, 1.0) if step.decode_contexts else 0.0)
+    """Seconds the simulator gives a step of this composition (its mixed_step's pricing)."""
+    return mixed_step_seconds(cost, method, step.chunks, step.decode_contexts)
 
 
 def step_replay(cost: CostModel, method: str, steps: Sequence[StepRecord]) -> dict[str, dict[str, float]]:

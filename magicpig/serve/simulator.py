@@ -322,6 +322,14 @@ def compute_metrics(requests: Sequence[SimRequest], slo_ttft_s: float, slo_tbt_s
 
 
 # ----------------------------------------------------------------------------- the simulation
+def mixed_step_seconds(cost: CostModel, method: str, chunks: Sequence[tuple[int, int]],
+                       decode_contexts: Sequence[int]) -> float:
+    """Seconds of one mixed-policy step on the whole device (module docstring): the prefill
+    chunks, each (tokens, start), then the decode batch, contexts in tokens cached."""
+    prefill = sum(cost.prefill_time(n, start, 1.0, method) for n, start in chunks)
+    return prefill + cost.decode_time(list(decode_contexts), method, 1.0)
+
+
 class _Simulation:
     """The event loop of :func:`simulate` (one run; state is the scheduler's and the requests')."""
 
@@ -388,7 +396,8 @@ class _Simulation:
     # -- steps ----------------------------------------------------------------------------
     def mixed_step(self, plan: SchedulePlan) -> None:
         """Chunks and decodes one after the other on the whole device; tokens at the end."""
-        end = self.now + self._chunks_time(plan.chunks, 1.0) + self._decode_time(plan.decodes, 1.0)
+        end = self.now + mixed_step_seconds(self.cost, self.method, [(c.num_tokens, c.start) for c in plan.chunks],
+                                            [r.num_tokens - 1 for r in plan.decodes])
         for r in plan.decodes:
             self._emit(r, end)
         for c in plan.chunks:
