@@ -32,6 +32,7 @@ constexpr int kMaxGroup = 8;
 constexpr int kMaxHeadDim = 4096;
 constexpr int kMaxK = 20;    // bits per code (as magicpig.config.MAX_K)
 constexpr int kMaxL = 1024;  // tables (as MAX_L): collision counters have 11 bits
+constexpr int kMaxExact = 1024;  // exact head keys per query head (as MAX_EXACT_KEYS)
 struct QueryGroup {
   int G = 0;
   const float* q = nullptr;        // [G][d]
@@ -49,6 +50,7 @@ struct AttendParams {
   const float* table = nullptr;
   int table_points = 0;
   float t_lo = 0, inv_h = 0, log_u_floor = 0;
+  int exact = 0;  // best candidates kept per head for the exact head (0: plain sampling)
 };
 
 // Unnormalised partial result of one block for a group: out = acc / sum, lse = mx + log(sum).
@@ -60,6 +62,13 @@ struct Partial {
   // [3] work done, for the benchmark's bytes-touched count (added to): bucket-list entries
   // walked, candidate rows read (union over the group), tail tokens scanned.
   int64_t* stats = nullptr;
+  // With AttendParams::exact > 0: per head g, the block's best `exact` candidates by raw score
+  // q.k/sqrt(d) as a heap (see keep_best): raw score, weighted score (raw - log u) and token
+  // id at [g * exact + e] for e < top_n[g]. The store's merge attends them exactly.
+  float* top_raw = nullptr;
+  float* top_score = nullptr;
+  int32_t* top_id = nullptr;
+  int32_t* top_n = nullptr;
 };
 
 // Per-thread scratch of the candidate search, sized for one block. heads, bitmap and summary
@@ -89,6 +98,8 @@ struct Kernels {
   // SimHash of n rows of d floats (x, row-major) against proj [d][K*L] (row-major), fused with
   // the packing: codes[i * L + l] = sum_k [x_i . proj[:, l*K + k] > 0] << k.
   void (*simhash_codes)(const float* x, int64_t n, int d, const float* proj, int K, int L, int32_t* codes);
+  // Row `row` of d elements of dtype (rows `stride` bytes apart) -> fp32 out.
+  void (*load_row)(const void* base, KvDtype dtype, int64_t row, int d, int64_t stride, float* out);
 };
 
 }  // namespace magicpig

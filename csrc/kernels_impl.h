@@ -289,6 +289,49 @@ inline void chunk_scores(const float* dots, const float* inv_kn, const uint8_t* 
     if (!((cand_heads[j] >> g) & 1)) scores[j] = ninf;
 }
 
+// True when entry a ranks below entry b: a lower raw score, or the same score at a later token.
+inline bool ranks_below(float raw_a, int32_t id_a, float raw_b, int32_t id_b) {
+  return raw_a < raw_b || (raw_a == raw_b && id_a > id_b);
+}
+
+// Offer candidate (raw, score, id) to the `cap` best of one head, a heap rooted at the lowest
+// ranked. Candidates come in ascending id order, so a tie with the root keeps the earlier one.
+inline void keep_best(float* raw, float* score, int32_t* id, int32_t& n, int cap, float r, float s, int32_t i) {
+  int pos;
+  if (n < cap) {
+    pos = n++;
+    while (pos > 0) {  // sift up while the new entry ranks below its parent
+      const int parent = (pos - 1) / 2;
+      if (!ranks_below(r, i, raw[parent], id[parent])) break;
+      raw[pos] = raw[parent], score[pos] = score[parent], id[pos] = id[parent];
+      pos = parent;
+    }
+  } else {
+    if (!(r > raw[0])) return;  // not better than the lowest kept (NaN never is)
+    pos = 0;
+    for (;;) {  // sift down: move the lower-ranked child up while it ranks below the new entry
+      int c = 2 * pos + 1;
+      if (c >= n) break;
+      if (c + 1 < n && ranks_below(raw[c + 1], id[c + 1], raw[c], id[c])) ++c;
+      if (!ranks_below(raw[c], id[c], r, i)) break;
+      raw[pos] = raw[c], score[pos] = score[c], id[pos] = id[c];
+      pos = c;
+    }
+  }
+  raw[pos] = r, score[pos] = s, id[pos] = i;
+}
+
+// The chunk's candidates of head g offered to its best-candidate heap (scores before exp).
+inline void offer_chunk(const float* dots, const float* scores, const uint16_t* ids, int cn, int g,
+                        const AttendParams& P, Partial& out) {
+  const int64_t base = static_cast<int64_t>(g) * P.exact;
+  for (int j = 0; j < cn; ++j) {
+    if (!(scores[j] > -__builtin_inff())) continue;  // not a candidate of this head
+    keep_best(out.top_raw + base, out.top_score + base, out.top_id + base, out.top_n[g], P.exact,
+              dots[j] * P.scale, scores[j], ids[j]);
+  }
+}
+
 void attend_block(const BlockView& B, const QueryGroup& Q, const AttendParams& P, Scratch& S, Partial& out) {
   const int n = find_candidates(B, Q, P, S, out);
   if (n == 0) return;
@@ -323,6 +366,7 @@ void attend_block(const BlockView& B, const QueryGroup& Q, const AttendParams& P
     for (int g = 0; g < G; ++g) {
       float* s = scores + g * kChunk;
       chunk_scores(dots + g * kChunk, inv_kn, hs, cn, g, inv_qn[g], P, s);
+      if (P.exact > 0) offer_chunk(dots + g * kChunk, s, ids, cn, g, P, out);
       float cm = -__builtin_inff();
 #pragma omp simd reduction(max : cm)
       for (int j = 0; j < cn; ++j) cm = cm > s[j] ? cm : s[j];
@@ -476,7 +520,7 @@ void simhash_codes(const float* x, int64_t n, int d, const float* proj, int K, i
 
 const magicpig::Kernels& kernels() {
   static const magicpig::Kernels table{MAGICPIG_ISA_NAME, &attend_block, &transpose_codes16, &row_norms,
-                                             &simhash_codes};
+                                             &simhash_codes, &load_row};
   return table;
 }
 

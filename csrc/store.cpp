@@ -49,6 +49,35 @@ double thread_cpu_seconds() {
 
 int resolve_threads(int requested) { return requested > 0 ? requested : omp_get_max_threads(); }
 
+// One kept candidate of a (row, head) in attend's merge: its scores and where its value row is.
+struct HeadEntry {
+  float raw, score;  // q.k/sqrt(d) and raw - log u
+  int64_t task;      // the block's task (tasks of one (row, head) are in block order)
+  int32_t id;        // token in the block
+};
+
+// The exact head of one (row, head): ranks the candidates kept by every block (raw score, then
+// position), keeps the best `exact`, and turns each from its weighted term exp(score - M) into
+// its exact term exp(raw - M): adds the difference times its value row to o (unnormalised)
+// and returns the sum of the differences, for the softmax's denominator.
+template <typename LoadValue>
+double exact_head_terms(std::vector<HeadEntry>& entries, int exact, float M, LoadValue load_value, float* o,
+                        int d, float* row) {
+  const size_t keep = std::min(entries.size(), static_cast<size_t>(exact));
+  std::partial_sort(entries.begin(), entries.begin() + keep, entries.end(), [](const HeadEntry& a, const HeadEntry& b) {
+    if (a.raw != b.raw) return a.raw > b.raw;
+    return a.task != b.task ? a.task < b.task : a.id < b.id;
+  });
+  double total = 0;
+  for (size_t e = 0; e < keep; ++e) {
+    const double delta = std::exp(static_cast<double>(entries[e].raw) - M) - std::exp(static_cast<double>(entries[e].score) - M);
+    load_value(entries[e], row);
+    for (int k = 0; k < d; ++k) o[k] += static_cast<float>(delta * row[k]);
+    total += delta;
+  }
+  return total;
+}
+
 }  // namespace
 
 // K/V buffers of 4 MiB and more are 2 MiB aligned and marked for transparent huge pages:
@@ -77,12 +106,13 @@ void* alloc_bytes(size_t bytes, bool huge) {
 void free_bytes(void* p) { std::free(p); }
 
 Store::Store(int num_kv_heads_, int head_dim_, int K_, int L_, int min_collisions_, KvDtype dtype_,
-             int num_threads_, std::vector<float> table, float t_lo, float h, float log_u_floor)
+             int num_threads_, std::vector<float> table, float t_lo, float h, float log_u_floor, int exact_keys_)
     : num_kv_heads(num_kv_heads_),
       head_dim(head_dim_),
       K(K_),
       L(L_),
       min_collisions(min_collisions_),
+      exact_keys(exact_keys_),
       dtype(dtype_),
       num_threads(num_threads_),
       low_bits_(std::min(K_, kMaxLowBits)),
@@ -98,6 +128,7 @@ Store::Store(int num_kv_heads_, int head_dim_, int K_, int L_, int min_collision
   check_range(where, "L", L, 1, kMaxL);  // collision counters keep 11 bits (kernels_impl.h)
   check_range(where, "min_collisions", min_collisions, 1, L);
   check_range(where, "dtype", static_cast<int>(dtype), 0, 2);
+  check_range(where, "exact_keys", exact_keys, 0, kMaxExact);
   check_threads(where, num_threads);
   // The weight lookup interpolates the table at (t - t_lo) / h: with fewer than two points
   // it reads past the end, with a NaN, infinite or non-positive step the weights mean nothing.
@@ -426,6 +457,7 @@ AttendParams Store::params() const {
   p.t_lo = t_lo_;
   p.inv_h = inv_h_;
   p.log_u_floor = log_u_floor_;
+  p.exact = exact_keys;
   return p;
 }
 
@@ -469,6 +501,10 @@ void Store::attend(const int64_t* seq_ids, int B, int Hq, const float* queries, 
   std::vector<float> sums(nt_tasks * kMaxGroup, 0.0f);
   std::vector<int32_t> counts(nt_tasks * kMaxGroup, 0);
   std::vector<int64_t> work(nt_tasks * 3, 0);
+  const int E = exact_keys;  // per task and head: the block's best E candidates (see Partial)
+  const size_t top_size = E > 0 ? static_cast<size_t>(nt_tasks) * kMaxGroup * E : 0;
+  std::vector<float> top_raw(top_size), top_score(top_size);
+  std::vector<int32_t> top_id(top_size), top_n(E > 0 ? nt_tasks * kMaxGroup : 0, 0);
   std::vector<float> qnorm(static_cast<size_t>(B) * Hq);
   for (int64_t i = 0; i < static_cast<int64_t>(B) * Hq; ++i) {
     double s = 0;
@@ -502,6 +538,13 @@ void Store::attend(const int64_t* seq_ids, int B, int Hq, const float* queries, 
     q.qnorm = qnorm.data() + static_cast<int64_t>(tk.b) * Hq + head0;
     Partial part{acc.data() + i * kMaxGroup * d, mx.data() + i * kMaxGroup, sums.data() + i * kMaxGroup,
                  counts.data() + i * kMaxGroup, work.data() + i * 3};
+    if (E > 0) {
+      const int64_t top0 = i * kMaxGroup * E;
+      part.top_raw = top_raw.data() + top0;
+      part.top_score = top_score.data() + top0;
+      part.top_id = top_id.data() + top0;
+      part.top_n = top_n.data() + i * kMaxGroup;
+    }
     Scratch scratch = thread_scratch();
     kern.attend_block(v, q, P, scratch, part);
   }
@@ -521,6 +564,9 @@ void Store::attend(const int64_t* seq_ids, int B, int Hq, const float* queries, 
     ++ntask[key];
   }
   const float ninf = -std::numeric_limits<float>::infinity();
+  const int64_t row_bytes = static_cast<int64_t>(d) * kv_itemsize(dtype);
+  std::vector<HeadEntry> entries;
+  std::vector<float> value_row(E > 0 ? d : 0);
   for (int b = 0; b < B; ++b) {
     for (int hq = 0; hq < Hq; ++hq) {
       const int h = hq / G, sub = (hq % G) / kMaxGroup, g = (hq % G) % kMaxGroup;
@@ -546,6 +592,19 @@ void Store::attend(const int64_t* seq_ids, int B, int Hq, const float* queries, 
         S += static_cast<double>(w) * sums[i * kMaxGroup + g];
         const float* a = acc.data() + (i * kMaxGroup + g) * d;
         for (int k = 0; k < d; ++k) o[k] += w * a[k];
+      }
+      if (E > 0) {
+        entries.clear();
+        for (int64_t i = first_task[key]; i < first_task[key] + ntask[key]; ++i) {
+          const int64_t t = i * kMaxGroup + g;
+          for (int e = 0; e < top_n[t]; ++e)
+            entries.push_back({top_raw[t * E + e], top_score[t * E + e], i, top_id[t * E + e]});
+        }
+        auto load_value = [&](const HeadEntry& e, float* row) {
+          const Block& blk = seqs[b]->heads[h][tasks[e.task].block];
+          kern.load_row(blk.kv.data() + row_bytes, dtype, e.id, d, 2 * row_bytes, row);
+        };
+        S += exact_head_terms(entries, E, M, load_value, o, d, value_row.data());
       }
       const float inv = static_cast<float>(1.0 / S);
       for (int k = 0; k < d; ++k) o[k] *= inv;

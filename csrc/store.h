@@ -104,8 +104,10 @@ struct Sequence {
 class Store {
  public:
   // table: Hermite table of log u over t = log p in [t_lo, 0] (see AttendParams).
+  // exact_keys: per query head, the candidates of highest q.k attended exactly (weight 1, not
+  // 1/u; ties to the earlier token), merged with the weighted rest; 0 = plain sampling.
   Store(int num_kv_heads, int head_dim, int K, int L, int min_collisions, KvDtype dtype, int num_threads,
-        std::vector<float> table, float t_lo, float h, float log_u_floor);
+        std::vector<float> table, float t_lo, float h, float log_u_floor, int exact_keys = 0);
 
   int64_t add_sequence();
   void remove_sequence(int64_t seq_id);
@@ -133,7 +135,7 @@ class Store {
   int64_t nbytes(int64_t seq_id) const;
   int threads() const;
 
-  int num_kv_heads, head_dim, K, L, min_collisions;
+  int num_kv_heads, head_dim, K, L, min_collisions, exact_keys;
   KvDtype dtype;
   int num_threads;  // 0: OpenMP default (all cores); at most max_threads() (checks.h)
 

@@ -18,6 +18,7 @@ MAX_L = 1024
 # Sinks and window live on the device per sparse layer; no model has more positions than this.
 MAX_TOKENS = 1 << 22
 MAX_SEED = 2**63 - 1
+MAX_EXACT_KEYS = 1024  # per query head; the stores keep each block's best candidates in a heap this big
 
 
 def max_cpu_threads() -> int:
@@ -80,7 +81,10 @@ class MagicPIGConfig:
     CPU store (None = all cores). method: "magicpig" (LSH sampling), "dense" (exact), or a
     baseline of DESIGN.md §3. budget: fraction of middle keys read by the budgeted baselines
     (topk, quest, oracle_sampling, retrieval). cpu_backend: "cpp", "numba" or "auto" (C++ when
-    the extension is built).
+    the extension is built). exact_keys: per query head, the candidates with the highest
+    scores q.k/sqrt(d) that magicpig attends exactly (weight 1) instead of importance-weighted
+    (weight 1/u); the rest of the sample keeps its weights, and the two merge by log-sum-exp.
+    0 (the default) is plain sampling. It reads no extra key: the head comes from the candidates.
     """
 
     K: int = 10
@@ -95,11 +99,12 @@ class MagicPIGConfig:
     method: str = "magicpig"
     budget: float = 0.02
     cpu_backend: str = "auto"
+    exact_keys: int = 0
 
     def __post_init__(self) -> None:
         ints = {
             "K": (1, MAX_K), "L": (1, MAX_L), "sink_tokens": (0, MAX_TOKENS),
-            "window_tokens": (1, MAX_TOKENS), "seed": (0, MAX_SEED),
+            "window_tokens": (1, MAX_TOKENS), "seed": (0, MAX_SEED), "exact_keys": (0, MAX_EXACT_KEYS),
         }
         for name, (low, high) in ints.items():
             self._set(name, check_int(f"MagicPIGConfig.{name}", getattr(self, name), low, high))

@@ -3,8 +3,12 @@
 from magicpig.attention.reference import (
     candidate_mask,
     dense_attention,
+    hybrid_attention,
     merge_by_lse,
     sampled_attention,
+    top_candidates,
 )
 
-__all__ = ["candidate_mask", "dense_attention", "merge_by_lse", "sampled_attention"]
+__all__ = [
+    "candidate_mask", "dense_attention", "hybrid_attention", "merge_by_lse", "sampled_attention", "top_candidates",
+]

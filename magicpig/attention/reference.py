@@ -165,6 +165,52 @@ def sampled_attention(
     return dense_attention(q, k, v, mask=mask, bias=bias)
 
 
+def top_candidates(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, count: int) -> torch.Tensor:
+    """The ``count`` candidates in ``mask`` with the highest score q.k/sqrt(d), per query head.
+
+    q [B, Hq, d]; k [B, Hkv, n, d]; mask bool [B, Hq, n]. Returns bool [B, Hq, n], a subset of
+    ``mask`` (all of it where it holds <= count keys). Ties go to the earlier position, as in
+    the stores, which visit candidates in position order.
+    """
+    B, Hq, _, n, _ = _check_qkv(q, k, k)
+    _check_per_key("mask", mask, (B, Hq, n), q.device)
+    if count < 0:
+        raise ValueError(f"count={count}: expected an integer >= 0")
+    scores = _scores(q, k).masked_fill(~mask, float("-inf"))
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :count]
+    head = torch.zeros_like(mask)
+    head.scatter_(-1, order, True)
+    return head & mask
+
+
+def hybrid_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    head: torch.Tensor,
+    K: int,
+    L: int,
+    min_collisions: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention over the ``head`` keys merged by log-sum-exp with the importance-weighted
+    sample of the other candidates (``mask & ~head``).
+
+    The merge is one softmax in which a head key weighs exp(s_i) and a sampled key exp(s_i)/u_i,
+    so for a ``head`` fixed before the keys are hashed, the numerator and the denominator are
+    the exact sums over the head plus unbiased (Horvitz-Thompson) estimates of the sums over
+    the rest. ``head`` may hold keys that are not candidates; with every key in it this is dense
+    attention. q [B, Hq, d]; k, v [B, Hkv, n, d]; mask, head bool [B, Hq, n]. Returns (out
+    [B, Hq, d] float32, lse [B, Hq] float32); out = 0, lse = -inf where neither set has a key.
+    """
+    B, Hq, _, n, _ = _check_qkv(q, k, v)
+    _check_per_key("head", head, (B, Hq, n), q.device)
+    tail = mask & ~head
+    exact = dense_attention(q, k, v, mask=head)
+    sampled = sampled_attention(q, k, v, tail, K, L, min_collisions)
+    return merge_by_lse(*exact, *sampled)
+
+
 def merge_by_lse(
     out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:

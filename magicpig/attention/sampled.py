@@ -35,6 +35,7 @@ def _make_store(config: MagicPIGConfig, num_kv_heads: int, head_dim: int) -> CPU
         kv_dtype=config.kv_dtype,
         num_threads=config.cpu_threads,
         backend=config.cpu_backend,
+        exact_keys=config.exact_keys,
     )
 
 

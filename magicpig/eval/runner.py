@@ -39,7 +39,7 @@ class MethodSpec:
 
 
 _BUDGETED = ("topk", "quest", "oracle_sampling", "retrieval")
-_INT_FIELDS = ("K", "L", "min_collisions", "sink_tokens", "window_tokens", "seed", "cpu_threads")
+_INT_FIELDS = ("K", "L", "min_collisions", "sink_tokens", "window_tokens", "seed", "cpu_threads", "exact_keys")
 
 
 def parse_method(text: str, base: MagicPIGConfig | None = None) -> MethodSpec:

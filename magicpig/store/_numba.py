@@ -65,9 +65,11 @@ def _build_csr(codes, n, low_bits, offsets, ids):
 @numba.njit(cache=True, parallel=True)
 def _attend_sequence(
     keys, values, norms, codes, n, csr_len, offsets, ids, low_bits, q, qnorm, qcodes, K, m, table, t_lo, inv_h,
-    floor, out, lse, ncand,
+    floor, exact, out, lse, ncand,
 ):
-    """One sequence: q float32 [Hq, d]; qcodes int32 [Hq, L]; writes out [Hq, d], lse [Hq], ncand [Hq]."""
+    """One sequence: q float32 [Hq, d]; qcodes int32 [Hq, L]; writes out [Hq, d], lse [Hq], ncand [Hq].
+    The ``exact`` candidates of highest raw score q.k/sqrt(d) (ties: the earlier token) weigh
+    exp(raw) instead of exp(raw)/u."""
     H, d, L = keys.shape[0], keys.shape[2], codes.shape[2]
     Hq = q.shape[0]
     G = Hq // H
@@ -90,6 +92,7 @@ def _attend_sequence(
                     c += 1
             counts[i] = c
         scores = np.full(n, -np.inf)
+        raw = np.full(n, -np.inf)
         mx = -np.inf
         found = 0
         for i in range(n):
@@ -103,9 +106,14 @@ def _attend_sequence(
             c = dot / denom if denom > 0 else 0.0
             c = min(max(c, -1.0), 1.0)
             t = K * math.log1p(-math.acos(c) / math.pi) if c > -1.0 else -np.inf
-            s = dot * scale - _log_u(t, table, t_lo, inv_h, floor)
+            raw[i] = dot * scale
+            s = raw[i] - _log_u(t, table, t_lo, inv_h, floor)
             scores[i] = s
-            mx = max(mx, s)
+            mx = max(mx, s)  # a head key's raw <= its score: mx stays the max
+        if exact > 0 and found > 0:
+            order = np.argsort(-raw, kind="mergesort")  # stable: ties keep position order
+            for r in range(min(exact, found)):
+                scores[order[r]] = raw[order[r]]
         ncand[hq] = found
         for k in range(d):
             out[hq, k] = 0.0
@@ -154,8 +162,10 @@ def _grow(a: np.ndarray, n: int) -> np.ndarray:
 class NumbaStore:
     """Same constructor and methods as magicpig._C.Store (see CPUStore)."""
 
-    def __init__(self, num_kv_heads, head_dim, K, L, min_collisions, dtype, num_threads, table, t_lo, h, log_u_floor):
+    def __init__(self, num_kv_heads, head_dim, K, L, min_collisions, dtype, num_threads, table, t_lo, h, log_u_floor,
+                 exact_keys=0):
         self.H, self.d, self.K, self.L, self.m = num_kv_heads, head_dim, K, L, min_collisions
+        self.exact = int(exact_keys)
         self.dtype = int(dtype)
         self.num_threads = num_threads
         self.table = np.asarray(table, np.float64)
@@ -225,7 +235,7 @@ class NumbaStore:
             self._threads(
                 lambda: _attend_sequence(
                     s.keys, s.values, s.norms, s.codes, s.n, s.csr_len, s.offsets, s.ids, self.low_bits, q[b],
-                    qnorm[b], qcodes[b], self.K, self.m, self.table, self.t_lo, self.inv_h, self.floor, out[b],
+                    qnorm[b], qcodes[b], self.K, self.m, self.table, self.t_lo, self.inv_h, self.floor, self.exact, out[b],
                     lse[b], ncand[b],
                 )
             )

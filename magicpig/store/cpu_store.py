@@ -18,7 +18,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from magicpig.config import KV_DTYPES, MAX_K, MAX_L, check_int, max_cpu_threads
+from magicpig.config import KV_DTYPES, MAX_EXACT_KEYS, MAX_K, MAX_L, check_int, max_cpu_threads
 from magicpig.store.weights import log_u_table
 
 try:  # the extension is optional: the numba backend runs the same algorithm
@@ -110,7 +110,10 @@ class CPUStore:
     tables; min_collisions (m): a key is a candidate when it collides with the query in at
     least m tables. kv_dtype: "bf16" | "fp16" | "fp32", how K/V are held. num_threads: OpenMP
     threads (None = all cores). backend: "cpp" (the extension), "numba", or "auto" (cpp when
-    built). Query head h uses KV head h // (Hq // num_kv_heads) (GQA).
+    built). exact_keys: per query head, the candidates of highest q.k attended exactly (weight
+    1 instead of 1/u; ties to the earlier token), as :func:`magicpig.attention.reference.
+    hybrid_attention` with ``top_candidates``; 0 = plain sampling. Query head h uses KV head
+    h // (Hq // num_kv_heads) (GQA).
     """
 
     def __init__(
@@ -123,12 +126,14 @@ class CPUStore:
         kv_dtype: str = "bf16",
         num_threads: Optional[int] = None,
         backend: str = "auto",
+        exact_keys: int = 0,
     ) -> None:
         self.num_kv_heads = check_int("num_kv_heads", num_kv_heads, 1)
         self.head_dim = check_int("head_dim", head_dim, 1, MAX_HEAD_DIM)
         self.K = check_int("K", K, 1, MAX_K)
         self.L = check_int("L", L, 1, MAX_L)
         self.min_collisions = check_int("min_collisions", min_collisions, 1, self.L)
+        self.exact_keys = check_int("exact_keys", exact_keys, 0, MAX_EXACT_KEYS)
         if kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype={kv_dtype!r}: expected one of {KV_DTYPES}")
         self.kv_dtype = kv_dtype
@@ -154,6 +159,7 @@ class CPUStore:
             table.t_lo,
             table.h,
             table.log_u_floor,
+            self.exact_keys,
         )
         if self.backend == "cpp":
             self._impl = _C.Store(*args)
