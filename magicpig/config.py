@@ -18,6 +18,7 @@ MAX_L = 1024
 # Sinks and window live on the device per sparse layer; no model has more positions than this.
 MAX_TOKENS = 1 << 22
 MAX_SEED = 2**63 - 1
+PAPER_LSH = (10, 150, 2)  # K, L, min_collisions of the paper's Llama-3.1-8B runs
 MAX_EXACT_KEYS = 1024  # per query head; the stores keep each block's best candidates in a heap this big
 
 
@@ -73,7 +74,11 @@ class MagicPIGConfig:
     """How attention is computed during decode (DESIGN.md §2).
 
     K: bits per hash table (1-20). L: number of tables (1-1024). min_collisions: a key is a
-    candidate when it collides with the query in at least this many tables (1..L).
+    candidate when it collides with the query in at least this many tables (1..L). Leave K and
+    L unset (None) and the model chooses them, and min_collisions unless set, by a short
+    calibration on its own queries, cached per model (:mod:`magicpig.runtime.calibration`;
+    ``LongContextModel.config`` shows the choice). Set K and L together; with both set, an
+    unset min_collisions is 2, the paper's.
     sink_tokens / window_tokens: the first S and the last W tokens, attended exactly on the
     device. dense_layers: layers that always run exact attention; None means the first and the
     middle layer (see :meth:`resolve_dense_layers`). seed: seeds the hash projections per
@@ -87,9 +92,9 @@ class MagicPIGConfig:
     0 (the default) is plain sampling. It reads no extra key: the head comes from the candidates.
     """
 
-    K: int = 10
-    L: int = 150
-    min_collisions: int = 2
+    K: Optional[int] = None
+    L: Optional[int] = None
+    min_collisions: Optional[int] = None
     sink_tokens: int = 4
     window_tokens: int = 64
     dense_layers: Optional[tuple[int, ...]] = None
@@ -102,13 +107,13 @@ class MagicPIGConfig:
     exact_keys: int = 0
 
     def __post_init__(self) -> None:
+        self._check_lsh()
         ints = {
-            "K": (1, MAX_K), "L": (1, MAX_L), "sink_tokens": (0, MAX_TOKENS),
+            "sink_tokens": (0, MAX_TOKENS),
             "window_tokens": (1, MAX_TOKENS), "seed": (0, MAX_SEED), "exact_keys": (0, MAX_EXACT_KEYS),
         }
         for name, (low, high) in ints.items():
             self._set(name, check_int(f"MagicPIGConfig.{name}", getattr(self, name), low, high))
-        self._set("min_collisions", check_int("MagicPIGConfig.min_collisions", self.min_collisions, 1, self.L))
         if self.cpu_threads is not None:
             self._set("cpu_threads", check_int("MagicPIGConfig.cpu_threads", self.cpu_threads, 1, max_cpu_threads()))
         _check_choice("kv_dtype", self.kv_dtype, KV_DTYPES)
@@ -125,6 +130,28 @@ class MagicPIGConfig:
                     "sequence of non-negative layer indices"
                 )
             self._set("dense_layers", tuple(sorted({int(i) for i in layers})))
+
+    def _check_lsh(self) -> None:
+        """K and L both set or both None; min_collisions in [1, L] (2 when K, L set and it is not)."""
+        if self.K is not None:
+            self._set("K", check_int("MagicPIGConfig.K", self.K, 1, MAX_K))
+        if self.L is not None:
+            self._set("L", check_int("MagicPIGConfig.L", self.L, 1, MAX_L))
+        if (self.K is None) != (self.L is None):
+            raise ValueError(
+                f"MagicPIGConfig: K={self.K!r}, L={self.L!r}: expected both set or both None "
+                "(None: chosen for the model)"
+            )
+        if self.K is not None and self.min_collisions is None:
+            self._set("min_collisions", 2)
+        if self.min_collisions is not None:
+            self._set("min_collisions", check_int("MagicPIGConfig.min_collisions", self.min_collisions, 1,
+                                                  MAX_L if self.L is None else self.L))
+
+    @property
+    def lsh_resolved(self) -> bool:
+        """Whether K, L and min_collisions are known (set, or chosen for a model)."""
+        return self.K is not None
 
     def _set(self, name: str, value: object) -> None:
         object.__setattr__(self, name, value)  # frozen: normalise (np.int64 -> int) once, here

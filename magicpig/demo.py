@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="model (default: the embedded smollm2-135m-instruct)")
     parser.add_argument("--depth", type=float, default=0.5, help="needle position in [0, 1] (default 0.5)")
     parser.add_argument("--max-new-tokens", type=int, default=20)
-    parser.add_argument("--K", type=int, default=10)
-    parser.add_argument("--L", type=int, default=150)
+    parser.add_argument("--K", type=int, default=None, help="bits per table (with --L; default: chosen for the model)")
+    parser.add_argument("--L", type=int, default=None, help="tables (with --K; default: chosen for the model)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
@@ -90,8 +90,10 @@ def check_args(args: argparse.Namespace) -> Any:
     check_int("--tokens", args.tokens, 200)
     check_float("--depth", args.depth, 0.0, 1.0)
     check_int("--max-new-tokens", args.max_new_tokens, 1)
-    config = MagicPIGConfig(K=check_int("--K", args.K, 1, MAX_K), L=check_int("--L", args.L, 1, MAX_L),
-                            seed=check_int("--seed", args.seed, 0, MAX_SEED))
+    if (args.K is None) != (args.L is None):
+        raise UsageError(f"--K {args.K} --L {args.L}: expected both or neither (neither: chosen for the model)")
+    lsh = {} if args.K is None else {"K": check_int("--K", args.K, 1, MAX_K), "L": check_int("--L", args.L, 1, MAX_L)}
+    config = MagicPIGConfig(seed=check_int("--seed", args.seed, 0, MAX_SEED), **lsh)
     args.device = check_device("--device", args.device)
     args.model_dir, model_args = resolve_model_args("--model", args.model)
     config.check_model(model_args.num_layers, model_args.max_context)
@@ -116,6 +118,7 @@ def run_demo(args: argparse.Namespace, model: Any, sparse: Any) -> int:
     """Prefill the needle prompt once, then decode it dense and with ``sparse`` (a MagicPIGConfig)."""
     from magicpig import MagicPIGConfig
 
+    sparse = model.resolve_lsh(sparse)  # K, L chosen for the model unless given
     t0 = time.perf_counter()
     prompt, answer = needle_prompt(model.tokenizer, args.tokens, args.depth, args.seed)
     ids, _ = model.encode(prompt)
@@ -149,7 +152,10 @@ def run_demo(args: argparse.Namespace, model: Any, sparse: Any) -> int:
     mp = rows[1][1]
     dense_layers = mp.resolve_dense_layers(model.args.num_layers)
     print()
-    print(f"magicpig: K={mp.K}, L={mp.L}; layers {list(dense_layers)} dense, the other "
+    chosen = model.lsh_choice.describe() if model.lsh_choice is not None and sparse.K == model.lsh_choice.K \
+        and sparse.L == model.lsh_choice.L else f"K={mp.K}, L={mp.L}, min_collisions={mp.min_collisions} (given)"
+    print(f"magicpig: {chosen}")
+    print(f"layers {list(dense_layers)} dense, the other "
           f"{model.args.num_layers - len(dense_layers)} keep {mp.sink_tokens} sink + {mp.window_tokens}+ "
           f"window tokens on the device and the rest in the CPU store ({mp.kv_dtype} K/V + hash tables).")
     print("cost = mean fraction of the offloaded middle keys read per decode step "

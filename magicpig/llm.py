@@ -16,6 +16,7 @@ import torch
 from magicpig.config import MagicPIGConfig, check_int, resolve_config
 from magicpig.model.llama import LlamaModel, ModelArgs
 from magicpig.model.loaded import LoadedModel, Prompt, _is_token_ids, load_model
+from magicpig.runtime.calibration import LSHChoice, resolve_lsh
 from magicpig.runtime.decode import DecodeSession
 from magicpig.runtime.generate import decode_loop
 from magicpig.runtime.outputs import GenerationResult, SamplingParams, stop_list
@@ -30,7 +31,18 @@ class LongContextModel:
 
     def __init__(self, loaded: LoadedModel, config: MagicPIGConfig | None = None):
         self.loaded = loaded
+        self.lsh_choice: LSHChoice | None = None  # how K, L, m were chosen, when they were
         self.config = resolve_config(config, None, loaded.args.num_layers, loaded.args.max_context)
+        self.config = self.resolve_lsh(self.config)
+
+    def resolve_lsh(self, config: MagicPIGConfig) -> MagicPIGConfig:
+        """``config`` with K, L and min_collisions chosen for this model where it leaves them
+        unset and samples (method "magicpig"); see :func:`magicpig.runtime.calibration.default_lsh`.
+        The choice is kept in ``lsh_choice``."""
+        config, choice = resolve_lsh(self.loaded, config)
+        if choice is not None and self.lsh_choice is None:
+            self.lsh_choice = choice
+        return config
 
     @classmethod
     def from_pretrained(
@@ -76,8 +88,9 @@ class LongContextModel:
         return self.model.device
 
     def _config(self, config: MagicPIGConfig | None) -> MagicPIGConfig:
-        """``config`` (default: the model's), checked against this model."""
-        return resolve_config(config, self.config, self.args.num_layers, self.args.max_context)
+        """``config`` (default: the model's), checked against this model, K and L chosen for it
+        when unset."""
+        return self.resolve_lsh(resolve_config(config, self.config, self.args.num_layers, self.args.max_context))
 
     def encode(self, prompts: Prompt | Sequence[Prompt], chat: bool = True) -> tuple[list[list[int]], bool]:
         """Token ids of each prompt, and whether a single prompt was given (see

@@ -59,7 +59,8 @@ CONFIG_FIELDS = [f for f in MagicPIGConfig.__dataclass_fields__]
 
 def config_kwargs() -> st.SearchStrategy[dict]:
     field_values = {
-        "K": HOSTILE_INTS, "L": HOSTILE_INTS, "min_collisions": HOSTILE_INTS, "sink_tokens": HOSTILE_INTS,
+        "K": st.one_of(st.none(), HOSTILE_INTS), "L": st.one_of(st.none(), HOSTILE_INTS),
+        "min_collisions": st.one_of(st.none(), HOSTILE_INTS), "sink_tokens": HOSTILE_INTS, "exact_keys": HOSTILE_INTS,
         "window_tokens": HOSTILE_INTS, "seed": HOSTILE_INTS, "cpu_threads": st.one_of(st.none(), HOSTILE_INTS),
         "budget": st.one_of(HOSTILE_FLOATS, HOSTILE_INTS), "dense_layers": st.one_of(st.none(), ANYTHING,
         st.lists(HOSTILE_INTS, max_size=3)), "kv_dtype": st.sampled_from(["bf16", "fp16", "fp32", "int8", 3]),
@@ -77,22 +78,26 @@ def fuzz_config(kwargs: dict) -> None:
     except Exception as err:  # noqa: BLE001 - the property is about which exceptions
         assert_named(err, tuple(kwargs))
         return
-    assert 1 <= cfg.min_collisions <= cfg.L and 1 <= cfg.K <= 20 and cfg.window_tokens >= 1
+    if cfg.lsh_resolved:  # K, L set: both valid, min_collisions within L
+        assert 1 <= cfg.min_collisions <= cfg.L and 1 <= cfg.K <= 20
+    else:  # both left to the model; a given threshold is valid on its own
+        assert cfg.L is None and (cfg.min_collisions is None or cfg.min_collisions >= 1)
+    assert cfg.window_tokens >= 1 and 0 <= cfg.exact_keys <= 1024
     assert cfg.cpu_threads is None or 1 <= cfg.cpu_threads <= max_cpu_threads()
     assert 0 < cfg.budget <= 1 and math.isfinite(cfg.budget)
-    for name in ("K", "L", "min_collisions", "sink_tokens", "window_tokens", "seed"):
-        assert type(getattr(cfg, name)) is int, name
+    for name in ("K", "L", "min_collisions", "sink_tokens", "window_tokens", "seed", "exact_keys"):
+        assert getattr(cfg, name) is None or type(getattr(cfg, name)) is int, name
     succeeded()
 
 
 # ------------------------------------------------------------------------------------- store
-STORE_ARGS = ("num_kv_heads", "head_dim", "K", "L", "min_collisions", "kv_dtype", "num_threads", "backend")
+STORE_ARGS = ("num_kv_heads", "head_dim", "K", "L", "min_collisions", "kv_dtype", "num_threads", "backend", "exact_keys")
 CALL_ARGS = ("seq_id", "seq_ids", "keys", "values", "key_codes", "queries", "query_codes")
 BACKENDS = ["cpp", "numba"] if extension_available() else ["numba"]
 
 
 STORE_FAULTS = (
-    "num_kv_heads", "head_dim", "K", "L", "min_collisions", "num_threads", "kv_dtype", "key_shape",
+    "num_kv_heads", "head_dim", "K", "L", "min_collisions", "num_threads", "exact_keys", "kv_dtype", "key_shape",
     "nan_key", "inf_value", "fp16_overflow", "code_range", "query_nan", "query_heads", "seq_unknown",
     "seq_float", "query_dtype",
 )
@@ -107,9 +112,9 @@ def store_case(draw: st.DrawFn) -> dict:
     args = dict(
         num_kv_heads=H, head_dim=d, K=K, L=L, min_collisions=draw(st.integers(1, L)),
         kv_dtype=draw(st.sampled_from(["bf16", "fp16", "fp32"])), num_threads=draw(st.sampled_from([None, 1, 2])),
-        backend=draw(st.sampled_from(BACKENDS)),
+        backend=draw(st.sampled_from(BACKENDS)), exact_keys=draw(st.sampled_from([0, 1, 3, 50])),
     )
-    if fault in ("num_kv_heads", "head_dim", "K", "L", "min_collisions", "num_threads"):
+    if fault in ("num_kv_heads", "head_dim", "K", "L", "min_collisions", "num_threads", "exact_keys"):
         args[fault] = draw(HOSTILE_INTS)
     if fault == "kv_dtype":
         args["kv_dtype"] = draw(st.sampled_from(["int4", "float32", 2, None]))

@@ -7,7 +7,10 @@ from magicpig import MagicPIGConfig
 
 def test_defaults_follow_the_design():
     cfg = MagicPIGConfig()
-    assert (cfg.K, cfg.L, cfg.min_collisions) == (10, 150, 2)
+    assert (cfg.K, cfg.L, cfg.min_collisions) == (None, None, None)  # chosen for the model
+    assert not cfg.lsh_resolved
+    given = MagicPIGConfig(K=10, L=150)
+    assert given.lsh_resolved and given.min_collisions == 2  # the paper's threshold
     assert (cfg.sink_tokens, cfg.window_tokens) == (4, 64)
     assert cfg.resolve_dense_layers(30) == (0, 15)
     assert cfg.resolve_dense_layers(1) == (0,)
@@ -27,8 +30,10 @@ def test_defaults_follow_the_design():
         ("cpu_threads", 100_000, r"\[1, \d+\]"),
         ("L", 0, r"\[1, 1024\]"),
         ("L", 1025, r"\[1, 1024\]"),
-        ("min_collisions", 0, r"\[1, 150\]"),
-        ("min_collisions", 151, r"\[1, 150\]"),
+        ("min_collisions", 0, r"\[1, 1024\]"),
+        ("min_collisions", 1025, r"\[1, 1024\]"),
+        ("L", 150, "both set or both None"),
+        ("K", 10, "both set or both None"),
         ("sink_tokens", -1, r"\[0, "),
         ("window_tokens", 0, r"\[1, "),
         ("kv_dtype", "int8", "bf16"),
@@ -51,9 +56,9 @@ def test_bad_values_name_the_field_value_and_range(field, value, expected):
 
 
 def test_min_collisions_range_follows_L():
-    assert MagicPIGConfig(L=3, min_collisions=3).min_collisions == 3
+    assert MagicPIGConfig(K=10, L=3, min_collisions=3).min_collisions == 3
     with pytest.raises(ValueError, match=r"min_collisions=4.*\[1, 3\]"):
-        MagicPIGConfig(L=3, min_collisions=4)
+        MagicPIGConfig(K=10, L=3, min_collisions=4)
 
 
 def test_dense_layers_are_normalised_and_checked_against_the_model():
@@ -65,7 +70,7 @@ def test_dense_layers_are_normalised_and_checked_against_the_model():
 
 
 def test_replace_validates_again():
-    cfg = MagicPIGConfig()
+    cfg = MagicPIGConfig(K=10, L=150)
     assert cfg.replace(K=8).K == 8
     with pytest.raises(ValueError, match="K"):
         cfg.replace(K=99)

@@ -182,7 +182,9 @@ def test_tiny_real_profile_reproduces_its_points() -> None:
     assert len(table) == 15 and sum(r["role"] == "fit" for r in table) == 7
     assert {(r["tokens"], r["context"]) for r in table if r["kind"] == "prefill" and r["method"] == "dense"} >= {
         (32, 0), (64, 0), (32, 64)}
-    cost = CostModel.for_config(prof, prof.model, MagicPIGConfig())
+    lsh = {k: prof.fit["config"][k] for k in ("K", "L", "min_collisions")}  # chosen for the model
+    assert lsh["K"] is not None
+    cost = CostModel.for_config(prof, prof.model, MagicPIGConfig(**lsh))
     errors = []
     for row in table:
         p = Point(row["kind"], row["method"], row["threads"], row["share"], row["batch"], row["tokens"],

@@ -44,6 +44,9 @@ class SampledMiddle(MiddleAttention):
     """LSH-sampled attention over the centred middle keys of one layer."""
 
     def __init__(self, config: MagicPIGConfig, layer: int, num_kv_heads: int, head_dim: int):
+        if not config.lsh_resolved:
+            raise ValueError("config: K and L are unset; LongContextModel chooses them for its model "
+                             "(resolve_lsh), or set MagicPIGConfig(K=..., L=...)")
         super().__init__(config, layer, num_kv_heads, head_dim)
         self.projection = layer_projection(config.seed, layer, num_kv_heads, head_dim, config.K, config.L)
         self._on_device: dict[torch.device, torch.Tensor] = {}

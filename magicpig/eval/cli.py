@@ -151,12 +151,12 @@ def _pick_kl(args: argparse.Namespace) -> int:
 
 def _rank_kl(args: argparse.Namespace, model: Any) -> list:
     """The (K, L, m) options for --cost on the model's queries, best first."""
-    from magicpig.eval.budget import model_cosines, ranked_options
+    from magicpig.runtime.calibration import model_cosines, ranked_options
 
     sample = ruler.generate_sample("niah_single_2", args.length, 0, model.tokenizer,
                                    max_total=int(model.args.max_context))
     ids = model.tokenizer(sample.prompt, add_special_tokens=False)["input_ids"]
-    cos = model_cosines(model, ids, steps=args.steps)
+    cos = model_cosines(model.loaded, ids, model.config, steps=args.steps)
     print(f"calibration: {cos.numel()} (query, key) pairs from {args.steps} decode steps at {len(ids)} tokens")
     m_range = (args.min_collisions[0], args.min_collisions[-1])
     return ranked_options(cos, args.cost, tuple(args.k_range), m_range, args.max_tables, args.cost / 4)

@@ -31,6 +31,7 @@ from magicpig.attention.base import MiddleAttention, PendingAppend, make_method
 from magicpig.config import MagicPIGConfig
 from magicpig.model.llama import LlamaModel, attention_with_middle, causal_chunk_attention, decode_attention
 from magicpig.store.device_cache import BlockAllocator, PagedKVCache, SlotKVCache, blocks_for
+from magicpig.store.cpu_store import index_bytes_per_token_head
 
 DEFAULT_BLOCK_SIZE = 256
 PREFILL_CHUNK = 4096  # rows per prefill chunk: efficient kernels, bounded attention memory
@@ -515,7 +516,7 @@ class ModelRunner:
             return 0
         a, cfg = self.model.args, self.config
         kv = {"bf16": 2, "fp16": 2, "fp32": 4}[cfg.kv_dtype] * 2 * a.head_dim
-        index = 2 * cfg.L + 4 if cfg.method == "magicpig" else 0
+        index = index_bytes_per_token_head(cfg.K, cfg.L) if cfg.method == "magicpig" else 0
         return len(self.sparse) * a.num_kv_heads * (kv + index)
 
     def close(self) -> None:

@@ -96,7 +96,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence, Union
 
-from magicpig.config import MagicPIGConfig, check_float, check_int
+from magicpig.config import PAPER_LSH, MagicPIGConfig, check_float, check_int
 
 METHODS = ("dense", "magicpig")
 KINDS = ("gpu", "cpu")
@@ -667,10 +667,13 @@ class CostModel:
     @classmethod
     def for_config(cls, profile: DeviceProfile, shape: ModelShape, config: MagicPIGConfig,
                    sampled_fraction: float = 0.02) -> "CostModel":
-        """A model with a MagicPIGConfig's sinks, window, dense layers, K and L."""
+        """A model with a MagicPIGConfig's sinks, window, dense layers, K and L. A config whose K
+        and L are still to be chosen for the model is priced at the paper's (PAPER_LSH): they
+        only set the hashing, a small share of a step; price the resolved config to be exact."""
         dense = len(config.resolve_dense_layers(shape.layers))
+        K, L = (config.K, config.L) if config.lsh_resolved else PAPER_LSH[:2]
         return cls(profile, shape, sink_tokens=config.sink_tokens, window_tokens=config.window_tokens,
-                   dense_layers=dense, hash_bits=config.K, tables=config.L, sampled_fraction=sampled_fraction)
+                   dense_layers=dense, hash_bits=K, tables=L, sampled_fraction=sampled_fraction)
 
     # -- the roofline -------------------------------------------------------------------
     def lane_time(self, flops: float, bytes_: float, share: float) -> float:

@@ -25,6 +25,7 @@ from magicpig.model.loaded import LoadedModel, Prompt, load_model
 from magicpig.runtime.generate import select_tokens
 from magicpig.runtime.outputs import GenerationStats, SamplingParams
 from magicpig.runtime.runner import DEFAULT_BLOCK_SIZE, ModelRunner, cache_bytes
+from magicpig.runtime.calibration import resolve_lsh
 from magicpig.serve.request import Request, RequestOutput, Status, next_request_id
 from magicpig.serve.lanes import InterleavedLanes, LaneTimes, make_lanes
 from magicpig.serve.scheduler import (
@@ -87,6 +88,7 @@ class Engine:
         self.loaded = _as_loaded(model)
         args = self.loaded.args
         self.config = resolve_config(config, getattr(model, "config", None), args.num_layers, args.max_context)
+        self.config, _ = resolve_lsh(self.loaded, self.config)  # K, L chosen for the model when unset
         self.max_num_seqs = check_int("max_num_seqs", max_num_seqs, 1, 4096)
         # Prompt + new tokens of one request: the model's positions unless a smaller limit is set.
         self.max_model_len = args.max_context if max_model_len is None else check_int(

@@ -67,6 +67,7 @@ from magicpig.cache import cache_dir
 from magicpig.config import MagicPIGConfig, check_int
 from magicpig.model.loaded import LoadedModel, load_model
 from magicpig.runtime.runner import DEFAULT_BLOCK_SIZE, ModelRunner
+from magicpig.runtime.calibration import resolve_lsh
 from magicpig.serve.cost_model import (
     CostModel,
     DeviceProfile,
@@ -688,6 +689,7 @@ def profile_cpu(model: Union[str, os.PathLike, LoadedModel, None] = None, config
     loaded = _as_loaded(model)
     _check_positions(s, loaded.args.max_context)
     config.check_model(loaded.args.num_layers, loaded.args.max_context)
+    config, _ = resolve_lsh(loaded, config.replace(method="magicpig"))  # K, L as the runtime would choose
     saved, load_before, t0 = torch.get_num_threads(), os.getloadavg(), time.perf_counter()
     try:
         points, log, store_threads = _measure_all(loaded, config, s, cores, progress)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 TAIL_MERGE = 256
-MAX_LOW_BITS = 12
+MAX_LOW_BITS = 12  # as LOW_BITS of cpu_store and kMaxLowBits of the C++ store
 _TORCH_DTYPE = {0: torch.bfloat16, 1: torch.float16, 2: torch.float32}
 
 

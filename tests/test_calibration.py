@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from magicpig.attention.reference import candidate_mask
-from magicpig.eval.budget import calibration_cosines, choose_kl, kl_options, predicted_cost, top_recall
+from magicpig.runtime.calibration import calibration_cosines, choose_kl, kl_options, predicted_cost, top_recall
 from magicpig.lsh import SimHash
 
 
@@ -106,13 +106,13 @@ def test_model_calibration_predicts_the_measured_cost():
     """On SmolLM2: cosines of real decode queries predict magicpig's measured candidate share."""
     from magicpig import LongContextModel
     from magicpig.eval import ruler
-    from magicpig.eval.budget import model_cosines
+    from magicpig.runtime.calibration import model_cosines
     from magicpig.eval.runner import parse_method
 
     model = LongContextModel.from_pretrained("smollm2-135m-instruct")
     s = ruler.generate_sample("niah_single_2", 1536, 0, model.tokenizer)
     ids = model.tokenizer(s.prompt, add_special_tokens=False)["input_ids"]
-    cos = model_cosines(model, ids, steps=4)
+    cos = model_cosines(model.loaded, ids, model.config, steps=4)
     cfg = parse_method("magicpig:K=8,L=60").config
     predicted = predicted_cost(cos, cfg.K, cfg.L, cfg.min_collisions)
     state = model.prefill([ids], progress=False)
@@ -142,3 +142,97 @@ def test_pick_kl_command_prints_a_parseable_choice_near_the_target(capsys):
     cfg = parse_method(found.group(1)).config
     assert 6 <= cfg.K <= 9 and 1 <= cfg.min_collisions <= 4 and cfg.L <= 300
     assert float(found.group(2)) == pytest.approx(5.0, rel=0.1)
+
+
+# -- a model's default (K, L, m) ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smollm():
+    from magicpig.model.loaded import load_model
+
+    return load_model("smollm2-135m-instruct", device="cpu")
+
+
+def test_calibration_prompt_fits_and_holds_the_facts(smollm):
+    from magicpig.runtime.calibration import calibration_prompt
+
+    for n in (300, 1024):
+        ids = calibration_prompt(smollm.tokenizer, n)
+        assert n - 40 <= len(ids) <= n  # filled to within a sentence or so, never over
+        text = smollm.tokenizer.decode(ids)
+        assert text.count("The special number of the") == 4 and "What is the special number of the" in text
+    assert calibration_prompt(smollm.tokenizer, 500) == calibration_prompt(smollm.tokenizer, 500)  # seeded
+
+
+def test_default_lsh_calibrates_once_then_reads_the_cache(smollm, tmp_path, monkeypatch, capsys):
+    from magicpig import MagicPIGConfig
+    from magicpig.runtime import calibration
+
+    monkeypatch.setenv("MAGICPIG_CACHE", str(tmp_path))
+    config = MagicPIGConfig()
+    first = calibration.default_lsh(smollm, config)
+    assert first.how == "calibrated" and "choosing K, L, min_collisions" in capsys.readouterr().err
+    # what ranked_options puts first on these settings' search, at the default cost
+    assert calibration.SEARCH["K_range"][0] <= first.K <= calibration.SEARCH["K_range"][1]
+    assert first.L <= calibration.SEARCH["max_tables"] and 2 <= first.min_collisions <= 10
+    assert calibration.DEFAULT_COST <= first.predicted_cost < 1.2 * calibration.DEFAULT_COST
+    assert first.index_bytes == 2 * first.L + (first.L if first.K > 12 else 0) + 4
+    # the second time nothing is measured
+    monkeypatch.setattr(calibration, "model_cosines", lambda *a, **k: pytest.fail("calibrated again"))
+    again = calibration.default_lsh(smollm, config)
+    assert again.how == "cached" and (again.K, again.L, again.min_collisions) == (first.K, first.L, first.min_collisions)
+    # other settings of the middle are another entry; a damaged file is measured again
+    with pytest.raises(BaseException, match="calibrated again"):
+        calibration.default_lsh(smollm, config.replace(window_tokens=32))
+    for path in (tmp_path / "calibration").glob("*.json"):
+        path.write_text("{not json")
+    with pytest.raises(BaseException, match="calibrated again"):
+        calibration.default_lsh(smollm, config)
+
+
+def test_a_given_threshold_is_kept(smollm, tmp_path, monkeypatch):
+    from magicpig import MagicPIGConfig
+    from magicpig.runtime.calibration import resolve_lsh
+
+    monkeypatch.setenv("MAGICPIG_CACHE", str(tmp_path))
+    config, choice = resolve_lsh(smollm, MagicPIGConfig(min_collisions=3))
+    assert config.min_collisions == 3 == choice.min_collisions and config.lsh_resolved
+    given = MagicPIGConfig(K=9, L=90)
+    assert resolve_lsh(smollm, given) == (given, None)  # set by the user: untouched
+    dense = MagicPIGConfig(method="dense")
+    assert resolve_lsh(smollm, dense) == (dense, None)  # nothing sampled, nothing to choose
+
+
+def test_a_model_too_short_to_calibrate_gets_the_paper_setting(smollm, monkeypatch):
+    import dataclasses
+
+    from magicpig import MagicPIGConfig
+    from magicpig.config import PAPER_LSH
+    from magicpig.runtime import calibration
+
+    short = dataclasses.replace(smollm, model=type("M", (), {"args": dataclasses.replace(smollm.args, max_positions=300),
+                                                             "embed_weight": smollm.model.embed_weight})())
+    monkeypatch.setattr(calibration, "model_cosines", lambda *a, **k: pytest.fail("measured"))
+    choice = calibration.default_lsh(short, MagicPIGConfig())
+    assert (choice.K, choice.L, choice.min_collisions) == PAPER_LSH and choice.how == "paper"
+    assert "too few positions" in choice.describe()
+
+
+def test_long_context_model_and_engine_resolve_an_unset_config(tmp_path, monkeypatch):
+    from magicpig import Engine, LongContextModel, MagicPIGConfig
+
+    model = LongContextModel.from_pretrained("smollm2-135m-instruct")
+    choice = model.lsh_choice
+    assert model.config.lsh_resolved and choice is not None
+    assert (model.config.K, model.config.L, model.config.min_collisions) == (choice.K, choice.L, choice.min_collisions)
+    given = LongContextModel(model.loaded, MagicPIGConfig(K=8, L=60))
+    assert (given.config.K, given.config.L, given.config.min_collisions) == (8, 60, 2) and given.lsh_choice is None
+    # a per-call config that leaves K, L unset gets the model's choice
+    session_config = given._config(MagicPIGConfig(window_tokens=32))
+    assert (session_config.K, session_config.L) != (None, None) and session_config.window_tokens == 32
+    engine = Engine(model.loaded, MagicPIGConfig(), max_num_seqs=1)  # a LoadedModel: the engine chooses
+    assert engine.config.lsh_resolved and engine.config.K == choice.K
+    engine.close()
+    with pytest.raises(ValueError, match="K and L are unset"):
+        from magicpig.attention.base import make_method
+
+        make_method(MagicPIGConfig(), 1, 3, 64)
