@@ -294,9 +294,18 @@ inline bool ranks_below(float raw_a, int32_t id_a, float raw_b, int32_t id_b) {
   return raw_a < raw_b || (raw_a == raw_b && id_a > id_b);
 }
 
+// What offering a candidate to a head's best-candidate heap did: whether it was kept, and
+// the entry it pushed out (score and token id), if any.
+struct Offer {
+  bool kept = false, evicted = false;
+  float score = 0;
+  int32_t id = 0;
+};
+
 // Offer candidate (raw, score, id) to the `cap` best of one head, a heap rooted at the lowest
 // ranked. Candidates come in ascending id order, so a tie with the root keeps the earlier one.
-inline void keep_best(float* raw, float* score, int32_t* id, int32_t& n, int cap, float r, float s, int32_t i) {
+inline Offer keep_best(float* raw, float* score, int32_t* id, int32_t& n, int cap, float r, float s, int32_t i) {
+  Offer result;
   int pos;
   if (n < cap) {
     pos = n++;
@@ -307,7 +316,8 @@ inline void keep_best(float* raw, float* score, int32_t* id, int32_t& n, int cap
       pos = parent;
     }
   } else {
-    if (!(r > raw[0])) return;  // not better than the lowest kept (NaN never is)
+    if (!(r > raw[0])) return result;  // not better than the lowest kept
+    result.evicted = true, result.score = score[0], result.id = id[0];
     pos = 0;
     for (;;) {  // sift down: move the lower-ranked child up while it ranks below the new entry
       int c = 2 * pos + 1;
@@ -319,16 +329,40 @@ inline void keep_best(float* raw, float* score, int32_t* id, int32_t& n, int cap
     }
   }
   raw[pos] = r, score[pos] = s, id[pos] = i;
+  result.kept = true;
+  return result;
+}
+
+// Adds the weighted term exp(score) * (value row `id`) to head g's online softmax.
+inline void add_term(float score, int32_t id, int g, const BlockView& B, const AttendParams& P, float* row,
+                     Partial& out) {
+  float* acc = out.acc + static_cast<int64_t>(g) * P.d;
+  if (score > out.mx[g]) {
+    const float corr = exp_neg_f(out.mx[g] - score);
+    for (int k = 0; k < P.d; ++k) acc[k] *= corr;
+    out.sum[g] *= corr;
+    out.mx[g] = score;
+  }
+  const float w = exp_neg_f(score - out.mx[g]);
+  load_row(B.values, P.dtype, id, P.d, B.row_stride, row);
+  axpy(acc, w, row, P.d);
+  out.sum[g] += w;
 }
 
 // The chunk's candidates of head g offered to its best-candidate heap (scores before exp).
-inline void offer_chunk(const float* dots, const float* scores, const uint16_t* ids, int cn, int g,
-                        const AttendParams& P, Partial& out) {
+// A kept candidate leaves the weighted sum (its score becomes -inf here): the store's merge
+// adds it back, exactly if it is among the head's best over all blocks, weighted if not. An
+// entry pushed out of the heap joins the weighted sum now. So every term is added, none
+// subtracted: a head key that carried nearly all the weight cannot cancel to nothing.
+inline void offer_chunk(const float* dots, float* scores, const uint16_t* ids, int cn, int g, const BlockView& B,
+                        const AttendParams& P, float* row, Partial& out) {
   const int64_t base = static_cast<int64_t>(g) * P.exact;
   for (int j = 0; j < cn; ++j) {
-    if (!(scores[j] > -__builtin_inff())) continue;  // not a candidate of this head
-    keep_best(out.top_raw + base, out.top_score + base, out.top_id + base, out.top_n[g], P.exact,
-              dots[j] * P.scale, scores[j], ids[j]);
+    if (!(scores[j] > -__builtin_inff())) continue;  // not a candidate of this head (or NaN: stays weighted)
+    const Offer o = keep_best(out.top_raw + base, out.top_score + base, out.top_id + base, out.top_n[g], P.exact,
+                              dots[j] * P.scale, scores[j], ids[j]);
+    if (o.kept) scores[j] = -__builtin_inff();
+    if (o.evicted) add_term(o.score, o.id, g, B, P, row, out);
   }
 }
 
@@ -366,11 +400,14 @@ void attend_block(const BlockView& B, const QueryGroup& Q, const AttendParams& P
     for (int g = 0; g < G; ++g) {
       float* s = scores + g * kChunk;
       chunk_scores(dots + g * kChunk, inv_kn, hs, cn, g, inv_qn[g], P, s);
-      if (P.exact > 0) offer_chunk(dots + g * kChunk, s, ids, cn, g, P, out);
+      if (P.exact > 0) offer_chunk(dots + g * kChunk, s, ids, cn, g, B, P, row, out);
       float cm = -__builtin_inff();
 #pragma omp simd reduction(max : cm)
       for (int j = 0; j < cn; ++j) cm = cm > s[j] ? cm : s[j];
-      if (!(cm > -__builtin_inff())) continue;
+      if (!(cm > -__builtin_inff())) {  // no weighted candidate left: every weight of the value pass is 0
+        std::fill(s, s + cn, 0.0f);
+        continue;
+      }
       const float mx = out.mx[g] > cm ? out.mx[g] : cm;
       if (out.mx[g] < mx) {
         const float corr = exp_neg_f(out.mx[g] - mx);

@@ -54,28 +54,25 @@ struct HeadEntry {
   float raw, score;  // q.k/sqrt(d) and raw - log u
   int64_t task;      // the block's task (tasks of one (row, head) are in block order)
   int32_t id;        // token in the block
+  float exponent;    // set by rank_head: raw in the head, score outside it
 };
 
-// The exact head of one (row, head): ranks the candidates kept by every block (raw score, then
-// position), keeps the best `exact`, and turns each from its weighted term exp(score - M) into
-// its exact term exp(raw - M): adds the difference times its value row to o (unnormalised)
-// and returns the sum of the differences, for the softmax's denominator.
-template <typename LoadValue>
-double exact_head_terms(std::vector<HeadEntry>& entries, int exact, float M, LoadValue load_value, float* o,
-                        int d, float* row) {
+// The exact head of one (row, head): ranks the candidates kept by every block's heap (raw
+// score, then position) and sets each entry's exponent: its raw score q.k/sqrt(d) (weight 1)
+// for the best `exact`, its weighted score raw - log u for the rest (block-local bests that are
+// not the head's, left out of their block's sums by the kernel). Returns the largest exponent.
+float rank_head(std::vector<HeadEntry>& entries, int exact) {
   const size_t keep = std::min(entries.size(), static_cast<size_t>(exact));
   std::partial_sort(entries.begin(), entries.begin() + keep, entries.end(), [](const HeadEntry& a, const HeadEntry& b) {
     if (a.raw != b.raw) return a.raw > b.raw;
     return a.task != b.task ? a.task < b.task : a.id < b.id;
   });
-  double total = 0;
-  for (size_t e = 0; e < keep; ++e) {
-    const double delta = std::exp(static_cast<double>(entries[e].raw) - M) - std::exp(static_cast<double>(entries[e].score) - M);
-    load_value(entries[e], row);
-    for (int k = 0; k < d; ++k) o[k] += static_cast<float>(delta * row[k]);
-    total += delta;
+  float top = -std::numeric_limits<float>::infinity();
+  for (size_t e = 0; e < entries.size(); ++e) {
+    entries[e].exponent = e < keep ? entries[e].raw : entries[e].score;
+    top = std::max(top, entries[e].exponent);
   }
-  return total;
+  return top;
 }
 
 }  // namespace
@@ -579,6 +576,15 @@ void Store::attend(const int64_t* seq_ids, int B, int Hq, const float* queries, 
         count += counts[i * kMaxGroup + g];
       }
       ncand[static_cast<int64_t>(b) * Hq + hq] = count;
+      entries.clear();
+      if (E > 0) {  // the blocks' kept candidates, left out of their sums (kernels_impl.h, offer_chunk)
+        for (int64_t i = first_task[key]; i >= 0 && i < first_task[key] + ntask[key]; ++i) {
+          const int64_t t = i * kMaxGroup + g;
+          for (int e = 0; e < top_n[t]; ++e)
+            entries.push_back({top_raw[t * E + e], top_score[t * E + e], i, top_id[t * E + e], 0.0f});
+        }
+        M = std::max(M, rank_head(entries, E));
+      }
       std::fill(o, o + d, 0.0f);
       if (!(M > ninf)) {
         lse[static_cast<int64_t>(b) * Hq + hq] = ninf;
@@ -593,18 +599,12 @@ void Store::attend(const int64_t* seq_ids, int B, int Hq, const float* queries, 
         const float* a = acc.data() + (i * kMaxGroup + g) * d;
         for (int k = 0; k < d; ++k) o[k] += w * a[k];
       }
-      if (E > 0) {
-        entries.clear();
-        for (int64_t i = first_task[key]; i < first_task[key] + ntask[key]; ++i) {
-          const int64_t t = i * kMaxGroup + g;
-          for (int e = 0; e < top_n[t]; ++e)
-            entries.push_back({top_raw[t * E + e], top_score[t * E + e], i, top_id[t * E + e]});
-        }
-        auto load_value = [&](const HeadEntry& e, float* row) {
-          const Block& blk = seqs[b]->heads[h][tasks[e.task].block];
-          kern.load_row(blk.kv.data() + row_bytes, dtype, e.id, d, 2 * row_bytes, row);
-        };
-        S += exact_head_terms(entries, E, M, load_value, o, d, value_row.data());
+      for (const HeadEntry& e : entries) {  // every term added, none subtracted
+        const float w = std::exp(e.exponent - M);
+        const Block& blk = seqs[b]->heads[h][tasks[e.task].block];
+        kern.load_row(blk.kv.data() + row_bytes, dtype, e.id, d, 2 * row_bytes, value_row.data());
+        for (int k = 0; k < d; ++k) o[k] += w * value_row[k];
+        S += w;
       }
       const float inv = static_cast<float>(1.0 / S);
       for (int k = 0; k < d; ++k) o[k] *= inv;

@@ -214,3 +214,23 @@ def test_bad_exact_keys_is_a_clear_error(value):
         MagicPIGConfig(exact_keys=value)
     with pytest.raises(TypeError, match="exact_keys"):
         MagicPIGConfig(exact_keys=2.5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_head_key_carrying_all_the_weight_is_not_cancelled_away(backend):
+    # Found by the fuzz: one candidate at cos = -1 (u at the weight floor), so its weighted term
+    # exp(s)/u is e^69 times its exact term. Subtracting the first to add the second lost
+    # everything (NaN); the store must give exactly the reference's single-key attention.
+    K, L, m = 1, 8, 1
+    k = torch.tensor([[[304.6993]]])
+    v = torch.tensor([[[-2.0074]]])
+    q = torch.tensor([[[-1.3566]]])
+    kc = torch.tensor([[[1, 1, 0, 0, 1, 0, 1, 0]]], dtype=torch.int32)
+    qc = torch.tensor([[[1, 1, 0, 1, 0, 0, 0, 0]]], dtype=torch.int32)
+    store = CPUStore(1, 1, K, L, m, kv_dtype="fp32", backend=backend, exact_keys=3)
+    sid = store.add_sequence()
+    store.append(sid, k, v, kc)
+    got = store.attend([sid], q, qc)
+    assert torch.isfinite(got[0]).all() and torch.isfinite(got[1]).all()
+    assert_matches(got, hybrid_reference(q, qc, k, v, kc, K, L, m, 3, "fp32"))
+    torch.testing.assert_close(got[0], v[None, :, 0])  # one key: its value, whatever its weight
