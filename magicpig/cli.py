@@ -19,7 +19,7 @@ from magicpig.eval.usage import OneLineParser, UsageError, report
 _REPO = Path(__file__).resolve().parent.parent
 _BENCHMARKS = {"cpu-attention": "bench_cpu_attention.py", "engine": "bench_engine.py", "generate": "bench_generate.py",
                "decode": "bench_decode.py", "hashing": "bench_hashing.py", "prefill-memory": "bench_prefill_memory.py",
-               "prefill-overlap": "bench_prefill_overlap.py"}
+               "prefill-overlap": "bench_prefill_overlap.py", "exact-keys": "bench_exact_keys.py"}
 
 
 def _version() -> str:

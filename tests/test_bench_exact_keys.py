@@ -1,0 +1,26 @@
+"""scripts/bench_exact_keys.py (`magicpig bench exact-keys`) on a small case: its figures are
+side by side and the exact head reads no key the sample does not."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+import bench_exact_keys  # noqa: E402
+
+
+def test_figures_side_by_side_and_the_head_reads_no_extra_key(tmp_path, capsys):
+    out = tmp_path / "fig.json"
+    bench_exact_keys.main(["--lengths", "3000", "--batches", "1", "2", "--exact", "0", "16",
+                           "--repeats", "2", "--threads", "1", "--json", str(out)])
+    figures = json.loads(out.read_text())
+    assert [(c["context"], c["batch"]) for c in figures["cases"]] == [(3000, 1), (3000, 2)]
+    for case in figures["cases"]:
+        plain, hybrid = case["settings"]
+        assert (plain["exact_keys"], hybrid["exact_keys"]) == (0, 16)
+        assert plain["ratio_to_first"] == 1.0 and hybrid["ratio_to_first"] > 0
+        assert 0 < plain["keys_read"] < 0.5 and hybrid["keys_read"] == plain["keys_read"]
+    assert "ratio" in capsys.readouterr().out
