@@ -10,18 +10,20 @@ ratio to plain sampling (exact_keys=0), and the keys read, which the head does n
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
-import numpy as np
 import torch
-from bench_cpu_attention import HKV, HQ, K, L, M, D, make_queries, make_sequence
 
-from magicpig.config import POSITIVE_INT, NONNEGATIVE_INT, OneLineParser
-from magicpig.lsh import hash_codes, layer_projection
-from magicpig.store import CPUStore
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `magicpig bench` runs this file by path
+from bench_cpu_attention import HKV, HQ, K, L, M, D, make_queries, make_sequence  # noqa: E402
+
+from magicpig.config import NONNEGATIVE_INT, POSITIVE_INT, OneLineParser  # noqa: E402
+from magicpig.lsh import hash_codes, layer_projection  # noqa: E402
+from magicpig.store import CPUStore  # noqa: E402
 
 
 def build_stores(exact: list[int], n: int, batch: int, threads: int | None, gen: torch.Generator):
