@@ -28,6 +28,7 @@ import torch
 from magicpig import MagicPIGConfig
 from magicpig.config import POSITIVE_INT, OneLineParser
 from magicpig.model.loaded import load_model
+from magicpig.runtime.calibration import resolve_lsh
 from magicpig.runtime.runner import ModelRunner
 from magicpig.store.device_cache import blocks_for
 
@@ -66,7 +67,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     loaded = load_model(None, device="cpu")
     ids = [random.Random(0).randrange(100, loaded.args.vocab_size) for _ in range(args.tokens)]
-    config = MagicPIGConfig()
+    config, _ = resolve_lsh(loaded, MagicPIGConfig())  # K, L as the runtime chooses them for the model
     blocks = blocks_for(args.tokens, 256)
     runners = {name: ModelRunner(loaded.model, config, 1, blocks, overlap_appends=flag)
                for name, flag in (("inline", False), ("overlap", True))}
