@@ -333,19 +333,25 @@ inline Offer keep_best(float* raw, float* score, int32_t* id, int32_t& n, int ca
   return result;
 }
 
+// Head g's online softmax moves its running max up to m (when m is higher), rescaling what it
+// has summed so far; returns the max in use.
+inline float raise_max(Partial& out, int g, float m, int d) {
+  if (out.mx[g] < m) {
+    const float corr = exp_neg_f(out.mx[g] - m);
+    float* acc = out.acc + static_cast<int64_t>(g) * d;
+    for (int k = 0; k < d; ++k) acc[k] *= corr;
+    out.sum[g] *= corr;
+    out.mx[g] = m;
+  }
+  return out.mx[g];
+}
+
 // Adds the weighted term exp(score) * (value row `id`) to head g's online softmax.
 inline void add_term(float score, int32_t id, int g, const BlockView& B, const AttendParams& P, float* row,
                      Partial& out) {
-  float* acc = out.acc + static_cast<int64_t>(g) * P.d;
-  if (score > out.mx[g]) {
-    const float corr = exp_neg_f(out.mx[g] - score);
-    for (int k = 0; k < P.d; ++k) acc[k] *= corr;
-    out.sum[g] *= corr;
-    out.mx[g] = score;
-  }
-  const float w = exp_neg_f(score - out.mx[g]);
+  const float w = exp_neg_f(score - raise_max(out, g, score, P.d));
   load_row(B.values, P.dtype, id, P.d, B.row_stride, row);
-  axpy(acc, w, row, P.d);
+  axpy(out.acc + static_cast<int64_t>(g) * P.d, w, row, P.d);
   out.sum[g] += w;
 }
 
@@ -408,14 +414,7 @@ void attend_block(const BlockView& B, const QueryGroup& Q, const AttendParams& P
         std::fill(s, s + cn, 0.0f);
         continue;
       }
-      const float mx = out.mx[g] > cm ? out.mx[g] : cm;
-      if (out.mx[g] < mx) {
-        const float corr = exp_neg_f(out.mx[g] - mx);
-        float* acc = out.acc + static_cast<int64_t>(g) * d;
-        for (int k = 0; k < d; ++k) acc[k] *= corr;
-        out.sum[g] *= corr;
-        out.mx[g] = mx;
-      }
+      const float mx = raise_max(out, g, cm, d);
       float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
       for (int j = 0; j < cn; ++j) {
