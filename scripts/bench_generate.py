@@ -10,8 +10,11 @@ faster than dense). ``--e2e-tokens N``: also ``LongContextModel.generate`` of on
 with --e2e-new-tokens new tokens, dense and magicpig alternated for --repeats rounds, setup
 (prefill, hashing, table builds) included: the medians and their ratio.
 
-    python scripts/bench_generate.py [--tokens 8000] [--new-tokens 32] [--model PATH] [--json PATH]
-        [--e2e-tokens 2500 --e2e-new-tokens 32 --repeats 3]
+``--batch B`` decodes B sequences of --tokens tokens together (needles at different depths
+and numbers); the dense and magicpig decode sessions alternate for --rounds rounds (medians).
+
+    python scripts/bench_generate.py [--tokens 8000] [--new-tokens 32] [--batch 1] [--rounds 1]
+        [--model PATH] [--json PATH] [--e2e-tokens 2500 --e2e-new-tokens 32 --repeats 3]
 """
 
 from __future__ import annotations
@@ -37,8 +40,22 @@ def _decode_rate(model, state, config, steps: int) -> tuple[float, float, float]
         for _ in range(steps):
             tokens = session.step(tokens).argmax(-1)
         seconds = time.perf_counter() - t0
-        cost = session.computation_cost()[0]
-    return steps / seconds, cost, setup
+        cost = sum(session.computation_cost()) / len(tokens)
+    return steps * len(tokens) / seconds, cost, setup
+
+
+def _decode_rates(model, state, steps: int, rounds: int) -> dict[str, tuple[float, float, float]]:
+    """Per method (dense, magicpig): the medians over ``rounds`` of (decode tokens/s, cost,
+    setup s), the two methods alternated round by round so that drift in the machine's speed
+    falls on both."""
+    from magicpig import MagicPIGConfig
+
+    configs = {"dense": MagicPIGConfig(method="dense"), "magicpig": MagicPIGConfig()}
+    runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in configs}
+    for rnd in range(rounds):
+        for name in (list(configs) if rnd % 2 == 0 else list(configs)[::-1]):
+            runs[name].append(_decode_rate(model, state, configs[name], steps))
+    return {name: tuple(statistics.median(r[i] for r in rs) for i in range(3)) for name, rs in runs.items()}
 
 
 def _hf_rates(source: str, ids: list[int], steps: int) -> tuple[float, float]:
@@ -92,6 +109,8 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="default: the embedded smollm2-135m-instruct")
     parser.add_argument("--tokens", type=int, default=8000)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=1, help="sequences decoded together")
+    parser.add_argument("--rounds", type=int, default=1, help="alternated dense/magicpig decode rounds")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--bf16", action="store_true", help="also run this runner with bf16 weights")
@@ -100,25 +119,29 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="rounds of the end-to-end comparison")
     parser.add_argument("--json", metavar="PATH", help="write the figures here")
     args = parser.parse_args()
+    for name in ("batch", "rounds", "new_tokens"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}: expected an integer >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from magicpig import LongContextModel, MagicPIGConfig
+    from magicpig import LongContextModel
     from magicpig.demo import needle_prompt
 
     model = LongContextModel.from_pretrained(args.model, device="cpu", dtype=torch.float32)
-    prompt, _ = needle_prompt(model.tokenizer, args.tokens)
-    ids = model.encode(prompt)[0][0]
+    batch_ids = [model.encode(needle_prompt(model.tokenizer, args.tokens, depth=(b + 1) / (args.batch + 1),
+                                            seed=b)[0])[0][0] for b in range(args.batch)]
+    ids = batch_ids[0]
     source = model.source
     n = len(ids)
-    print(f"model {model.source}, prompt {n} tokens, {args.new_tokens} decode steps, "
-          f"{torch.get_num_threads()} torch threads, fp32", flush=True)
+    print(f"model {model.source}, batch {args.batch} x ~{n} prompt tokens, {args.new_tokens} decode steps, "
+          f"{args.rounds} round(s), {torch.get_num_threads()} torch threads, fp32", flush=True)
 
     t0 = time.perf_counter()
-    state = model.prefill([ids])
-    ours_prefill = n / (time.perf_counter() - t0)
-    dense_rate, _, dense_setup = _decode_rate(model, state, MagicPIGConfig(method="dense"), args.new_tokens)
-    mp_rate, mp_cost, mp_setup = _decode_rate(model, state, MagicPIGConfig(), args.new_tokens)
+    state = model.prefill(batch_ids)
+    ours_prefill = sum(map(len, batch_ids)) / (time.perf_counter() - t0)
+    rates = _decode_rates(model, state, args.new_tokens, args.rounds)
+    (dense_rate, _, dense_setup), (mp_rate, mp_cost, mp_setup) = rates["dense"], rates["magicpig"]
     rows = [
         ("magicpig runner, dense", ours_prefill, dense_rate, dense_setup),
         (f"magicpig runner, magicpig (cost {mp_cost:.3f})", ours_prefill, mp_rate, mp_setup),
@@ -128,10 +151,10 @@ def main() -> None:
         del state, model
         model = LongContextModel.from_pretrained(args.model, device="cpu", dtype=torch.bfloat16)
         t0 = time.perf_counter()
-        state = model.prefill([ids])
-        bf_prefill = n / (time.perf_counter() - t0)
-        bf_dense, _, bf_dense_setup = _decode_rate(model, state, MagicPIGConfig(method="dense"), args.new_tokens)
-        bf_mp, bf_cost, bf_mp_setup = _decode_rate(model, state, MagicPIGConfig(), args.new_tokens)
+        state = model.prefill(batch_ids)
+        bf_prefill = sum(map(len, batch_ids)) / (time.perf_counter() - t0)
+        bf_rates = _decode_rates(model, state, args.new_tokens, args.rounds)
+        (bf_dense, _, bf_dense_setup), (bf_mp, bf_cost, bf_mp_setup) = bf_rates["dense"], bf_rates["magicpig"]
         rows += [
             ("magicpig runner bf16, dense", bf_prefill, bf_dense, bf_dense_setup),
             (f"magicpig runner bf16, magicpig (cost {bf_cost:.3f})", bf_prefill, bf_mp, bf_mp_setup),
@@ -161,7 +184,8 @@ def main() -> None:
 
     print(f"(load average at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores)")
     if args.json:
-        doc = {"prompt_tokens": n, "new_tokens": args.new_tokens, "threads": torch.get_num_threads(),
+        doc = {"prompt_tokens": n, "batch": args.batch, "rounds": args.rounds, "new_tokens": args.new_tokens,
+               "threads": torch.get_num_threads(),
                "rows": [{"runner": name, "prefill_tok_s": p, "decode_tok_s": d, "setup_s": setup}
                         for name, p, d, setup in rows],
                "magicpig_over_dense_decode": mp_rate / dense_rate, "end_to_end": e2e}
