@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -343,3 +345,28 @@ def test_paged_cache_reads_runs_in_place_and_gathers_fragments():
         assert (got_k.data_ptr() == cache.keys.data_ptr()) == (blocks == [0, 1, 2, 3])  # a view iff one run
         cache.write(torch.tensor([cache.slot(blocks, 11)]), torch.ones(1, 2, 3), torch.ones(1, 2, 3))
         assert torch.equal(cache.sequence(blocks, 12)[0][:, 11], torch.ones(2, 3))
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads Linux's /proc")
+def test_cpu_device_buffers_take_memory_only_as_they_fill():
+    """A CPU engine's KV pool (its whole device budget) is zero and resident only where written:
+    1 GiB of bf16 blocks costs well under 64 MiB until filled, and reads back what was written."""
+    from magicpig.store.device_cache import PagedKVCache, zero_buffer
+
+    before = _resident_bytes()
+    cache = PagedKVCache(2048, 4, 256, 128, torch.device("cpu"), torch.bfloat16)  # 2 x 512 MiB
+    assert cache.keys.shape == (4, 2048 * 256, 128) and cache.keys.dtype == torch.bfloat16
+    assert _resident_bytes() - before < 64 << 20
+    k = torch.randn(4, 300, 128).to(torch.bfloat16)
+    cache.fill([5, 9], k, -k)
+    got_k, got_v = cache.sequence([5, 9], 300)
+    assert torch.equal(got_k, k) and torch.equal(got_v, -k)
+    assert _resident_bytes() - before < 64 << 20
+    assert not cache.keys[:, :5 * 256].any() and not cache.values[:, 10 * 256:20 * 256].any()
+    odd = zero_buffer((3, 0, 5), torch.device("cpu"), torch.float32)  # empty shapes work too
+    assert odd.shape == (3, 0, 5)

@@ -12,7 +12,25 @@ gathered view of them.
 
 from __future__ import annotations
 
+import mmap
+
 import torch
+
+
+def zero_buffer(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A zero tensor of ``shape``. On a CPU device it sits on an anonymous memory map, whose
+    pages are zero and take memory only when first written: a CPU engine's whole device budget
+    (a quarter of RAM by default) is reserved at start but resident only as blocks fill.
+    ``torch.zeros`` would write every byte up front. Elsewhere, ``torch.zeros``."""
+    device = torch.device(device)
+    numel = 1
+    for size in shape:
+        numel *= size
+    if device.type != "cpu" or numel == 0:
+        return torch.zeros(shape, device=device, dtype=dtype)
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    # The tensor keeps the map alive; the map is unmapped when the tensor is freed.
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)
 
 
 class OutOfBlocks(RuntimeError):
@@ -104,8 +122,8 @@ class PagedKVCache:
     def __init__(self, num_blocks: int, num_kv_heads: int, block_size: int, head_dim: int,
                  device: torch.device, dtype: torch.dtype):
         shape = (num_kv_heads, num_blocks * block_size, head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.keys = zero_buffer(shape, device, dtype)
+        self.values = zero_buffer(shape, device, dtype)
         self.block_size = block_size
 
     def bytes_per_token(self) -> int:
@@ -154,8 +172,8 @@ class SlotKVCache:
     def __init__(self, num_slots: int, num_kv_heads: int, capacity: int, head_dim: int,
                  device: torch.device, dtype: torch.dtype):
         shape = (num_slots, num_kv_heads, capacity, head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.keys = zero_buffer(shape, device, dtype)
+        self.values = zero_buffer(shape, device, dtype)
 
     @property
     def capacity(self) -> int:
