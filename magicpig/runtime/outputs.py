@@ -88,24 +88,53 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 @dataclass
 class OutputText:
     """The generated ids and text of one sequence, with its finish: ``add_token`` detokenises
-    and cuts at a stop string, ``new_text`` hands out what became final (for streaming)."""
+    and cuts at a stop string, ``new_text`` hands out what became final (for streaming).
+
+    Detokenising is incremental, so a token costs the same at any output length: each token
+    decodes a short window (the ids since the last stable point, with the one before it as
+    context) instead of the whole output. ``text`` always equals the decode of all ids
+    (``skip_special_tokens``), cut at the first stop string; its first ``_stable`` characters
+    can no longer change (a trailing broken UTF-8 character, "\ufffd", can)."""
 
     out_ids: list[int] = field(default_factory=list)
     text: str = ""
     emitted: int = 0
     reason: str = "length"
     done: bool = False
+    _prefix: int = 0  # ids[_prefix:_read] decode to the context before the unstable tail
+    _read: int = 0
+    _stable: int = 0
 
     def add_token(self, tok: int, tokenizer: Any, eos_ids: set[int], stop: Sequence[str]) -> None:
         self.out_ids.append(tok)
         if tok in eos_ids:
             self.done, self.reason = True, "eos"
         elif tokenizer is not None:
-            text = tokenizer.decode(self.out_ids, skip_special_tokens=True)
-            cut = min((text.find(s) for s in stop if s in text), default=-1)
-            if cut >= 0:
-                text, self.done, self.reason = text[:cut], True, "stop"
-            self.text = text
+            searched = self._stable
+            self._detokenize(tokenizer)
+            self._cut_at_stop(stop, searched)
+
+    def _detokenize(self, tokenizer: Any) -> None:
+        """Extend ``text`` by the new token: decode the window from ``_prefix`` and keep what
+        goes beyond the context's own decode (as vLLM and HF's streamers do)."""
+        ids = self.out_ids
+        context = tokenizer.decode(ids[self._prefix : self._read], skip_special_tokens=True)
+        window = tokenizer.decode(ids[self._prefix :], skip_special_tokens=True)
+        self.text = self.text[: self._stable] + window[len(context) :]
+        if len(window) > len(context) and not window.endswith("\ufffd"):
+            self._stable = len(self.text)
+            self._prefix, self._read = self._read, len(ids)
+
+    def _cut_at_stop(self, stop: Sequence[str], searched: int) -> None:
+        """Cut ``text`` at the first stop string. The first ``searched`` characters held none
+        (else generation would have stopped), so only an occurrence ending after them is new."""
+        if not stop:
+            return
+        start = max(0, searched - max(map(len, stop)) + 1)
+        cut = min((i for i in (self.text.find(s, start) for s in stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text, self.done, self.reason = self.text[:cut], True, "stop"
+            self._stable = min(self._stable, cut)
 
     def new_text(self, final: bool, stop: Sequence[str]) -> str:
         """The text that became final since the last call (held back: a possible stop string)."""
