@@ -118,7 +118,10 @@ def run_demo(args: argparse.Namespace, model: Any, sparse: Any) -> int:
     """Prefill the needle prompt once, then decode it dense and with ``sparse`` (a MagicPIGConfig)."""
     from magicpig import MagicPIGConfig
 
-    sparse = model.resolve_lsh(sparse)  # K, L chosen for the model unless given
+    from magicpig.runtime.calibration import resolve_lsh
+
+    # K, L chosen for the model (and this demo's sinks and window) unless given; None if given.
+    sparse, choice = resolve_lsh(model.loaded, sparse)
     t0 = time.perf_counter()
     prompt, answer = needle_prompt(model.tokenizer, args.tokens, args.depth, args.seed)
     ids, _ = model.encode(prompt)
@@ -152,8 +155,7 @@ def run_demo(args: argparse.Namespace, model: Any, sparse: Any) -> int:
     mp = rows[1][1]
     dense_layers = mp.resolve_dense_layers(model.args.num_layers)
     print()
-    chosen = model.lsh_choice.describe() if model.lsh_choice is not None and sparse.K == model.lsh_choice.K \
-        and sparse.L == model.lsh_choice.L else f"K={mp.K}, L={mp.L}, min_collisions={mp.min_collisions} (given)"
+    chosen = choice.describe() if choice is not None else f"K={mp.K}, L={mp.L}, min_collisions={mp.min_collisions} (given)"
     print(f"magicpig: {chosen}")
     print(f"layers {list(dense_layers)} dense, the other "
           f"{model.args.num_layers - len(dense_layers)} keep {mp.sink_tokens} sink + {mp.window_tokens}+ "
