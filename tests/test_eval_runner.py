@@ -193,6 +193,51 @@ def test_summary_merges_pieces_of_a_run(tmp_path, capsys):
     assert cli.main(["summary", "--out", str(both), "--merge", str(tmp_path / "none")]) == 2
 
 
+def test_shards_split_the_samples_of_every_task(tmp_path):
+    """Shards 0/3, 1/3, 2/3 answer disjoint samples of every task; merged, they are the
+    unsharded run; a bad shard is refused."""
+    methods = [parse_method("dense"), parse_method("topk:0.05")]
+    fake = FakeAdapter({})
+    whole = run(fake, _groups(fake, samples=5), methods, tmp_path / "whole", progress=False)
+    pieces = []
+    for i in range(3):
+        fake = FakeAdapter({})
+        recs = run(fake, _groups(fake, samples=5), methods, tmp_path / f"p{i}", progress=False, shard=(i, 3))
+        assert {r["index"] % 3 for r in recs} == {i} and {r["task"] for r in recs} == {"a", "b"}
+        assert fake.prefills == 2 * len(range(i, 5, 3))  # only its own samples are prefilled
+        pieces.append(recs)
+    keys = [(r["task"], r["index"], r["method"]) for recs in pieces for r in recs]
+    assert len(keys) == len(set(keys)) == len(whole)
+    assert {(r["task"], r["index"], r["method"], r["prediction"]) for recs in pieces for r in recs} == \
+        {(r["task"], r["index"], r["method"], r["prediction"]) for r in whole}
+    with pytest.raises(ValueError, match="shard"):
+        run(FakeAdapter({}), [], methods, tmp_path / "bad", progress=False, shard=(3, 3))
+
+
+def test_worker_command_line():
+    from magicpig.eval.workers import parse_shard, without_workers, worker_command
+
+    argv = ["ruler", "--workers", "2", "--samples", "3", "--workers=4", "--out", "r"]
+    assert without_workers(argv) == ["ruler", "--samples", "3", "--out", "r"]
+    cmd = worker_command(argv, 1, 2, Path("r/workers/1of2"), 3)
+    assert cmd[1:4] == ["-m", "magicpig", "eval"] and "--workers" not in " ".join(cmd)
+    assert cmd[-7:] == ["--shard", "1/2", "--out", "r/workers/1of2", "--threads", "3", "--no-progress"]
+    assert parse_shard("2/5") == (2, 5)
+    for bad in ("5/5", "1", "a/b", "-1/2"):
+        with pytest.raises(ValueError, match="--shard"):
+            parse_shard(bad)
+
+
+def test_cli_rejects_bad_worker_arguments(capsys):
+    fake = FakeAdapter({})
+    assert cli.main(["ruler", "--workers", "0", "--out", "/tmp/x"], adapter=fake) == 2
+    assert "--workers" in capsys.readouterr().err
+    assert cli.main(["ruler", "--shard", "2/2", "--out", "/tmp/x"], adapter=fake) == 2
+    assert "--shard" in capsys.readouterr().err
+    assert cli.main(["ruler", "--shard", "0/2", "--workers", "2", "--out", "/tmp/x"], adapter=fake) == 2
+    assert "one or the other" in capsys.readouterr().err
+
+
 def test_cli_rejects_bad_arguments(capsys):
     fake = FakeAdapter({})
     assert cli.main(["ruler", "--tasks", "nope", "--out", "/tmp/x"], adapter=fake) == 2
@@ -259,4 +304,27 @@ def test_cli_longbench_on_fixture(tmp_path, capsys):
     assert recs["hotpotqa"]["length"] == adapter.max_context and recs["hotpotqa"]["answers"] == ["Paris"]
     assert 0.0 <= recs["passage_count"]["score"] <= 1.0
     assert "### longbench @" in (tmp_path / "summary.md").read_text()
+    capsys.readouterr()
+
+
+def test_workers_split_a_real_run_and_merge_it(tmp_path, capsys):
+    """`--workers 2` on the real model: two processes, each its share of every task, merged
+    into --out with the answers of a one-process run; a rerun resumes and adds nothing."""
+    base = ["ruler", "--lengths", "512", "--tasks", "niah_single_1", "niah_multikey_1", "--samples", "3",
+            "--methods", "dense", "--no-progress", "--batch-size", "1", "--max-new-tokens", "8", "--threads", "1"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert cli.main(base + ["--out", str(one)]) == 0
+    assert cli.main(base + ["--out", str(two), "--workers", "2"]) == 0
+    assert "2 workers of 1 thread(s) each" in capsys.readouterr().out
+
+    def answers(path):
+        return {(r["task"], r["index"], r["method"]): r["prediction"] for r in read_records(path)}
+
+    assert len(answers(one)) == 6 and answers(two) == answers(one)
+    for i in range(2):
+        assert {k[1] % 2 for k in answers(two / "workers" / f"{i}of2")} == {i}
+    assert (two / "summary.md").is_file()
+    before = (two / "predictions.jsonl").read_text()
+    assert cli.main(base + ["--out", str(two), "--workers", "2"]) == 0
+    assert (two / "predictions.jsonl").read_text() == before
     capsys.readouterr()

@@ -8,6 +8,7 @@ Examples::
     magicpig eval longbench --data ~/LongBench/data --tasks hotpotqa trec --samples 50 \\
         --methods dense magicpig --out results-lb/
     magicpig eval summary --out results/
+    magicpig eval ruler ... --workers 2 --out results/   # two processes, merged into results/
     magicpig eval summary --out all/ --merge part-a/ part-b/   # pieces of one run, one table
     magicpig eval pick-kl --cost 0.03        # (K, L) for a 3% budget on the model
 
@@ -37,6 +38,7 @@ from magicpig.eval.usage import (
 from magicpig.config import MAX_K, MAX_L, MAX_SEED, check_float, check_int
 from magicpig.eval import longbench, ruler
 from magicpig.eval.metrics import RULER_METRICS, longbench_score
+from magicpig.eval.workers import parse_shard
 from magicpig.eval.runner import (
     EvalItem,
     MethodSpec,
@@ -68,6 +70,12 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine, "
                    "where spinning intra-op threads wait on each other)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--workers", type=int, default=1,
+                   help="split the run over this many processes of this machine, each with its share of "
+                   "the cores (or --threads each), merged into --out (default: %(default)s)")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="run only the samples whose index %% N == I: one piece of a run split by hand "
+                   "(e.g. over machines); merge the pieces with `magicpig eval summary --merge`")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,10 +230,16 @@ def main(argv: list[str] | None = None, adapter: ModelAdapter | None = None) -> 
     # that are bugs and keep their traceback.
     try:
         methods, tasks = _check_run_args(args, adapter.name if adapter is not None else args.model)
-        adapter = _load_checked(args, methods, adapter)
+        if args.workers > 1:  # the workers load the model; here only its config is checked
+            _, model_args = resolve_model_args("--model", args.model)
+            _check_model_fit(args, methods, model_args.num_layers, model_args.max_context)
+        else:
+            adapter = _load_checked(args, methods, adapter)
     except user_error_types() as err:
         return report(prog, err)
     out = Path(args.out)
+    if args.workers > 1:
+        return _run_workers(args, argv, methods, out)
     if args.bench == "ruler":
         groups = ruler_groups(adapter.tokenizer, tasks, args.lengths, args.samples, args.seed, adapter.max_context,
                               args.qa_shuffle)
@@ -234,13 +248,28 @@ def main(argv: list[str] | None = None, adapter: ModelAdapter | None = None) -> 
         groups = longbench_groups(adapter.tokenizer, args.data, tasks, args.samples, max_length)
     try:
         records = run(adapter, groups, methods, out, batch_size=args.batch_size, progress=not args.no_progress,
-                      max_new_tokens=args.max_new_tokens)
+                      max_new_tokens=args.max_new_tokens, shard=args.shard or (0, 1))
     except FetchError as err:  # RULER's data could not be fetched or cached: not a bug
         return report(prog, err)
     paths = write_summary(out, records, [m.label for m in methods])
     print(paths["md"].read_text())
     print(f"wrote {out / 'predictions.jsonl'}, {paths['md']}, {paths['csv']}, {paths['png']}")
     return 0
+
+
+def _run_workers(args: argparse.Namespace, argv: list[str] | None, methods: list[MethodSpec], out: Path) -> int:
+    """``--workers N``: the same command as N processes (magicpig.eval.workers), then the
+    summary of everything in ``out``."""
+    from magicpig.eval.workers import run_workers
+
+    argv = sys.argv[1:] if argv is None else argv
+    status = run_workers(list(argv), out, args.workers, args.threads)
+    records = read_records(out)
+    if records:
+        paths = write_summary(out, records, [m.label for m in methods])
+        print(paths["md"].read_text())
+        print(f"wrote {out / 'predictions.jsonl'}, {paths['md']}, {paths['csv']}, {paths['png']}")
+    return status
 
 
 def _summary(args: argparse.Namespace) -> int:
@@ -274,6 +303,14 @@ def _check_run_args(args: argparse.Namespace, model_name: str) -> tuple[list[Met
         check_int("--max-new-tokens", args.max_new_tokens, 1)
     if args.threads is not None:
         check_int("--threads", args.threads, 1)
+    check_int("--workers", args.workers, 1)
+    if args.shard is not None:
+        if args.workers > 1:
+            raise UsageError(f"--shard {args.shard} with --workers {args.workers}: give one or the other")
+        try:
+            args.shard = parse_shard(args.shard)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
     if args.bench == "ruler":
         check_int("--seed", args.seed, 0, MAX_SEED)
         for n in args.lengths:

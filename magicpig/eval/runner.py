@@ -214,18 +214,23 @@ def run(
     total: int | None = None,
     progress: bool = True,
     max_new_tokens: int | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> list[dict[str, Any]]:
     """Evaluate every method on every item; returns all records of ``out_dir``.
 
     groups: (group name, a function making the group's items, number of items) per
     (benchmark, task, length); items are only built (and prompts tokenised) for groups with
     work left. Records already in ``out_dir`` are skipped. ``max_new_tokens`` caps each
-    item's own generation length.
+    item's own generation length. ``shard`` (i, n): only the items whose index % n == i, one
+    piece of a run split over n processes (every task gets its share of every piece).
     """
     from tqdm import tqdm
 
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r}: expected an integer >= 1")
+    part, parts = shard
+    if not 0 <= part < parts:
+        raise ValueError(f"shard={shard!r}: expected (i, n) with 0 <= i < n")
     labels = [m.label for m in methods]
     if len(set(labels)) != len(labels):
         raise ValueError(f"methods: duplicate names in {labels}")
@@ -240,11 +245,11 @@ def run(
         )
     done = {record_key(r) for r in records}
     groups = list(groups)
-    units = sum(n for _, _, n in groups) * len(methods) if total is None else total
+    units = sum(len(range(part, n, parts)) for _, _, n in groups) * len(methods) if total is None else total
     bar = tqdm(total=units, disable=not progress, desc="eval", unit="answer", dynamic_ncols=True)
     with open(out / PREDICTIONS, "a", encoding="utf-8") as sink:
         for (benchmark, task, length), make_items, count in groups:
-            pending_keys = [(benchmark, task, length, i, m) for i in range(count) for m in labels]
+            pending_keys = [(benchmark, task, length, i, m) for i in range(part, count, parts) for m in labels]
             skipped = sum(k in done for k in pending_keys)
             bar.update(skipped)
             if skipped == len(pending_keys):
@@ -256,6 +261,7 @@ def run(
                 bar.write(f"skipping {task}@{length}: {err}")
                 bar.update(len(pending_keys) - skipped)
                 continue
+            items = [it for it in items if it.index % parts == part]
             for batch_start in range(0, len(items), batch_size):
                 batch = items[batch_start:batch_start + batch_size]
                 todo = [[m for m in methods if it.key(m.label) not in done] for it in batch]
