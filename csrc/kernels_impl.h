@@ -363,7 +363,11 @@ inline void add_term(float score, int32_t id, int g, const BlockView& B, const A
 inline void offer_chunk(const float* dots, float* scores, const uint16_t* ids, int cn, int g, const BlockView& B,
                         const AttendParams& P, float* row, Partial& out) {
   const int64_t base = static_cast<int64_t>(g) * P.exact;
+  const float* root = out.top_raw + base;  // the lowest kept raw score, once the heap is full
   for (int j = 0; j < cn; ++j) {
+    // Once the heap is full, nearly every candidate ranks below its root: test that first, a
+    // branch the CPU predicts, unlike "is this a candidate of head g" (keep_best tests it again).
+    if (out.top_n[g] == P.exact && !(dots[j] * P.scale > root[0])) continue;
     if (!(scores[j] > -__builtin_inff())) continue;  // not a candidate of this head (or NaN: stays weighted)
     const Offer o = keep_best(out.top_raw + base, out.top_score + base, out.top_id + base, out.top_n[g], P.exact,
                               dots[j] * P.scale, scores[j], ids[j]);
