@@ -251,9 +251,7 @@ def main(argv: list[str] | None = None, adapter: ModelAdapter | None = None) -> 
                       max_new_tokens=args.max_new_tokens, shard=args.shard or (0, 1))
     except FetchError as err:  # RULER's data could not be fetched or cached: not a bug
         return report(prog, err)
-    paths = write_summary(out, records, [m.label for m in methods])
-    print(paths["md"].read_text())
-    print(f"wrote {out / 'predictions.jsonl'}, {paths['md']}, {paths['csv']}, {paths['png']}")
+    _write_and_print_summary(out, records, [m.label for m in methods])
     return 0
 
 
@@ -266,10 +264,15 @@ def _run_workers(args: argparse.Namespace, argv: list[str] | None, methods: list
     status = run_workers(list(argv), out, args.workers, args.threads)
     records = read_records(out)
     if records:
-        paths = write_summary(out, records, [m.label for m in methods])
-        print(paths["md"].read_text())
-        print(f"wrote {out / 'predictions.jsonl'}, {paths['md']}, {paths['csv']}, {paths['png']}")
+        _write_and_print_summary(out, records, [m.label for m in methods])
     return status
+
+
+def _write_and_print_summary(out: Path, records: list, labels: list[str]) -> None:
+    """The end of a run: summary.md/.csv/.png written into ``out``, the table printed."""
+    paths = write_summary(out, records, labels)
+    print(paths["md"].read_text())
+    print(f"wrote {out / 'predictions.jsonl'}, {paths['md']}, {paths['csv']}, {paths['png']}")
 
 
 def _summary(args: argparse.Namespace) -> int:
