@@ -188,6 +188,17 @@ def test_bad_completion_requests_are_400_naming_the_problem(server, body, words)
     assert _metrics(server)["magicpig_prompt_tokens_total"] == before
 
 
+@pytest.mark.parametrize("field, value", [
+    ("n", 2), ("logprobs", 3), ("presence_penalty", 0.5), ("frobnicate", True), ("stop", ["", "x"]),
+    ("temperature", -1), ("stream_options", {"include_usage": True}),
+])
+def test_a_refused_field_is_the_errors_param(server, field, value):
+    """OpenAI's error names the offending field in ``param``; clients key on it."""
+    resp = _post(server, "/v1/completions", {"model": MODEL, "prompt": "hi", field: value})
+    _error(resp, 400)
+    assert resp.json()["error"]["param"] == field
+
+
 @pytest.mark.parametrize("body, words", [
     ({"model": MODEL, "messages": []}, ["messages"]),
     ({"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, ["role"]),

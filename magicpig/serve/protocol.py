@@ -57,13 +57,14 @@ class _Sampling(BaseModel):
     presence_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None
 
-    def unsupported(self) -> list[str]:
-        """Names of the fields set to something the runtime does not do (and unknown fields)."""
-        bad = [f"{k}={getattr(self, k)!r}" for k in _OFF_VALUES if k in self.model_fields_set
+    def unsupported(self) -> list[tuple[str, str]]:
+        """(field name, what was asked) per field set to something the runtime does not do, and
+        per unknown field: the name is the error's ``param``, the text its message."""
+        bad = [(k, f"{k}={getattr(self, k)!r}") for k in _OFF_VALUES if k in self.model_fields_set
                and getattr(self, k, None) not in _OFF_VALUES[k]]
-        bad += [f"{k} (unknown field)" for k in (self.model_extra or {})]
+        bad += [(k, f"{k} (unknown field)") for k in (self.model_extra or {})]
         if isinstance(self.stop, list) and not all(self.stop):
-            bad.append("stop=[''] (empty stop strings)")
+            bad.append(("stop", "stop=[''] (empty stop strings)"))
         return bad
 
 

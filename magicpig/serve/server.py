@@ -223,7 +223,7 @@ async def _serve(state: ServerState, request: Request, body: _Sampling, prompt: 
                        code="model_not_found", param="model")
     bad = body.unsupported()
     if bad:
-        raise APIError(400, "unsupported by this server: " + ", ".join(bad), param=bad[0].split("=")[0].split(" ")[0])
+        raise APIError(400, "unsupported by this server: " + ", ".join(text for _, text in bad), param=bad[0][0])
     if body.stream_options is not None and not body.stream:  # checked before the engine gets the request
         raise APIError(400, "stream_options: only allowed when stream is true", param="stream_options")
     sub = Submission(new_id("chatcmpl" if chat else "cmpl"), prompt, chat, _sampling_params(body, max_tokens), max_tokens)
