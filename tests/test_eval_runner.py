@@ -161,6 +161,8 @@ def test_summary_tables(tmp_path):
     paths = write_summary(tmp_path, recs, ["dense", "topk:0.03"])
     md = paths["md"].read_text()
     assert "| **average** | 75.0 | 25.0 |" in md and "| cost (% keys read) | 100.00 | 3.00 |" in md
+    # below the scores, top-k answer by answer against dense: lower on all 4 prompts
+    assert "answer by answer against dense" in md and "| topk:0.03 | 4 | 0 | 0 | 4 | 0.12 |" in md
     with open(paths["csv"]) as f:
         table = list(csv.DictReader(f))
     assert {"benchmark", "task", "length", "method", "n", "score", "cost"} <= set(table[0])

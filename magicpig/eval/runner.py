@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
 from magicpig.config import METHODS, MagicPIGConfig
+from magicpig.eval.paired import paired_markdown
 
 PREDICTIONS = "predictions.jsonl"
 
@@ -340,7 +341,9 @@ def _mean(values: Iterable[float]) -> float:
 
 
 def write_summary(out_dir: str | Path, records: Sequence[dict[str, Any]], method_order: Sequence[str] = ()) -> dict[str, Path]:
-    """summary.csv, summary.md and accuracy_vs_cost.png in ``out_dir``; returns their paths."""
+    """summary.csv, summary.md and accuracy_vs_cost.png in ``out_dir``; returns their paths.
+    summary.md holds the score tables and, below them, every method answer by answer against
+    the first of ``method_order`` (:mod:`magicpig.eval.paired`)."""
     out = Path(out_dir)
     rows = summarize(records)
     paths = {"csv": out / "summary.csv", "md": out / "summary.md", "png": out / "accuracy_vs_cost.png"}
@@ -349,7 +352,8 @@ def write_summary(out_dir: str | Path, records: Sequence[dict[str, Any]], method
         w.writeheader()
         for r in rows:
             w.writerow({**r, "score": f"{r['score']:.2f}", "cost": f"{r['cost']:.3f}"})
-    paths["md"].write_text(summary_markdown(rows, method_order), encoding="utf-8")
+    paired = paired_markdown(records, _ordered_methods(rows, method_order))
+    paths["md"].write_text(summary_markdown(rows, method_order) + ("\n" + paired if paired else ""), encoding="utf-8")
     plot_accuracy_vs_cost(rows, paths["png"], method_order)
     return paths
 
