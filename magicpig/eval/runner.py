@@ -236,19 +236,20 @@ def run(
     if len(set(labels)) != len(labels):
         raise ValueError(f"methods: duplicate names in {labels}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    records = read_records(out)
-    models = {r.get("model") for r in records}
-    if records and models != {adapter.name}:
-        raise ValueError(
-            f"{out / PREDICTIONS} holds results of model(s) {sorted(map(str, models))}, not "
-            f"{adapter.name!r}: use another --out"
-        )
+    records = _records_of_model(out, adapter.name)
     done = {record_key(r) for r in records}
     groups = list(groups)
     units = sum(len(range(part, n, parts)) for _, _, n in groups) * len(methods) if total is None else total
     bar = tqdm(total=units, disable=not progress, desc="eval", unit="answer", dynamic_ncols=True)
     with open(out / PREDICTIONS, "a", encoding="utf-8") as sink:
+
+        def keep(rec: dict[str, Any]) -> None:  # every answer on disk as soon as it exists (resumable)
+            sink.write(json.dumps(rec) + "\n")
+            sink.flush()
+            records.append(rec)
+            done.add(record_key(rec))
+            bar.update(1)
+
         for (benchmark, task, length), make_items, count in groups:
             pending_keys = [(benchmark, task, length, i, m) for i in range(part, count, parts) for m in labels]
             skipped = sum(k in done for k in pending_keys)
@@ -264,37 +265,49 @@ def run(
                 continue
             items = [it for it in items if it.index % parts == part]
             for batch_start in range(0, len(items), batch_size):
-                batch = items[batch_start:batch_start + batch_size]
-                todo = [[m for m in methods if it.key(m.label) not in done] for it in batch]
-                need = [i for i, ms in enumerate(todo) if ms]
-                if not need:
-                    continue
-                ids = [_encode(adapter, batch[i].prompt) for i in need]
-                state = adapter.concat([adapter.prefill([x]) for x in ids])  # one prefill per sample
-                for m in methods:
-                    rows = [j for j, i in enumerate(need) if m in todo[i]]
-                    if not rows:
-                        continue
-                    sub = adapter.select(state, rows)
-                    lens = [len(ids[j]) for j in rows]
-                    max_new = min(batch[need[rows[0]]].max_new_tokens, adapter.max_context - max(lens),
-                                  max_new_tokens or adapter.max_context)
-                    if max_new < 1:
-                        raise ValueError(
-                            f"{task}@{length}: prompts of {max(lens)} tokens leave no room to generate "
-                            f"within the model's {adapter.max_context} positions"
-                        )
-                    gens = adapter.generate(sub, m.config, max_new)
-                    for j, gen in zip(rows, gens):
-                        item = batch[need[j]]
-                        rec = _record(adapter, item, m, gen, len(ids[j]))
-                        sink.write(json.dumps(rec) + "\n")
-                        sink.flush()
-                        records.append(rec)
-                        done.add(record_key(rec))
-                        bar.update(1)
+                _run_batch(adapter, items[batch_start:batch_start + batch_size], methods, done, max_new_tokens, keep)
     bar.close()
     return records
+
+
+def _records_of_model(out: Path, model: str) -> list[dict[str, Any]]:
+    """The records already in ``out`` (created if missing); all must be ``model``'s."""
+    out.mkdir(parents=True, exist_ok=True)
+    records = read_records(out)
+    models = {r.get("model") for r in records}
+    if records and models != {model}:
+        raise ValueError(
+            f"{out / PREDICTIONS} holds results of model(s) {sorted(map(str, models))}, not "
+            f"{model!r}: use another --out"
+        )
+    return records
+
+
+def _run_batch(adapter: ModelAdapter, batch: list[EvalItem], methods: Sequence[MethodSpec], done: set,
+               max_new_tokens: int | None, keep: Callable[[dict[str, Any]], None]) -> None:
+    """Prefill the items of ``batch`` that some method has not answered (one exact prefill per
+    prompt), then decode each method from that state for the items it lacks; ``keep`` each record."""
+    todo = [[m for m in methods if it.key(m.label) not in done] for it in batch]
+    need = [i for i, ms in enumerate(todo) if ms]
+    if not need:
+        return
+    ids = [_encode(adapter, batch[i].prompt) for i in need]
+    state = adapter.concat([adapter.prefill([x]) for x in ids])  # one prefill per sample
+    for m in methods:
+        rows = [j for j, i in enumerate(need) if m in todo[i]]
+        if not rows:
+            continue
+        first = batch[need[rows[0]]]
+        lens = [len(ids[j]) for j in rows]
+        max_new = min(first.max_new_tokens, adapter.max_context - max(lens), max_new_tokens or adapter.max_context)
+        if max_new < 1:
+            raise ValueError(
+                f"{first.task}@{first.length}: prompts of {max(lens)} tokens leave no room to generate "
+                f"within the model's {adapter.max_context} positions"
+            )
+        gens = adapter.generate(adapter.select(state, rows), m.config, max_new)
+        for j, gen in zip(rows, gens):
+            keep(_record(adapter, batch[need[j]], m, gen, len(ids[j])))
 
 
 def _encode(adapter: ModelAdapter, prompt: str) -> list[int]:
