@@ -99,13 +99,13 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<Store>(m, "Store")
       .def(py::init([](int num_kv_heads, int head_dim, int K, int L, int m_, int dtype, int num_threads,
-                       std::vector<float> table, float t_lo, float h, float floor, int exact_keys) {
+                       std::vector<float> table, float t_lo, float h, float floor, int exact_keys, bool carry_head) {
              return new Store(num_kv_heads, head_dim, K, L, m_, static_cast<KvDtype>(dtype), num_threads,
-                              std::move(table), t_lo, h, floor, exact_keys);
+                              std::move(table), t_lo, h, floor, exact_keys, carry_head);
            }),
            py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("K"), py::arg("L"), py::arg("min_collisions"),
            py::arg("dtype"), py::arg("num_threads"), py::arg("table"), py::arg("t_lo"), py::arg("h"),
-           py::arg("log_u_floor"), py::arg("exact_keys") = 0)
+           py::arg("log_u_floor"), py::arg("exact_keys") = 0, py::arg("carry_head") = false)
       .def("add_sequence", &Store::add_sequence)
       // Without the GIL: these wait for the append to the sequence they read (remove_sequence
       // also for its attends), which may take long; holding the GIL would stall every thread.

@@ -100,6 +100,9 @@ struct Kernels {
   void (*simhash_codes)(const float* x, int64_t n, int d, const float* proj, int K, int L, int32_t* codes);
   // Row `row` of d elements of dtype (rows `stride` bytes apart) -> fp32 out.
   void (*load_row)(const void* base, KvDtype dtype, int64_t row, int d, int64_t stride, float* out);
+  // q . (row `row` of keys) in fp32, rounded exactly as attend_block rounds a candidate's dot
+  // (so a key scored here and there ranks the same); row: scratch of d floats.
+  float (*key_dot)(const void* keys, KvDtype dtype, int64_t row, int d, int64_t stride, const float* q, float* scratch);
 };
 
 }  // namespace magicpig

@@ -558,9 +558,16 @@ void simhash_codes(const float* x, int64_t n, int d, const float* proj, int K, i
   }
 }
 
+float key_dot(const void* keys, KvDtype dtype, int64_t row, int d, int64_t stride, const float* q, float* scratch) {
+  load_row(keys, dtype, row, d, stride, scratch);
+  float dot;
+  group_dots(q, 1, d, scratch, &dot);  // per head the same sums as attend_block's group of G
+  return dot;
+}
+
 const magicpig::Kernels& kernels() {
   static const magicpig::Kernels table{MAGICPIG_ISA_NAME, &attend_block, &transpose_codes16, &row_norms,
-                                             &simhash_codes, &load_row};
+                                             &simhash_codes, &load_row, &key_dot};
   return table;
 }
 

@@ -75,6 +75,54 @@ float rank_head(std::vector<HeadEntry>& entries, int exact) {
   return top;
 }
 
+// carry_head: adds the last attend's head keys of one (row, query head) (positions, -1 = none)
+// that are not among the entries (the blocks' kept candidates) as entries without a weighted
+// score (-inf), so rank_head attends one exactly when it ranks among the best and drops it
+// otherwise. A carried key that is a candidate its block did not keep ranks below the `exact`
+// candidates that block kept (key_dot rounds as the kernel does, ties go the same way), so it
+// never joins the head and is counted once, in its block's weighted sum. tasks [first, first +
+// ntask) are the row's blocks in order. Returns the key rows read.
+int add_carried(const int64_t* carried, const Sequence& seq, int h, int64_t first, int64_t ntask, const float* q,
+                const AttendParams& P, const Kernels& kern, float* row, std::vector<HeadEntry>& entries) {
+  const size_t kept = entries.size();
+  const int64_t row_bytes = static_cast<int64_t>(P.d) * kv_itemsize(P.dtype);
+  int read = 0;
+  for (int e = 0; e < P.exact; ++e) {
+    const int64_t pos = carried[e];
+    const int64_t blk = pos / kBlockTokens;
+    const int32_t id = static_cast<int32_t>(pos % kBlockTokens);
+    if (pos < 0 || blk >= ntask || id >= seq.heads[h][blk].len) continue;  // none (or not this sequence's)
+    const int64_t task = first + blk;
+    bool is_entry = false;
+    for (size_t i = 0; i < kept && !is_entry; ++i) is_entry = entries[i].task == task && entries[i].id == id;
+    if (is_entry) continue;
+    const float raw = kern.key_dot(seq.heads[h][blk].kv.data(), P.dtype, id, P.d, 2 * row_bytes, q, row) * P.scale;
+    ++read;
+    if (std::isnan(raw)) continue;  // a NaN query (trusted path): nothing to rank
+    entries.push_back({raw, -std::numeric_limits<float>::infinity(), task, id, 0.0f});
+  }
+  return read;
+}
+
+// carry_head: every row's last head, [B][Hq][E] positions (-1: none), read before the merge
+// so that a sequence named twice in one batch carries the same head into both rows.
+std::vector<int64_t> read_heads(const std::vector<const Sequence*>& seqs, int Hq, int E) {
+  std::vector<int64_t> heads(seqs.size() * Hq * E, -1);
+  for (size_t b = 0; b < seqs.size(); ++b) {
+    std::lock_guard<std::mutex> g(seqs[b]->head_mutex);
+    const auto& last = seqs[b]->last_head;
+    if (last.size() == static_cast<size_t>(Hq) * E) std::copy(last.begin(), last.end(), heads.begin() + b * Hq * E);
+  }
+  return heads;
+}
+
+void write_heads(const std::vector<const Sequence*>& seqs, int Hq, int E, const std::vector<int64_t>& heads) {
+  for (size_t b = 0; b < seqs.size(); ++b) {  // a sequence named twice keeps its last row's head
+    std::lock_guard<std::mutex> g(seqs[b]->head_mutex);
+    seqs[b]->last_head.assign(heads.begin() + b * Hq * E, heads.begin() + (b + 1) * Hq * E);
+  }
+}
+
 }  // namespace
 
 // K/V buffers of 4 MiB and more are 2 MiB aligned and marked for transparent huge pages:
@@ -103,13 +151,15 @@ void* alloc_bytes(size_t bytes, bool huge) {
 void free_bytes(void* p) { std::free(p); }
 
 Store::Store(int num_kv_heads_, int head_dim_, int K_, int L_, int min_collisions_, KvDtype dtype_,
-             int num_threads_, std::vector<float> table, float t_lo, float h, float log_u_floor, int exact_keys_)
+             int num_threads_, std::vector<float> table, float t_lo, float h, float log_u_floor, int exact_keys_,
+             bool carry_head_)
     : num_kv_heads(num_kv_heads_),
       head_dim(head_dim_),
       K(K_),
       L(L_),
       min_collisions(min_collisions_),
       exact_keys(exact_keys_),
+      carry_head(carry_head_),
       dtype(dtype_),
       num_threads(num_threads_),
       low_bits_(std::min(K_, kMaxLowBits)),
@@ -126,6 +176,8 @@ Store::Store(int num_kv_heads_, int head_dim_, int K_, int L_, int min_collision
   check_range(where, "min_collisions", min_collisions, 1, L);
   check_range(where, "dtype", static_cast<int>(dtype), 0, 2);
   check_range(where, "exact_keys", exact_keys, 0, kMaxExact);
+  if (carry_head && exact_keys == 0)
+    throw std::invalid_argument("Store: carry_head: expected exact_keys > 0 (the head it carries), got exact_keys=0");
   check_threads(where, num_threads);
   // The weight lookup interpolates the table at (t - t_lo) / h: with fewer than two points
   // it reads past the end, with a NaN, infinite or non-positive step the weights mean nothing.
@@ -152,6 +204,10 @@ namespace {
 
 int64_t sequence_bytes(const Sequence& s) {
   int64_t total = sizeof(Sequence);
+  {
+    std::lock_guard<std::mutex> g(s.head_mutex);
+    total += static_cast<int64_t>(s.last_head.capacity() * sizeof(int64_t));
+  }
   for (const auto& blocks : s.heads)
     for (const Block& b : blocks) total += static_cast<int64_t>(b.nbytes());
   return total;
@@ -564,6 +620,8 @@ void Store::attend(const int64_t* seq_ids, int B, int Hq, const float* queries, 
   const int64_t row_bytes = static_cast<int64_t>(d) * kv_itemsize(dtype);
   std::vector<HeadEntry> entries;
   std::vector<float> value_row(E > 0 ? d : 0);
+  std::vector<int64_t> carried = carry_head ? read_heads(seqs, Hq, E) : std::vector<int64_t>();
+  std::vector<int64_t> next_heads(carried.size(), -1);
   for (int b = 0; b < B; ++b) {
     for (int hq = 0; hq < Hq; ++hq) {
       const int h = hq / G, sub = (hq % G) / kMaxGroup, g = (hq % G) % kMaxGroup;
@@ -575,7 +633,6 @@ void Store::attend(const int64_t* seq_ids, int B, int Hq, const float* queries, 
         M = std::max(M, mx[i * kMaxGroup + g]);
         count += counts[i * kMaxGroup + g];
       }
-      ncand[static_cast<int64_t>(b) * Hq + hq] = count;
       entries.clear();
       if (E > 0) {  // the blocks' kept candidates, left out of their sums (kernels_impl.h, offer_chunk)
         for (int64_t i = first_task[key]; i >= 0 && i < first_task[key] + ntask[key]; ++i) {
@@ -583,8 +640,16 @@ void Store::attend(const int64_t* seq_ids, int B, int Hq, const float* queries, 
           for (int e = 0; e < top_n[t]; ++e)
             entries.push_back({top_raw[t * E + e], top_score[t * E + e], i, top_id[t * E + e], 0.0f});
         }
+        const int64_t row_head = (static_cast<int64_t>(b) * Hq + hq) * E;
+        if (carry_head)
+          count += add_carried(carried.data() + row_head, *seqs[b], h, first_task[key], ntask[key],
+                               queries + (static_cast<int64_t>(b) * Hq + hq) * d, P, kern, value_row.data(), entries);
         M = std::max(M, rank_head(entries, E));
+        if (carry_head)  // rank_head sorted the head first
+          for (size_t e = 0; e < std::min(entries.size(), static_cast<size_t>(E)); ++e)
+            next_heads[row_head + e] = tasks[entries[e].task].block * static_cast<int64_t>(kBlockTokens) + entries[e].id;
       }
+      ncand[static_cast<int64_t>(b) * Hq + hq] = count;
       std::fill(o, o + d, 0.0f);
       if (!(M > ninf)) {
         lse[static_cast<int64_t>(b) * Hq + hq] = ninf;
@@ -600,6 +665,7 @@ void Store::attend(const int64_t* seq_ids, int B, int Hq, const float* queries, 
         for (int k = 0; k < d; ++k) o[k] += w * a[k];
       }
       for (const HeadEntry& e : entries) {  // every term added, none subtracted
+        if (!(e.exponent > ninf)) continue;  // a carried key outside the head: no term
         const float w = std::exp(e.exponent - M);
         const Block& blk = seqs[b]->heads[h][tasks[e.task].block];
         kern.load_row(blk.kv.data() + row_bytes, dtype, e.id, d, 2 * row_bytes, value_row.data());
@@ -611,6 +677,7 @@ void Store::attend(const int64_t* seq_ids, int B, int Hq, const float* queries, 
       lse[static_cast<int64_t>(b) * Hq + hq] = M + static_cast<float>(std::log(S));
     }
   }
+  if (carry_head) write_heads(seqs, Hq, E, next_heads);
 }
 
 }  // namespace magicpig

@@ -99,6 +99,11 @@ struct Sequence {
   bool removed = false;  // set by remove_sequence: holders of a stale pointer must not use it
   int64_t length = 0;
   std::vector<std::vector<Block>> heads;  // [Hkv][block]
+  // With carry_head: the exact head of the last attend, per query head the token positions of
+  // its keys ([Hq][exact_keys], -1 where it held fewer). Attends hold `mutex` shared and write
+  // this, so it has its own lock.
+  mutable std::mutex head_mutex;
+  mutable std::vector<int64_t> last_head;
 };
 
 class Store {
@@ -106,8 +111,11 @@ class Store {
   // table: Hermite table of log u over t = log p in [t_lo, 0] (see AttendParams).
   // exact_keys: per query head, the candidates of highest q.k attended exactly (weight 1, not
   // 1/u; ties to the earlier token), merged with the weighted rest; 0 = plain sampling.
+  // carry_head (needs exact_keys > 0): the head is chosen among the candidates and the last
+  // attend's head of the same sequence and query head, read even when not a candidate.
   Store(int num_kv_heads, int head_dim, int K, int L, int min_collisions, KvDtype dtype, int num_threads,
-        std::vector<float> table, float t_lo, float h, float log_u_floor, int exact_keys = 0);
+        std::vector<float> table, float t_lo, float h, float log_u_floor, int exact_keys = 0,
+        bool carry_head = false);
 
   int64_t add_sequence();
   void remove_sequence(int64_t seq_id);
@@ -118,7 +126,8 @@ class Store {
   // are checked here (invalid_argument / out_of_range).
   void append(int64_t seq_id, const void* keys, const void* values, const int32_t* codes, int64_t t);
   // queries fp32 [B, Hq, d]; query_codes int32 [B, Hq, L]; out fp32 [B, Hq, d];
-  // lse fp32 [B, Hq]; ncand int32 [B, Hq]. Sizes as for append; B, Hq, codes and ids checked.
+  // lse fp32 [B, Hq]; ncand int32 [B, Hq]: keys read (the candidates, plus with carry_head the
+  // carried keys its blocks did not keep). Sizes as for append; B, Hq, codes and ids checked.
   void attend(const int64_t* seq_ids, int B, int Hq, const float* queries, const int32_t* query_codes, float* out,
               float* lse, int32_t* ncand) const;
   // invalid_argument unless t >= 0 / B >= 0 and Hq is a positive multiple of num_kv_heads
@@ -136,6 +145,7 @@ class Store {
   int threads() const;
 
   int num_kv_heads, head_dim, K, L, min_collisions, exact_keys;
+  bool carry_head;
   KvDtype dtype;
   int num_threads;  // 0: OpenMP default (all cores); at most max_threads() (checks.h)
 

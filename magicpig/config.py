@@ -90,6 +90,10 @@ class MagicPIGConfig:
     scores q.k/sqrt(d) that magicpig attends exactly (weight 1) instead of importance-weighted
     (weight 1/u); the rest of the sample keeps its weights, and the two merge by log-sum-exp.
     0 (the default) is plain sampling. It reads no extra key: the head comes from the candidates.
+    carry_head (needs exact_keys > 0): the head is chosen among the candidates and the keys of
+    the last decode step's head (per sequence, layer and query head), which are read even when
+    this step's hashes miss them (at most exact_keys more keys read; counted in the cost).
+    Attention moves little from one step to the next, so this finds keys the tables missed.
     """
 
     K: Optional[int] = None
@@ -105,6 +109,7 @@ class MagicPIGConfig:
     budget: float = 0.02
     cpu_backend: str = "auto"
     exact_keys: int = 0
+    carry_head: bool = False
 
     def __post_init__(self) -> None:
         self._check_lsh()
@@ -114,6 +119,7 @@ class MagicPIGConfig:
         }
         for name, (low, high) in ints.items():
             self._set(name, check_int(f"MagicPIGConfig.{name}", getattr(self, name), low, high))
+        self._check_carry_head()
         if self.cpu_threads is not None:
             self._set("cpu_threads", check_int("MagicPIGConfig.cpu_threads", self.cpu_threads, 1, max_cpu_threads()))
         _check_choice("kv_dtype", self.kv_dtype, KV_DTYPES)
@@ -130,6 +136,13 @@ class MagicPIGConfig:
                     "sequence of non-negative layer indices"
                 )
             self._set("dense_layers", tuple(sorted({int(i) for i in layers})))
+
+    def _check_carry_head(self) -> None:
+        if not isinstance(self.carry_head, bool):
+            raise TypeError(f"MagicPIGConfig.carry_head={self.carry_head!r}: expected True or False")
+        if self.carry_head and self.exact_keys == 0:
+            raise ValueError("MagicPIGConfig.carry_head=True: expected exact_keys > 0 (the head it carries), "
+                             "got exact_keys=0")
 
     def _check_lsh(self) -> None:
         """K and L both set or both None; min_collisions in [1, L] (2 when K, L set and it is not)."""

@@ -66,6 +66,7 @@ def config_kwargs() -> st.SearchStrategy[dict]:
         st.lists(HOSTILE_INTS, max_size=3)), "kv_dtype": st.sampled_from(["bf16", "fp16", "fp32", "int8", 3]),
         "method": st.sampled_from(["magicpig", "dense", "topk", "nope", None]),
         "cpu_backend": st.sampled_from(["auto", "cpp", "numba", "gpu"]),
+        "carry_head": st.sampled_from([True, False, 1, "yes", None]),
     }
     assert set(field_values) == set(CONFIG_FIELDS), "a new config field needs a fuzz strategy"
     return st.fixed_dictionaries({}, optional=field_values)
@@ -83,6 +84,7 @@ def fuzz_config(kwargs: dict) -> None:
     else:  # both left to the model; a given threshold is valid on its own
         assert cfg.L is None and (cfg.min_collisions is None or cfg.min_collisions >= 1)
     assert cfg.window_tokens >= 1 and 0 <= cfg.exact_keys <= 1024
+    assert type(cfg.carry_head) is bool and (not cfg.carry_head or cfg.exact_keys > 0)
     assert cfg.cpu_threads is None or 1 <= cfg.cpu_threads <= max_cpu_threads()
     assert 0 < cfg.budget <= 1 and math.isfinite(cfg.budget)
     for name in ("K", "L", "min_collisions", "sink_tokens", "window_tokens", "seed", "exact_keys"):
@@ -91,13 +93,14 @@ def fuzz_config(kwargs: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------- store
-STORE_ARGS = ("num_kv_heads", "head_dim", "K", "L", "min_collisions", "kv_dtype", "num_threads", "backend", "exact_keys")
+STORE_ARGS = ("num_kv_heads", "head_dim", "K", "L", "min_collisions", "kv_dtype", "num_threads", "backend", "exact_keys",
+              "carry_head")
 CALL_ARGS = ("seq_id", "seq_ids", "keys", "values", "key_codes", "queries", "query_codes")
 BACKENDS = ["cpp", "numba"] if extension_available() else ["numba"]
 
 
 STORE_FAULTS = (
-    "num_kv_heads", "head_dim", "K", "L", "min_collisions", "num_threads", "exact_keys", "kv_dtype", "key_shape",
+    "num_kv_heads", "head_dim", "K", "L", "min_collisions", "num_threads", "exact_keys", "carry_head", "kv_dtype", "key_shape",
     "nan_key", "inf_value", "fp16_overflow", "code_range", "query_nan", "query_heads", "seq_unknown",
     "seq_float", "query_dtype",
 )
@@ -114,6 +117,9 @@ def store_case(draw: st.DrawFn) -> dict:
         kv_dtype=draw(st.sampled_from(["bf16", "fp16", "fp32"])), num_threads=draw(st.sampled_from([None, 1, 2])),
         backend=draw(st.sampled_from(BACKENDS)), exact_keys=draw(st.sampled_from([0, 1, 3, 50])),
     )
+    args["carry_head"] = args["exact_keys"] > 0 and draw(st.booleans())
+    if fault == "carry_head":  # not a bool, or a head to carry with none kept
+        args["carry_head"], args["exact_keys"] = draw(st.sampled_from([("yes", 3), (1, 3), (True, 0)]))
     if fault in ("num_kv_heads", "head_dim", "K", "L", "min_collisions", "num_threads", "exact_keys"):
         args[fault] = draw(HOSTILE_INTS)
     if fault == "kv_dtype":
@@ -156,12 +162,15 @@ def fuzz_store(case: dict) -> None:
         sid = store.add_sequence()
         store.append(sid, case["keys"], case["values"], case["codes"])
         ids = {"own": [sid] * case["queries"].shape[0], "unknown": [sid + 99], "float": [0.5]}[case["seq_pick"]]
-        out, lse, ncand = store.attend(ids, case["queries"], case["qcodes"])
+        first = store.attend(ids, case["queries"], case["qcodes"])
+        # a second step (with carry_head, last step's head joins the candidates)
+        out, lse, ncand = store.attend(ids, case["queries"].flip(-1), case["qcodes"].flip(-1))
     except Exception as err:  # noqa: BLE001
         assert_named(err, CALL_ARGS)
         return
     finally:
         store.close()
+    _attend_result_is_sane(*first)
     _attend_result_is_sane(out, lse, ncand)
     store.remove_sequence(sid)
     assert store.nbytes() == empty_bytes  # nothing of the sequence left behind

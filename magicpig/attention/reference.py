@@ -183,6 +183,20 @@ def top_candidates(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, count: 
     return head & mask
 
 
+def carried_head(
+    q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, last_head: torch.Tensor, count: int
+) -> torch.Tensor:
+    """The exact head with ``MagicPIGConfig.carry_head``: the ``count`` keys of highest
+    q.k/sqrt(d) among this step's candidates ``mask`` and the last step's head ``last_head``
+    (read whether or not the hashes find them again); ties to the earlier position.
+
+    q [B, Hq, d]; k [B, Hkv, n, d]; mask, last_head bool [B, Hq, n]. Returns bool [B, Hq, n],
+    the head to pass to :func:`hybrid_attention` (and to carry into the next step).
+    """
+    _check_per_key("last_head", last_head, tuple(mask.shape), q.device)
+    return top_candidates(q, k, mask | last_head, count)
+
+
 def hybrid_attention(
     q: torch.Tensor,
     k: torch.Tensor,

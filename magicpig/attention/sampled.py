@@ -36,6 +36,7 @@ def _make_store(config: MagicPIGConfig, num_kv_heads: int, head_dim: int) -> CPU
         num_threads=config.cpu_threads,
         backend=config.cpu_backend,
         exact_keys=config.exact_keys,
+        carry_head=config.carry_head,
     )
 
 

@@ -43,6 +43,13 @@ _BUDGETED = ("topk", "quest", "oracle_sampling", "retrieval")
 _INT_FIELDS = ("K", "L", "min_collisions", "sink_tokens", "window_tokens", "seed", "cpu_threads", "exact_keys")
 
 
+def _parse_bool(text: str, key: str, value: str) -> bool:
+    flag = {"1": True, "true": True, "0": False, "false": False}.get(value.strip().lower())
+    if flag is None:
+        raise ValueError(f"method {text!r}: {key}={value!r}: expected 1, 0, true or false")
+    return flag
+
+
 def parse_method(text: str, base: MagicPIGConfig | None = None) -> MethodSpec:
     """``name`` or ``name:args``: ``magicpig:K=8,L=75``, ``topk:0.03`` (a bare number is the
     budget), ``quest:budget=0.03,sink_tokens=4``. Unnamed fields keep ``base``'s values."""
@@ -58,6 +65,9 @@ def parse_method(text: str, base: MagicPIGConfig | None = None) -> MethodSpec:
                 raise ValueError(f"method {text!r}: a bare number is a budget, which {name} has none of")
             key, value = "budget", part
         key = key.strip()
+        if key == "carry_head":
+            changes[key] = _parse_bool(text, key, value)
+            continue
         try:
             if key in _INT_FIELDS:
                 changes[key] = int(value)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 TAIL_MERGE = 256
+BLOCK_TOKENS = 65535  # the C++ store's block (kBlockTokens): its exact head keeps the best per block
 MAX_LOW_BITS = 12  # as LOW_BITS of cpu_store and kMaxLowBits of the C++ store
 _TORCH_DTYPE = {0: torch.bfloat16, 1: torch.float16, 2: torch.float32}
 
@@ -62,14 +63,48 @@ def _build_csr(codes, n, low_bits, offsets, ids):
             cnt[b] += 1
 
 
+@numba.njit(cache=True)
+def _kept_by_block(raw, counts, m, p, exact, n):
+    """Whether candidate p is among the ``exact`` best candidates (raw score, then position) of
+    its 65535-token block: the ones the C++ kernel's per-block heap keeps."""
+    start = (p // BLOCK_TOKENS) * BLOCK_TOKENS
+    above = 0
+    for i in range(start, min(n, start + BLOCK_TOKENS)):
+        if counts[i] >= m and (raw[i] > raw[p] or (raw[i] == raw[p] and i < p)):
+            above += 1
+    return above < exact
+
+
+@numba.njit(cache=True)
+def _carry(carried, counts, m, raw, keys, h, q, scale, exact, n):
+    """Adds the last head's keys (positions, -1 = none) that are not candidates to the pool the
+    head is chosen from (sets their raw score). Returns the rows read: the carried keys that are
+    not candidates kept by their block, as the C++ store counts them."""
+    read = 0
+    for e in range(carried.shape[0]):
+        p = carried[e]
+        if p < 0 or p >= n:
+            continue
+        if counts[p] >= m and _kept_by_block(raw, counts, m, p, exact, n):
+            continue
+        read += 1
+        if counts[p] < m:
+            dot = 0.0
+            for k in range(keys.shape[2]):
+                dot += np.float64(q[k]) * np.float64(keys[h, p, k])
+            raw[p] = dot * scale
+    return read
+
+
 @numba.njit(cache=True, parallel=True)
 def _attend_sequence(
     keys, values, norms, codes, n, csr_len, offsets, ids, low_bits, q, qnorm, qcodes, K, m, table, t_lo, inv_h,
-    floor, exact, out, lse, ncand,
+    floor, exact, carry, carried, out, lse, ncand, head,
 ):
     """One sequence: q float32 [Hq, d]; qcodes int32 [Hq, L]; writes out [Hq, d], lse [Hq], ncand [Hq].
-    The ``exact`` candidates of highest raw score q.k/sqrt(d) (ties: the earlier token) weigh
-    exp(raw) instead of exp(raw)/u."""
+    The ``exact`` keys of highest raw score q.k/sqrt(d) (ties: the earlier token) among the
+    candidates (and, with ``carry``, the last head's keys carried [Hq, exact]) weigh exp(raw);
+    the other candidates exp(raw)/u. head int64 [Hq, exact]: this head's positions (-1: none)."""
     H, d, L = keys.shape[0], keys.shape[2], codes.shape[2]
     Hq = q.shape[0]
     G = Hq // H
@@ -93,7 +128,6 @@ def _attend_sequence(
             counts[i] = c
         scores = np.full(n, -np.inf)
         raw = np.full(n, -np.inf)
-        mx = -np.inf
         found = 0
         for i in range(n):
             if counts[i] < m:
@@ -107,17 +141,22 @@ def _attend_sequence(
             c = min(max(c, -1.0), 1.0)
             t = K * math.log1p(-math.acos(c) / math.pi) if c > -1.0 else -np.inf
             raw[i] = dot * scale
-            s = raw[i] - _log_u(t, table, t_lo, inv_h, floor)
-            scores[i] = s
-            mx = max(mx, s)  # a head key's raw <= its score: mx stays the max
-        if exact > 0 and found > 0:
+            scores[i] = raw[i] - _log_u(t, table, t_lo, inv_h, floor)
+        read = _carry(carried[hq], counts, m, raw, keys, h, q[hq], scale, exact, n) if carry else 0
+        if exact > 0:
             order = np.argsort(-raw, kind="mergesort")  # stable: ties keep position order
-            for r in range(min(exact, found)):
+            for r in range(min(exact, n)):
+                if raw[order[r]] == -np.inf:
+                    break
                 scores[order[r]] = raw[order[r]]
-        ncand[hq] = found
+                head[hq, r] = order[r]
+        ncand[hq] = found + read
         for k in range(d):
             out[hq, k] = 0.0
-        if found == 0:
+        mx = -np.inf
+        for i in range(n):
+            mx = max(mx, scores[i])
+        if mx == -np.inf:
             lse[hq] = -np.inf
             continue
         acc = np.zeros(d)
@@ -144,9 +183,11 @@ class _Sequence:
         self.codes = np.empty((H, 0, L), np.int32)
         self.offsets = np.zeros((H, L, (1 << low_bits) + 1), np.int32)  # empty CSR
         self.ids = np.empty((H, L, 0), np.int32)
+        self.last_head = np.empty((0, 0), np.int64)  # carry_head: the last attend's head [Hq, exact]
 
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.keys, self.values, self.norms, self.codes, self.offsets, self.ids))
+        return sum(a.nbytes for a in (self.keys, self.values, self.norms, self.codes, self.offsets, self.ids,
+                                      self.last_head))
 
 
 def _grow(a: np.ndarray, n: int) -> np.ndarray:
@@ -163,9 +204,12 @@ class NumbaStore:
     """Same constructor and methods as magicpig._C.Store (see CPUStore)."""
 
     def __init__(self, num_kv_heads, head_dim, K, L, min_collisions, dtype, num_threads, table, t_lo, h, log_u_floor,
-                 exact_keys=0):
+                 exact_keys=0, carry_head=False):
         self.H, self.d, self.K, self.L, self.m = num_kv_heads, head_dim, K, L, min_collisions
         self.exact = int(exact_keys)
+        self.carry = bool(carry_head)
+        if self.carry and self.exact == 0:
+            raise ValueError("carry_head=True: expected exact_keys > 0 (the head it carries), got exact_keys=0")
         self.dtype = int(dtype)
         self.num_threads = num_threads
         self.table = np.asarray(table, np.float64)
@@ -230,12 +274,19 @@ class NumbaStore:
         q = q.reshape(B, Hq, self.d)
         qcodes = qcodes.reshape(B, Hq, self.L)
         qnorm = np.sqrt((q.astype(np.float64) ** 2).sum(-1)).astype(np.float32)
-        for b in range(B):
-            s = self._seqs[int(seq_ids[b])]
+        seqs = [self._seqs[int(seq_ids[b])] for b in range(B)]
+        # every row's carried head read before any is written (a sequence may be named twice)
+        carried = [s.last_head if s.last_head.shape == (Hq, self.exact) else np.full((Hq, self.exact), -1, np.int64)
+                   for s in seqs]
+        heads = [np.full((Hq, self.exact), -1, np.int64) for _ in seqs]
+        for b, s in enumerate(seqs):
             self._threads(
                 lambda: _attend_sequence(
                     s.keys, s.values, s.norms, s.codes, s.n, s.csr_len, s.offsets, s.ids, self.low_bits, q[b],
-                    qnorm[b], qcodes[b], self.K, self.m, self.table, self.t_lo, self.inv_h, self.floor, self.exact, out[b],
-                    lse[b], ncand[b],
+                    qnorm[b], qcodes[b], self.K, self.m, self.table, self.t_lo, self.inv_h, self.floor, self.exact,
+                    self.carry, carried[b], out[b], lse[b], ncand[b], heads[b],
                 )
             )
+        if self.carry:
+            for s, head in zip(seqs, heads):
+                s.last_head = head

@@ -120,8 +120,11 @@ class CPUStore:
     threads (None = all cores). backend: "cpp" (the extension), "numba", or "auto" (cpp when
     built). exact_keys: per query head, the candidates of highest q.k attended exactly (weight
     1 instead of 1/u; ties to the earlier token), as :func:`magicpig.attention.reference.
-    hybrid_attention` with ``top_candidates``; 0 = plain sampling. Query head h uses KV head
-    h // (Hq // num_kv_heads) (GQA).
+    hybrid_attention` with ``top_candidates``; 0 = plain sampling. carry_head (needs exact_keys >
+    0): the head is the best exact_keys among the candidates and the last attend's head of the
+    same sequence and query head (read even when not a candidate); num_candidates then counts
+    the keys read, candidates plus the carried keys outside the blocks' kept candidates. Query
+    head h uses KV head h // (Hq // num_kv_heads) (GQA).
     """
 
     def __init__(
@@ -135,6 +138,7 @@ class CPUStore:
         num_threads: Optional[int] = None,
         backend: str = "auto",
         exact_keys: int = 0,
+        carry_head: bool = False,
     ) -> None:
         self.num_kv_heads = check_int("num_kv_heads", num_kv_heads, 1)
         self.head_dim = check_int("head_dim", head_dim, 1, MAX_HEAD_DIM)
@@ -142,6 +146,11 @@ class CPUStore:
         self.L = check_int("L", L, 1, MAX_L)
         self.min_collisions = check_int("min_collisions", min_collisions, 1, self.L)
         self.exact_keys = check_int("exact_keys", exact_keys, 0, MAX_EXACT_KEYS)
+        if not isinstance(carry_head, bool):
+            raise TypeError(f"carry_head={carry_head!r}: expected True or False")
+        if carry_head and self.exact_keys == 0:
+            raise ValueError("carry_head=True: expected exact_keys > 0 (the head it carries), got exact_keys=0")
+        self.carry_head = carry_head
         if kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype={kv_dtype!r}: expected one of {KV_DTYPES}")
         self.kv_dtype = kv_dtype
@@ -168,6 +177,7 @@ class CPUStore:
             table.h,
             table.log_u_floor,
             self.exact_keys,
+            self.carry_head,
         )
         if self.backend == "cpp":
             self._impl = _C.Store(*args)
