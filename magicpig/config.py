@@ -28,6 +28,16 @@ def max_cpu_threads() -> int:
     return 4 * (os.cpu_count() or 1)
 
 
+def check_carry_head(name: str, carry_head: object, exact_keys: int) -> bool:
+    """The one check of a carry_head flag (``name`` as the caller spells it): a bool, and True
+    only with a head to carry (exact_keys > 0). Returns it."""
+    if not isinstance(carry_head, bool):
+        raise TypeError(f"{name}={carry_head!r}: expected True or False")
+    if carry_head and exact_keys == 0:
+        raise ValueError(f"{name}=True: expected exact_keys > 0 (the head it carries), got exact_keys=0")
+    return carry_head
+
+
 def check_int(name: str, value: object, low: Optional[int] = None, high: Optional[int] = None) -> int:
     """The package's one integer check; returns ``value`` as a Python int.
 
@@ -119,7 +129,7 @@ class MagicPIGConfig:
         }
         for name, (low, high) in ints.items():
             self._set(name, check_int(f"MagicPIGConfig.{name}", getattr(self, name), low, high))
-        self._check_carry_head()
+        check_carry_head("MagicPIGConfig.carry_head", self.carry_head, self.exact_keys)
         if self.cpu_threads is not None:
             self._set("cpu_threads", check_int("MagicPIGConfig.cpu_threads", self.cpu_threads, 1, max_cpu_threads()))
         _check_choice("kv_dtype", self.kv_dtype, KV_DTYPES)
@@ -136,13 +146,6 @@ class MagicPIGConfig:
                     "sequence of non-negative layer indices"
                 )
             self._set("dense_layers", tuple(sorted({int(i) for i in layers})))
-
-    def _check_carry_head(self) -> None:
-        if not isinstance(self.carry_head, bool):
-            raise TypeError(f"MagicPIGConfig.carry_head={self.carry_head!r}: expected True or False")
-        if self.carry_head and self.exact_keys == 0:
-            raise ValueError("MagicPIGConfig.carry_head=True: expected exact_keys > 0 (the head it carries), "
-                             "got exact_keys=0")
 
     def _check_lsh(self) -> None:
         """K and L both set or both None; min_collisions in [1, L] (2 when K, L set and it is not)."""

@@ -17,6 +17,8 @@ import numba
 import numpy as np
 import torch
 
+from magicpig.config import check_carry_head
+
 TAIL_MERGE = 256
 BLOCK_TOKENS = 65535  # the C++ store's block (kBlockTokens): its exact head keeps the best per block
 MAX_LOW_BITS = 12  # as LOW_BITS of cpu_store and kMaxLowBits of the C++ store
@@ -207,9 +209,7 @@ class NumbaStore:
                  exact_keys=0, carry_head=False):
         self.H, self.d, self.K, self.L, self.m = num_kv_heads, head_dim, K, L, min_collisions
         self.exact = int(exact_keys)
-        self.carry = bool(carry_head)
-        if self.carry and self.exact == 0:
-            raise ValueError("carry_head=True: expected exact_keys > 0 (the head it carries), got exact_keys=0")
+        self.carry = check_carry_head("carry_head", bool(carry_head), self.exact)
         self.dtype = int(dtype)
         self.num_threads = num_threads
         self.table = np.asarray(table, np.float64)

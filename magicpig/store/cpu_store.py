@@ -18,7 +18,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from magicpig.config import KV_DTYPES, MAX_EXACT_KEYS, MAX_K, MAX_L, check_int, max_cpu_threads
+from magicpig.config import KV_DTYPES, MAX_EXACT_KEYS, MAX_K, MAX_L, check_carry_head, check_int, max_cpu_threads
 from magicpig.store.weights import log_u_table
 
 try:  # the extension is optional: the numba backend runs the same algorithm
@@ -146,11 +146,7 @@ class CPUStore:
         self.L = check_int("L", L, 1, MAX_L)
         self.min_collisions = check_int("min_collisions", min_collisions, 1, self.L)
         self.exact_keys = check_int("exact_keys", exact_keys, 0, MAX_EXACT_KEYS)
-        if not isinstance(carry_head, bool):
-            raise TypeError(f"carry_head={carry_head!r}: expected True or False")
-        if carry_head and self.exact_keys == 0:
-            raise ValueError("carry_head=True: expected exact_keys > 0 (the head it carries), got exact_keys=0")
-        self.carry_head = carry_head
+        self.carry_head = check_carry_head("carry_head", carry_head, self.exact_keys)
         if kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype={kv_dtype!r}: expected one of {KV_DTYPES}")
         self.kv_dtype = kv_dtype
