@@ -1,7 +1,7 @@
 """Build of the C++/OpenMP extension ``magicpig._C`` through CMake (see CMakeLists.txt).
 
 Package metadata lives in pyproject.toml; this file only adds what needs code: the CMake
-extension and the mapping of the top-level ``kernels/`` directory to ``magicpig.kernels``.
+extension.
 """
 
 from __future__ import annotations
@@ -52,8 +52,7 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    packages=find_packages(include=["magicpig", "magicpig.*"]) + ["magicpig.kernels"],
-    package_dir={"magicpig.kernels": "kernels"},
+    packages=find_packages(include=["magicpig", "magicpig.*"]),
     # Data read at run time: LongBench's task table, the scheduler's device profiles.
     package_data={"magicpig.eval": ["data/*.json"], "magicpig.serve": ["profiles/*.json"]},
     ext_modules=[CMakeExtension("magicpig._C")],
