@@ -12,6 +12,16 @@ import torch
 import triton
 import triton.language as tl
 
+from magicpig.kernels.aot import AotSpec
+
+BLOCK_N = 16  # rows of x per program
+BLOCK_L = 16  # hash tables per program
+
+
+def _block_d(d: int) -> int:
+    """Padded head dim of a launch: a power of two, at least 16 (tl.dot's smallest block)."""
+    return max(16, triton.next_power_of_2(d))
+
 
 @triton.jit
 def _simhash_kernel(
@@ -30,7 +40,10 @@ def _simhash_kernel(
         mask=(rows[:, None] < N) & (dims[None, :] < D), other=0.0,
     ).to(tl.float32)
     code = tl.zeros((BLOCK_N, BLOCK_L), dtype=tl.int32)
-    for b in tl.static_range(K):
+    # A runtime loop, not tl.static_range: unrolled, the K iterations' loads were all hoisted and
+    # the sm_90 build spilled (K=10, d=128: 10.8 KB of spill stores per thread, measured by
+    # tests/test_kernels_aot.py); rolled, it needs at most 90 registers. Same dots, same order.
+    for b in tl.range(K):
         # Column l*K + b of the projection for every table l of this block: [BLOCK_D, BLOCK_L].
         cols = tables * K + b
         p = tl.load(
@@ -60,13 +73,26 @@ def simhash_codes(x: torch.Tensor, projection: torch.Tensor, K: int) -> torch.Te
     rows = x.reshape(-1, d).contiguous()
     proj = projection.to(torch.float32).contiguous()
     out = torch.empty(rows.shape[0], L, dtype=torch.int32, device=x.device)
-    block_n, block_l = 16, 16
-    block_d = max(16, triton.next_power_of_2(d))
-    grid = (triton.cdiv(rows.shape[0], block_n), triton.cdiv(L, block_l))
+    grid = (triton.cdiv(rows.shape[0], BLOCK_N), triton.cdiv(L, BLOCK_L))
     if rows.shape[0]:
         _simhash_kernel[grid](
             rows, proj, out, rows.shape[0], d, L,
             rows.stride(0), proj.stride(0), out.stride(0),
-            K=K, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_L=block_l,
+            K=K, BLOCK_N=BLOCK_N, BLOCK_D=_block_d(d), BLOCK_L=BLOCK_L,
         )
     return out.view(*x.shape[:-1], L)
+
+
+# What the ahead-of-time compile check builds for sm_90 (magicpig.kernels.aot,
+# tests/test_kernels_aot.py): launches simhash_codes makes with x in a model dtype (the projection
+# is always float32), head dims 64 and 128, K of 7 and the paper's 10.
+_AOT_LAUNCHES = [(x, d, K) for x in ("*fp32", "*bf16") for d in (64, 128) for K in (7, 10)] + [("*fp16", 128, 10)]
+AOT_SPECS = [
+    AotSpec(
+        _simhash_kernel,
+        {"x_ptr": x, "p_ptr": "*fp32", "out_ptr": "*i32",
+         **dict.fromkeys(("N", "D", "L", "stride_xn", "stride_pd", "stride_on"), "i32")},
+        {"K": K, "BLOCK_N": BLOCK_N, "BLOCK_D": _block_d(d), "BLOCK_L": BLOCK_L},
+    )
+    for x, d, K in _AOT_LAUNCHES
+]
