@@ -100,7 +100,11 @@ def _serve_parser() -> OneLineParser:
     p.add_argument("--max-num-seqs", type=int, default=16, help="most requests running at once (default 16)")
     p.add_argument("--max-waiting", type=int, default=256, help="most queued requests; more get 503 (default 256)")
     p.add_argument("--max-model-len", type=int, default=None, help="most prompt + new tokens (default: the model's)")
-    p.add_argument("--max-body-bytes", type=int, default=32 << 20, help="largest request body (default 32 MiB)")
+    p.add_argument("--max-body-bytes", type=int, default=None,
+                   help="largest request body (default: 64 bytes per position of --max-model-len, at least 1 MiB)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM or Ctrl-C, seconds running requests may take to finish before they are "
+                        "ended with an error (default 30)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when present, else cpu)")
     p.add_argument("--method", default="magicpig", help="attention method: magicpig, dense, or a baseline")
     for name in ("K", "L", "min-collisions", "sink-tokens", "window-tokens"):
@@ -142,14 +146,16 @@ def _engine_policy(args, model_dir, config):
 def _serve(argv: list[str]) -> int:
     import os
 
-    from magicpig.config import MagicPIGConfig, check_int
+    from magicpig.config import MagicPIGConfig, check_float, check_int
     from magicpig.eval.usage import check_device, resolve_model_args, user_error_types
 
     args = _serve_parser().parse_args(argv)
     try:
         check_int("--port", args.port, 0, 65535)
         check_int("--max-waiting", args.max_waiting, 1)
-        check_int("--max-body-bytes", args.max_body_bytes, 1)
+        if args.max_body_bytes is not None:
+            check_int("--max-body-bytes", args.max_body_bytes, 1)
+        check_float("--shutdown-timeout", args.shutdown_timeout, 0.0, 24 * 3600.0)
         fields = {k: getattr(args, k) for k in ("K", "L", "min_collisions", "sink_tokens", "window_tokens")}
         config = MagicPIGConfig(method=args.method, **{k: v for k, v in fields.items() if v is not None})
         device = check_device("--device", args.device)
@@ -168,7 +174,7 @@ def _serve(argv: list[str]) -> int:
 
     served = args.model or "smollm2-135m-instruct"
     serve(engine, served, args.host, args.port, args.api_key or os.environ.get("MAGICPIG_API_KEY") or None,
-          args.max_waiting, args.max_body_bytes, args.log_level)
+          args.max_waiting, args.max_body_bytes, args.log_level, args.shutdown_timeout)
     return 0
 
 

@@ -137,7 +137,7 @@ class LongContextModel:
         value (``StopIteration.value``) is that list."""
         check_int("max_new_tokens", max_new_tokens, 1)
         params = SamplingParams(temperature, top_p, top_k, seed)
-        stops = list(stop_list(stop))
+        stops = stop_list(stop)  # one automaton, shared by every row
         self.loaded.check_lengths(state.token_ids, max_new_tokens)
         session = self.decode_session(state, config, max_new_tokens)
         events = decode_loop(
@@ -192,6 +192,8 @@ class LongContextModel:
             texts, results = [""] * len(ids), [None] * len(ids)
             while engine.has_unfinished():
                 for out in engine.step():
+                    if out.error is not None:  # one caller, one batch: its failure is theirs
+                        raise out.error
                     i = index[out.request_id]
                     tokens[i] += out.new_token_ids
                     texts[i] += out.new_text

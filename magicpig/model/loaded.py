@@ -7,6 +7,8 @@ text, chat messages or token ids into checked token-id lists.
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence, Union
@@ -135,13 +137,7 @@ class LoadedModel:
             raise ValueError(f"model {self.source!r} has no tokenizer: pass prompts as token ids")
         if not text:
             return []
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as err:
-            raise ValueError(
-                f"prompt text is not valid Unicode: {err.reason} at index {err.start} ({text[err.start:err.end]!r}); "
-                "expected a str without lone surrogates"
-            ) from None
+        _check_unicode(text)
         if chat and getattr(self.tokenizer, "chat_template", None):
             rendered = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
@@ -156,9 +152,30 @@ class LoadedModel:
         for j, msg in enumerate(messages):
             if not isinstance(msg.get("role"), str) or not isinstance(msg.get("content"), str):
                 raise TypeError(f"prompts[{index}][{j}]: expected {{'role': str, 'content': str}}, got {msg!r}")
-            self._encode_text(msg["content"], chat=False)  # refuses text that is not valid Unicode
+            _check_unicode(msg["content"])
         rendered = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
         return list(self.tokenizer(rendered, add_special_tokens=False)["input_ids"])
+
+    def min_tokens(self, chars: int) -> int:
+        """A lower bound on the tokens of any text of ``chars`` characters, 0 where none is
+        certain. With a byte-level BPE tokenizer and no normaliser every byte of the text is in
+        some token and no token stands for more characters than its vocabulary string has, so a
+        text has at least ``chars / longest entry`` tokens: a prompt far over the context limit
+        can be refused by its length alone, before tokenising it (which costs seconds per MB)."""
+        longest = self._longest_token_chars
+        return -(-chars // longest) if longest else 0
+
+    @functools.cached_property
+    def _longest_token_chars(self) -> int:
+        """The longest vocabulary string (0: no certain bound for this tokenizer)."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            return 0
+        spec = json.loads(backend.to_str())
+        byte_level = (spec.get("decoder") or {}).get("type") == "ByteLevel"
+        if spec.get("normalizer") is not None or not byte_level:
+            return 0
+        return max(len(token) for token in self.tokenizer.get_vocab())
 
     def check_lengths(self, prompts: list[list[int]], max_new_tokens: int, limit: int | None = None) -> None:
         """ValueError when a prompt plus max_new_tokens exceeds ``limit`` positions (default:
@@ -171,6 +188,17 @@ class LoadedModel:
                     f"prompts[{i}] has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that "
                     f"exceeds {what} {limit} positions (shorten the prompt or max_new_tokens)"
                 )
+
+
+def _check_unicode(text: str) -> None:
+    """ValueError for text that cannot be encoded as UTF-8 (lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(
+            f"prompt text is not valid Unicode: {err.reason} at index {err.start} ({text[err.start:err.end]!r}); "
+            "expected a str without lone surrogates"
+        ) from None
 
 
 def _is_token_ids(x: object) -> bool:

@@ -14,6 +14,7 @@ step. Requests join and leave the decode batch at any step.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any, Optional
@@ -33,6 +34,7 @@ from magicpig.serve.scheduler import (
 )
 
 DEFAULT_MAX_PREFILL_TOKENS = 8192
+log = logging.getLogger("magicpig.engine")
 
 
 def default_device_budget(device: torch.device) -> int:
@@ -182,15 +184,22 @@ class Engine:
 
     # ---------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
-        """Schedule, run (the two lanes), postprocess; one output per request touched."""
+        """Schedule, run (the two lanes), postprocess; one output per request touched.
+
+        A failure in one request's work (its prefill chunk, its sampling, its detokenising)
+        ends that request with finish_reason "error" and the exception in ``error``; a failed
+        batched decode ends the requests of that batch. The others go on, and so does the
+        engine: one request must never stop the rest."""
         outputs, self._aborted = self._aborted, []
         plan = self.scheduler.schedule(self._memory())
         for req in plan.preempted:
             self._preempt(req)
         chunks = plan.chunks
-        run_prefills = (lambda: [self._prefill(c) for c in chunks]) if chunks else None
-        run_decodes = (lambda: self._decode(plan.decodes)) if plan.decodes else None
+        run_prefills = (lambda: [_caught(self._prefill, c) for c in chunks]) if chunks else None
+        run_decodes = (lambda: _caught(self._decode, plan.decodes)) if plan.decodes else None
         firsts, chosen, self.last_lane_times = self.lanes.run(run_prefills, run_decodes, plan.prefill_share)
+        if isinstance(chosen, BaseException):  # the batched decode itself failed: its requests end
+            chosen = [chosen] * len(plan.decodes)
         for req, token in zip(plan.decodes, chosen or []):
             req.decode_steps += 1
             outputs.append(self._postprocess(req, token))
@@ -256,16 +265,35 @@ class Engine:
         tokens = torch.tensor([r.output.out_ids[-1] for r in reqs], dtype=torch.int64)
         return self._sample(reqs, self.runner.decode([r.kv for r in reqs], tokens))
 
-    def _sample(self, reqs: list[Request], logits: torch.Tensor) -> list[int]:
+    def _sample(self, reqs: list[Request], logits: torch.Tensor) -> list[int | BaseException]:
         """Next token per request: greedy rows in one argmax, sampled rows with their own
-        parameters and generator (a request's draws do not depend on its batch mates)."""
-        chosen = logits.argmax(dim=-1).tolist()
+        parameters and generator (a request's draws do not depend on its batch mates). A row
+        whose sampling fails gets its exception instead of a token."""
+        chosen: list[int | BaseException] = logits.argmax(dim=-1).tolist()
         for i, req in enumerate(reqs):
             if req.params.temperature > 0:
-                chosen[i] = int(select_tokens(logits[i : i + 1], req.params, req.generator)[0])
+                chosen[i] = _caught(lambda r=req, row=i: int(select_tokens(logits[row : row + 1], r.params, r.generator)[0]))
         return chosen
 
-    def _postprocess(self, req: Request, token: int) -> RequestOutput:
+    def _postprocess(self, req: Request, token: int | BaseException | None) -> RequestOutput:
+        """The request's output for this step; a request whose work failed ends with its error."""
+        if isinstance(token, BaseException):
+            return self._fail(req, token)
+        try:
+            return self._add_token(req, token)
+        except Exception as err:  # noqa: BLE001 - detokenising or a stop check of this request only
+            return self._fail(req, err)
+
+    def _fail(self, req: Request, err: BaseException) -> RequestOutput:
+        """End ``req`` with finish_reason "error", freeing its memory (logged: a bug or a fault
+        worth knowing about, not a bad request, which add_request refuses up front)."""
+        log.error("request %s failed: %r", req.request_id, err, exc_info=err)
+        req.output.done, req.output.reason = True, "error"
+        if not req.finished:
+            self._finish(req)
+        return RequestOutput(req.request_id, [], "", True, "error", req.stats, error=err)
+
+    def _add_token(self, req: Request, token: int) -> RequestOutput:
         out = req.output
         before = len(out.out_ids)
         out.add_token(token, self.loaded.tokenizer, self.loaded.eos_token_ids, req.params.stop)
@@ -316,6 +344,15 @@ class Engine:
             self.abort(req.request_id)
         self.lanes.close()
         self.runner.close()
+
+
+def _caught(fn: Any, *args: Any) -> Any:
+    """``fn(*args)``, or the exception it raised (a lane's work reports one request's failure
+    as a value, so the rest of the step's results still come back)."""
+    try:
+        return fn(*args)
+    except Exception as err:  # noqa: BLE001 - handed to _postprocess, which ends that request
+        return err
 
 
 def _as_loaded(model: Any) -> LoadedModel:

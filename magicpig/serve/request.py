@@ -72,8 +72,9 @@ class Request:
 @dataclass
 class RequestOutput:
     """What ``Engine.step`` reports for one request it touched: the new token ids and text
-    piece of this step, whether it finished, why ("eos", "stop", "length", "abort"), and on
-    finish the stats a :class:`GenerationResult` has."""
+    piece of this step, whether it finished, why ("eos", "stop", "length", "abort", or
+    "error" with the exception in ``error``), and on finish the stats a
+    :class:`GenerationResult` has."""
 
     request_id: str
     new_token_ids: list[int]
@@ -81,3 +82,4 @@ class RequestOutput:
     finished: bool
     finish_reason: Optional[str] = None
     stats: Optional[GenerationStats] = None
+    error: Optional[BaseException] = None
