@@ -18,14 +18,14 @@ venv=$(mktemp -d /tmp/magicpig-resolve.XXXXXX)
 cleanup() { [ -n "${KEEP_VENV:-}" ] && echo "scratch venv kept: $venv" || rm -rf "$venv"; }
 trap cleanup EXIT
 
-python3 -m venv "$venv"
-. "$venv/bin/activate"
-echo "== newest build tools for [build-system]"
-pip install -q -U setuptools wheel pybind11 cmake
-build_pins=$(pip freeze --all | grep -iE '^(setuptools|wheel|pybind11|cmake)==' | sort -f)
+echo "== newest build tools for [build-system] (in a venv of their own: they are no runtime pins)"
+python3 -m venv "$venv/build"
+"$venv/build/bin/pip" install -q -U setuptools wheel pybind11 cmake
+build_pins=$("$venv/build/bin/pip" freeze --all)
 python3 - "$build_pins" <<'PY'
 import re, sys
-pins = ", ".join(f'"{line.strip()}"' for line in sys.argv[1].split())
+found = dict(line.split("==") for line in sys.argv[1].split() if "==" in line)
+pins = ", ".join(f'"{name}=={found[name]}"' for name in ("setuptools", "wheel", "pybind11", "cmake"))
 path = "pyproject.toml"
 text = open(path).read()
 text = re.sub(r'(\[build-system\][^\[]*?requires = )\[[^\]]*\]', lambda m: m.group(1) + "[" + pins + "]", text, count=1, flags=re.S)
@@ -33,6 +33,8 @@ open(path, "w").write(text)
 print("build-system requires:", pins)
 PY
 
+python3 -m venv "$venv/run"
+. "$venv/run/bin/activate"
 echo "== fresh resolve of the runtime and test dependencies (no constraints)"
 pip install -q torch==2.13.0  # the CPU build; see the README
 pip install -q -e ".[test]"
