@@ -5,9 +5,9 @@ The :class:`Engine` is not thread-safe, so exactly one thread touches it: the en
 loop sent it (add a request, abort one). Each request's outputs go to its own asyncio queue
 through ``loop.call_soon_threadsafe``; an abort (a client that went away) frees the request's
 memory before the next step. Prompts are tokenised on their own threads, so the engine thread
-only ever adds encoded, checked requests; a request's own failure ends that request only. After every step and command the thread publishes a
-:class:`EngineSnapshot` (running, waiting, blocks, store bytes), which ``/metrics`` reads
-without touching the engine.
+only ever adds encoded, checked requests; a request's own failure ends that request only.
+After every step and command the thread publishes a :class:`EngineSnapshot` (running,
+waiting, blocks, store bytes), which ``/metrics`` reads without touching the engine.
 """
 
 from __future__ import annotations
@@ -132,8 +132,9 @@ class AsyncEngine:
         context limit is refused by its length before it is tokenised."""
         loaded, limit = self.engine.loaded, self.engine.max_model_len
         chars = _prompt_chars(prompt)
-        if loaded.min_tokens(chars) > limit:
-            raise ValueError(f"prompt: {chars} characters are at least {loaded.min_tokens(chars)} tokens, "
+        at_least = loaded.min_tokens(chars)
+        if at_least > limit:
+            raise ValueError(f"prompt: {chars} characters are at least {at_least} tokens, "
                              f"over the context limit of {limit} positions")
         prompts, single = loaded.encode(prompt, chat)
         if not single:

@@ -94,12 +94,10 @@ def _engine_error(err: Exception) -> APIError:
 
 
 class ServerState:
-    def __init__(self, engine: Engine, served_model: str, api_key: Optional[str], max_waiting: int,
-                 shutdown_timeout: float):
+    def __init__(self, engine: Engine, served_model: str, max_waiting: int, shutdown_timeout: float):
         self.metrics = ServerMetrics(lambda: self.engine.snapshot)
         self.engine = AsyncEngine(engine, max_waiting, on_finish=self.metrics.request_finished)
         self.served_model = served_model
-        self.api_key = api_key
         self.shutdown_timeout = shutdown_timeout
 
 
@@ -111,7 +109,7 @@ def build_app(engine: Engine, served_model: str, api_key: Optional[str] = None, 
     served by :class:`GracefulServer`, a shutdown first drains for ``shutdown_timeout`` s.
     ``max_body_bytes`` None: :func:`default_max_body_bytes` of the engine's context limit."""
     check_int("max_waiting", max_waiting, 0)
-    state = ServerState(engine, served_model, api_key, max_waiting, check_float("shutdown_timeout", shutdown_timeout, 0, 86400))
+    state = ServerState(engine, served_model, max_waiting, check_float("shutdown_timeout", shutdown_timeout, 0, 86400))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
