@@ -9,9 +9,9 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from magicpig.config import MagicPIGConfig  # noqa: E402
-from magicpig.runtime.outputs import SamplingParams  # noqa: E402  (pure data, no torch)
+from magicpig.core.sampling_params import SamplingParams  # noqa: E402  (pure data, no torch)
 
-__all__ = ["MagicPIGConfig", "LongContextModel", "SamplingParams", "Engine"]
+__all__ = ["MagicPIGConfig", "LongContextModel", "SamplingParams", "Engine", "calibrate"]
 __version__ = "0.1.0"
 
 
@@ -22,7 +22,11 @@ def __getattr__(name: str):
 
         return LongContextModel
     if name == "Engine":
-        from magicpig.serve.engine import Engine
+        from magicpig.engine.engine import Engine
 
         return Engine
+    if name == "calibrate":
+        from magicpig.llm import calibrate
+
+        return calibrate
     raise AttributeError(f"module 'magicpig' has no attribute {name!r}")

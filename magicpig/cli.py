@@ -133,7 +133,7 @@ def _engine_policy(args, model_dir, config):
                          "shipped: h100_llama31_8b)")
     from magicpig.model.loading import load_config
     from magicpig.serve.cost_model import CostModel, ModelShape, load_profile
-    from magicpig.serve.scheduler import PolicyConfig
+    from magicpig.core.policies import PolicyConfig
 
     profile = load_profile(args.profile)
     # A profile measured on the served model carries its shape (with the runtime's byte widths);
@@ -161,11 +161,14 @@ def _serve(argv: list[str]) -> int:
         device = check_device("--device", args.device)
         model_dir, model_args = resolve_model_args("--model", args.model)
         config.check_model(model_args.num_layers, model_args.max_context)
+        from magicpig.engine.engine import Engine
+        from magicpig.llm import calibrate
         from magicpig.model.loaded import load_model
-        from magicpig.serve.engine import Engine
 
+        loaded = load_model(model_dir, device=device)
+        config = calibrate(loaded, config)  # K, L chosen for the model where unset (cached per model)
         policy, cost = _engine_policy(args, model_dir, config)
-        engine = Engine(load_model(model_dir, device=device), config, max_num_seqs=args.max_num_seqs,
+        engine = Engine(loaded, config, max_num_seqs=args.max_num_seqs,
                         max_model_len=args.max_model_len, policy=policy, cost=cost,
                         max_prefill_tokens=args.max_prefill_tokens, chunked_prefill=args.chunked_prefill)
     except user_error_types() as err:

@@ -1,9 +1,11 @@
 """LongContextModel: what users touch (load, generate) and what the evaluation builds on
 (prefill once, decode with several attention methods from the same state).
 
-``generate`` runs through the :class:`~magicpig.serve.engine.Engine` (continuous batching);
-``prefill`` + ``decode_session`` / ``generate_from`` keep the evaluation's path: one exact
-prefill whose state seeds decodes with different :class:`MagicPIGConfig`s.
+Every generation runs through the :class:`~magicpig.engine.engine.Engine` (continuous
+batching): ``generate`` from prompts, ``generate_from`` from a read-only prefill state, whose
+rows the engine's admissions take as they are instead of prefilling again (the evaluation
+prefills each sample once and decodes every :class:`MagicPIGConfig` from that state).
+``decode_session`` is the bare mechanism for tools that step the logits themselves.
 """
 
 from __future__ import annotations
@@ -14,16 +16,16 @@ from typing import Any, Callable, Generator, Iterator, Sequence
 import torch
 
 from magicpig.config import MagicPIGConfig, check_int, resolve_config
+from magicpig.core.kv_budget import blocks_for
+from magicpig.core.sampling_params import SamplingParams
+from magicpig.engine.engine import Engine
+from magicpig.engine.outputs import GenerationResult
 from magicpig.model.llama import LlamaModel, ModelArgs
-from magicpig.model.loaded import LoadedModel, Prompt, _is_token_ids, load_model
+from magicpig.model.loaded import LoadedModel, Prompt, _is_token_ids, as_loaded, load_model
 from magicpig.runtime.calibration import LSHChoice, resolve_lsh
 from magicpig.runtime.decode import DecodeSession
-from magicpig.runtime.generate import decode_loop
-from magicpig.runtime.outputs import GenerationResult, SamplingParams, stop_list
-from magicpig.runtime.prefill import DEFAULT_CHUNK, PrefillState, prefill, prefill_sequence
+from magicpig.runtime.prefill import PREFILL_CHUNK, PrefillState, prefill, prefill_sequence
 from magicpig.runtime.runner import DEFAULT_BLOCK_SIZE, cache_bytes
-from magicpig.serve.engine import Engine
-from magicpig.store.device_cache import blocks_for
 
 
 class LongContextModel:
@@ -102,7 +104,7 @@ class LongContextModel:
         self,
         prompts: Prompt | Sequence[Prompt],
         chat: bool = True,
-        chunk_size: int = DEFAULT_CHUNK,
+        chunk_size: int = PREFILL_CHUNK,
         progress: bool | None = None,
     ) -> PrefillState:
         """Exact prefill of a batch; the state is read-only and can seed many decodes."""
@@ -135,15 +137,9 @@ class LongContextModel:
         """Decode every sequence of a prefill state with ``config``. Returns a list of results,
         or with ``stream=True`` a generator of (sequence index, text piece) whose return
         value (``StopIteration.value``) is that list."""
-        check_int("max_new_tokens", max_new_tokens, 1)
-        params = SamplingParams(temperature, top_p, top_k, seed)
-        stops = stop_list(stop)  # one automaton, shared by every row
-        self.loaded.check_lengths(state.token_ids, max_new_tokens)
-        session = self.decode_session(state, config, max_new_tokens)
-        events = decode_loop(
-            session, state.last_logits, self.tokenizer, max_new_tokens, params,
-            self.eos_token_ids, stops, state.prefill_seconds,
-        )
+        params = SamplingParams(temperature, top_p, top_k, seed, max_new_tokens, stop)
+        self.loaded.check_lengths(state.token_ids, params.max_new_tokens)
+        events = self._engine_events(state.token_ids, params, self._config(config), state)
         if stream:
             return events
         return _drain(events)
@@ -178,20 +174,24 @@ class LongContextModel:
         return results[0] if single else results
 
     def _engine_events(
-        self, ids: list[list[int]], params: SamplingParams, config: MagicPIGConfig
+        self, ids: list[list[int]], params: SamplingParams, config: MagicPIGConfig,
+        prefilled: PrefillState | None = None,
     ) -> Generator[tuple[int, str], None, list[GenerationResult]]:
-        """Run the prompts through an engine sized for exactly them; yields (index, piece)."""
+        """Run the prompts through an engine sized for exactly them; yields (index, piece).
+        Without ``prefilled``, one whole prompt per step (the layer-by-layer prefill: the lowest
+        peak memory); with it, every row is admitted at once from its prefill state."""
         slot_bytes, block_bytes = cache_bytes(self.model, config, DEFAULT_BLOCK_SIZE)
         blocks = sum(blocks_for(len(p) + params.max_new_tokens + 1, DEFAULT_BLOCK_SIZE) for p in ids)
-        # One whole prompt per step (the layer-by-layer prefill: the lowest peak memory).
-        engine = Engine(self, config, max_num_seqs=len(ids), max_prefill_tokens=1, chunked_prefill=False,
+        budget = 1 if prefilled is None else sum(map(len, ids))
+        engine = Engine(self.loaded, config, max_num_seqs=len(ids), max_prefill_tokens=budget, chunked_prefill=False,
                         device_memory_bytes=max(1, len(ids) * slot_bytes + blocks * block_bytes))
         try:
-            index = {engine.add_request(p, params): i for i, p in enumerate(ids)}
+            rows = [None if prefilled is None else prefilled.select([i]) for i in range(len(ids))]
+            index = {engine.submit(p, params, prefilled=row): i for i, (p, row) in enumerate(zip(ids, rows))}
             tokens: list[list[int]] = [[] for _ in ids]
             texts, results = [""] * len(ids), [None] * len(ids)
             while engine.has_unfinished():
-                for out in engine.step():
+                for out in engine.step().outputs:
                     if out.error is not None:  # one caller, one batch: its failure is theirs
                         raise out.error
                     i = index[out.request_id]
@@ -207,7 +207,7 @@ class LongContextModel:
 
     # ------------------------------------------------------------------- testing
     @torch.inference_mode()
-    def forward_logits(self, token_ids: Sequence[int], chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+    def forward_logits(self, token_ids: Sequence[int], chunk_size: int = PREFILL_CHUNK) -> torch.Tensor:
         """Dense float32 logits [n, vocab] of every position of one sequence (for checks)."""
         if not _is_token_ids(token_ids):
             raise TypeError(f"token_ids: expected a non-empty list of int token ids, got {type(token_ids).__name__}")
@@ -217,6 +217,17 @@ class LongContextModel:
         _, _, logits = prefill_sequence(self.model, ids[0], chunk_size, False, all_logits=True)
         return logits
 
+
+
+def calibrate(model: "LongContextModel | LoadedModel | str | os.PathLike | None",
+              config: MagicPIGConfig | None = None) -> MagicPIGConfig:
+    """``config`` (default: ``MagicPIGConfig()``) with K, L and min_collisions chosen for
+    ``model`` where it leaves them unset and samples: the cached calibration of that model, or
+    a short one run now (see :func:`magicpig.runtime.calibration.default_lsh`). The explicit
+    step before building an :class:`Engine` with such a config."""
+    loaded = model.loaded if isinstance(model, LongContextModel) else as_loaded(model)
+    config = resolve_config(config, None, loaded.args.num_layers, loaded.args.max_context)
+    return resolve_lsh(loaded, config)[0]
 
 
 def _drain(events: Iterator[Any]) -> list[GenerationResult]:

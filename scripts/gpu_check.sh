@@ -35,7 +35,7 @@ tests_rc=${PIPESTATUS[0]}
 step "green-context lanes: SMs granted per split"
 timeout 120 $PY - <<'PYEOF' 2>&1 | tee "$OUT/lanes.txt"
 import torch
-from magicpig.serve.lanes import make_lanes
+from magicpig.engine.lanes import make_lanes
 lanes = make_lanes(torch.device("cuda"))
 print(lanes.kind, "-", lanes.description)
 lanes.close()

@@ -201,6 +201,15 @@ def _check_unicode(text: str) -> None:
         ) from None
 
 
+def as_loaded(model: "LoadedModel | str | os.PathLike | None") -> "LoadedModel":
+    """A :class:`LoadedModel` as it is, or one loaded by name or path (:func:`load_model`)."""
+    if isinstance(model, LoadedModel):
+        return model
+    if model is None or isinstance(model, (str, os.PathLike)):
+        return load_model(model)
+    raise TypeError(f"model={model!r}: expected a name or path or a LoadedModel")
+
+
 def _is_token_ids(x: object) -> bool:
     if isinstance(x, torch.Tensor):
         return x.dim() == 1 and not x.is_floating_point()

@@ -15,10 +15,12 @@ import torch
 
 from magicpig.attention.base import MiddleAttention
 from magicpig.config import MagicPIGConfig
+from magicpig.core.kv_budget import KVBudget, KVLayout, blocks_for
+from magicpig.core.request import Request, SequenceKV
+from magicpig.core.sampling_params import SamplingParams
 from magicpig.model.llama import LlamaModel
 from magicpig.runtime.prefill import PrefillState
-from magicpig.runtime.runner import DEFAULT_BLOCK_SIZE, ModelRunner, SequenceKV
-from magicpig.store.device_cache import blocks_for
+from magicpig.runtime.runner import DEFAULT_BLOCK_SIZE, ModelRunner
 
 
 class SparseLayerView:
@@ -26,9 +28,9 @@ class SparseLayerView:
     middle attention with the rows' ids (for tests and tools that inspect the state)."""
 
     def __init__(self, runner: ModelRunner, layer: int, seqs: list[SequenceKV]):
-        self.cache, mu, self.method = runner.sparse[layer]
-        slots = [s.slot for s in seqs]
-        self.mu = mu[slots]
+        sp = runner.sparse[layer]
+        self.cache, self.method = sp.cache, sp.method
+        self.mu = sp.mu[[s.slot for s in seqs]]
         self.seq_ids = [s.store_ids[layer] for s in seqs]
 
 
@@ -55,8 +57,15 @@ class DecodeSession:
         bs = DEFAULT_BLOCK_SIZE
         num_blocks = sum(blocks_for(n + max(1, max_new_tokens) + 1, bs) for n in state.lengths)
         self.runner = ModelRunner(model, config, self.batch, num_blocks, bs, method_factory)
-        self.seqs = [self.runner.add_prefilled(state.keys[b], state.values[b], n + max_new_tokens)
-                     for b, n in enumerate(state.lengths)]
+        # The rows' blocks and slots come from a ledger of exactly this batch, as in the engine.
+        self.kv = KVBudget(KVLayout(bs if self.runner.dense else 0, num_blocks, self.batch, bool(self.runner.sparse),
+                                    cpu_bytes_total=0, cpu_bytes_per_token=0))
+        self.requests = [Request(f"row-{b}", ids, SamplingParams(max_new_tokens=max(1, max_new_tokens)))
+                         for b, ids in enumerate(state.token_ids)]
+        for b, req in enumerate(self.requests):
+            self.kv.admit(req)
+            self.runner.add_prefilled(req.kv, state.keys[b], state.values[b])
+        self.seqs = [r.kv for r in self.requests]
         self.dense_layers = tuple(sorted(self.runner.dense))
 
     @property
@@ -80,6 +89,8 @@ class DecodeSession:
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed tokens int64 [B] (one per sequence); returns float32 logits [B, vocab]."""
+        for seq in self.seqs:
+            self.kv.grow(seq, seq.length + 1)
         return self.runner.decode(self.seqs, tokens)
 
     def computation_cost(self) -> list[float]:
@@ -98,8 +109,9 @@ class DecodeSession:
         return [self.runner.cpu_bytes(s) for s in self.seqs]
 
     def close(self) -> None:
-        for seq in self.seqs:
-            self.runner.release(seq)
+        for req in self.requests:
+            self.runner.release(req.kv)
+            self.kv.free(req)
         self.runner.close()
 
     def __enter__(self) -> "DecodeSession":

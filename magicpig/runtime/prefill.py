@@ -1,21 +1,87 @@
-"""Dense, chunked prefill and the state it leaves behind (DESIGN.md §2 "Prefill").
+"""The one exact, chunked prefill loop (DESIGN.md §2 "Prefill"), and the read-only prefill
+state the evaluation decodes every method from.
 
-Prefill is always exact. Its result, :class:`PrefillState`, holds the dense K/V of every layer
-of every sequence on the device and the logits of each prompt's last token. It is read-only:
-any number of decode sessions (one per attention method) can start from the same state.
+:func:`prefill_rows` runs tokens ``[start, end)`` of a prompt through every layer, layer by
+layer (a layer's K/V are complete, and can be handed on, before the next layer starts), in
+sub-chunks of at most ``chunk_size`` rows so that attention memory is O(chunk * n), not n^2.
+Where each layer's K/V go is the caller's: a :class:`PrefillKV` writes a sub-chunk's keys and
+reads back everything before it. The runner's (``runtime/runner.py``) writes dense layers into
+their paged blocks and sparse layers into a buffer handed to the CPU store when the layer is
+done; :class:`FullKV` keeps every layer whole (the evaluation's :class:`PrefillState`, and the
+dense reference logits of :func:`prefill_sequence`).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from magicpig.model.llama import LlamaModel, causal_chunk_attention
 
-DEFAULT_CHUNK = 4096  # rows per prefill chunk: big enough for efficient kernels, bounded memory
+PREFILL_CHUNK = 4096  # rows per sub-chunk: big enough for efficient kernels, bounded memory
 PROGRESS_MIN_TOKENS = 4096
+
+
+class PrefillKV(Protocol):
+    """Where :func:`prefill_rows` keeps each layer's K/V."""
+
+    def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
+        """keys, values [Hkv, T, d] (post-RoPE, model dtype) are tokens [start, start + T)."""
+
+    def read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """keys, values [Hkv, end, d]: the layer's first ``end`` tokens."""
+
+    def layer_done(self, layer: int, end: int) -> None:
+        """Every row up to ``end`` has been through ``layer``."""
+
+
+@torch.inference_mode()
+def prefill_rows(model: LlamaModel, token_ids: list[int], start: int, end: int, kv: PrefillKV,
+                 chunk_size: int = PREFILL_CHUNK, all_logits: bool = False, bar: object = None) -> torch.Tensor:
+    """Exact causal forward of tokens [start, end) of ``token_ids`` (the K/V of tokens before
+    ``start`` are in ``kv``). Returns float32 logits: [end - start, vocab] if ``all_logits``,
+    else [vocab] after the last row. ``bar``: a tqdm bar advanced by one per layer."""
+    device = model.device
+    ids = torch.tensor(token_ids[start:end], dtype=torch.int64, device=device)
+    cos, sin = model.rope(torch.arange(start, end, device=device), end - 1)
+    x = model.embed(ids)  # [T, hidden], updated in place sub-chunk by sub-chunk, layer by layer
+    for layer in range(model.args.num_layers):
+        for lo in range(start, end, chunk_size):
+            hi = min(end, lo + chunk_size)
+            rows = slice(lo - start, hi - start)
+            q, k, v = model.attention_input(layer, x[rows], cos[rows], sin[rows])
+            kv.write(layer, k.transpose(0, 1), v.transpose(0, 1), lo)
+            keys, values = kv.read(layer, hi)
+            attn = causal_chunk_attention(q, keys, values, lo, model.scale)
+            x[rows] = model.mlp(layer, model.attention_output(layer, x[rows], attn))
+        kv.layer_done(layer, end)
+        if bar is not None:
+            bar.update(1)
+    return model.logits(x) if all_logits else model.logits(x[-1:])[0]
+
+
+class FullKV:
+    """Every layer's K/V of one prompt of ``n`` tokens, whole: keys[layer], values[layer]
+    [Hkv, n, d] in the model dtype on the model device."""
+
+    def __init__(self, model: LlamaModel, n: int):
+        a = model.args
+        self.keys = [torch.empty(a.num_kv_heads, n, a.head_dim, device=model.device, dtype=model.dtype)
+                     for _ in range(a.num_layers)]
+        self.values = [torch.empty_like(k) for k in self.keys]
+
+    def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
+        self.keys[layer][:, start : start + keys.shape[1]] = keys
+        self.values[layer][:, start : start + keys.shape[1]] = values
+
+    def read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys[layer][:, :end], self.values[layer][:, :end]
+
+    def layer_done(self, layer: int, end: int) -> None:
+        pass
 
 
 @dataclass
@@ -66,58 +132,37 @@ class PrefillState:
         )
 
 
-@torch.inference_mode()
 def prefill_sequence(
     model: LlamaModel,
     token_ids: list[int],
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int = PREFILL_CHUNK,
     progress: bool | None = None,
     all_logits: bool = False,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-    """Exact causal forward of one prompt in chunks of ``chunk_size`` tokens.
+    """Exact causal forward of one prompt (:func:`prefill_rows` keeping every layer whole).
 
     Returns keys, values (per layer [Hkv, n, d]) and float32 logits: [n, vocab] if
-    ``all_logits`` else [vocab] for the last token. Attention memory is O(chunk * n), not n^2.
-    """
-    a = model.args
+    ``all_logits`` else [vocab] for the last token."""
     n = len(token_ids)
-    ids = torch.tensor(token_ids, dtype=torch.int64, device=model.device)
-    keys = [torch.empty(a.num_kv_heads, n, a.head_dim, device=model.device, dtype=model.dtype) for _ in range(a.num_layers)]
-    values = [torch.empty_like(k) for k in keys]
+    kv = FullKV(model, n)
     show = n >= PROGRESS_MIN_TOKENS if progress is None else progress
     bar = None
     if show:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=n, desc="prefill", unit="tok", leave=False)
-    logits = []
-    for start in range(0, n, chunk_size):
-        end = min(n, start + chunk_size)
-        positions = torch.arange(start, end, device=model.device)
-        cos, sin = model.rope(positions, end - 1)
-        x = model.embed(ids[start:end])
-        for layer in range(a.num_layers):
-            q, k, v = model.attention_input(layer, x, cos, sin)
-            keys[layer][:, start:end] = k.transpose(0, 1)
-            values[layer][:, start:end] = v.transpose(0, 1)
-            attn = causal_chunk_attention(q, keys[layer][:, :end], values[layer][:, :end], start, model.scale)
-            x = model.attention_output(layer, x, attn)
-            x = model.mlp(layer, x)
-        if all_logits:
-            logits.append(model.logits(x))
-        elif end == n:
-            logits.append(model.logits(x[-1:])[0])
+        bar = tqdm(total=model.args.num_layers, desc=f"prefill {n} tokens", unit="layer", leave=False)
+    try:
+        logits = prefill_rows(model, token_ids, 0, n, kv, chunk_size, all_logits, bar)
+    finally:
         if bar is not None:
-            bar.update(end - start)
-    if bar is not None:
-        bar.close()
-    return keys, values, (torch.cat(logits) if all_logits else logits[0])
+            bar.close()
+    return kv.keys, kv.values, logits
 
 
 def prefill(
     model: LlamaModel,
     prompts: list[list[int]],
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int = PREFILL_CHUNK,
     progress: bool | None = None,
 ) -> PrefillState:
     """Prefill each prompt alone (so a batch equals its prompts run one by one)."""

@@ -1,40 +1,45 @@
-"""ModelRunner: the mechanism under the engine (DESIGN.md §4) — caches, prefill and the decode
-step of a batch whose members change every step.
+"""ModelRunner: the mechanism under the engine (DESIGN.md §4) — caches, the chunked prefill and
+the decode step of a batch whose members change every step.
 
 A runner holds, for its whole lifetime:
 
-* per dense layer a :class:`PagedKVCache` (blocks from one :class:`BlockAllocator`; a sequence
-  owns a block table);
-* per sparse layer a :class:`SlotKVCache` (sinks + window, one slot per running sequence), the
-  centring offsets ``mu`` per slot, and one :class:`MiddleAttention` (for magicpig: one CPU
-  store) in which every sequence has an id.
+* per dense layer a :class:`PagedKVCache` (a sequence owns a block table);
+* per sparse layer a :class:`SparseLayer`: a :class:`SlotKVCache` (sinks + window, one slot
+  per running sequence), the centring offsets ``mu`` per slot, and one
+  :class:`MiddleAttention` (for magicpig: one CPU store) in which every sequence has an id.
 
-Per sequence, :class:`SequenceKV` records where its state lives. ``prefill`` runs a whole prompt
-layer by layer and offloads as it goes (peak device memory: the dense layers' K/V plus one
-layer's working set); ``begin_prefill`` + ``prefill_chunk`` run a prompt in pieces across
-engine steps (token-major: each piece goes through every layer); ``add_prefilled`` starts a
-sequence from a full prefill state (the evaluation prefills once and decodes every method from
-it); ``decode`` feeds one token per sequence; ``release`` frees everything a sequence holds at
-once. The runner knows nothing of queues,
-requests or sampling.
+It allocates nothing on its own: a sequence's blocks and slot are the ledger's grants
+(:mod:`magicpig.core.kv_budget`), recorded in its :class:`SequenceKV`, and the runner checks
+that they cover what it writes. ``prefill`` runs the next tokens of a prompt (the whole prompt,
+or one chunk of it per engine step) through :func:`prefill_rows`, the one prefill loop, handing
+each sparse layer's middle to its store as soon as the prompt is complete for that layer;
+``add_prefilled`` starts a sequence from a full prefill state (the evaluation prefills once
+and decodes every method from it); ``decode`` feeds one token per sequence; ``release`` frees
+a sequence's store entries. The runner knows nothing of queues, requests or sampling.
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from magicpig.attention.base import MiddleAttention, PendingAppend, make_method
 from magicpig.config import MagicPIGConfig
-from magicpig.model.llama import LlamaModel, attention_with_middle, causal_chunk_attention, decode_attention
-from magicpig.store.device_cache import BlockAllocator, PagedKVCache, SlotKVCache, blocks_for
-from magicpig.store.cpu_store import index_bytes_per_token_head
+from magicpig.core.kv_budget import (
+    DTYPE_BYTES, KVLayout, blocks_for, blocks_in_budget, cpu_bytes_per_token, device_cache_bytes,
+    kv_bytes_per_token, slot_tokens,
+)
+from magicpig.core.request import SequenceKV
+from magicpig.model.llama import LlamaModel, attention_with_middle, decode_attention
+from magicpig.runtime.prefill import PREFILL_CHUNK, prefill_rows
+from magicpig.store.cpu_store import store_bytes_per_token_head
+from magicpig.store.device_cache import PagedKVCache, SlotKVCache
 
 DEFAULT_BLOCK_SIZE = 256
-PREFILL_CHUNK = 4096  # rows per prefill chunk: efficient kernels, bounded attention memory
 
 
 def dense_layer_set(config: MagicPIGConfig, num_layers: int) -> set[int]:
@@ -48,54 +53,49 @@ def cache_bytes(model: LlamaModel, config: MagicPIGConfig, block_size: int) -> t
     """(bytes of one sequence slot over all sparse layers, bytes of one block over all dense
     layers) of a runner for ``model`` and ``config``: what a device budget is divided into."""
     a = model.args
-    per_token_layer = 2 * a.num_kv_heads * a.head_dim * torch.finfo(model.dtype).bits // 8
+    per_token_layer = kv_bytes_per_token(a.num_kv_heads, a.head_dim, torch.finfo(model.dtype).bits // 8)
     dense = len(dense_layer_set(config, a.num_layers))
-    slot_tokens = config.sink_tokens + 2 * config.window_tokens
-    return (a.num_layers - dense) * per_token_layer * slot_tokens, dense * per_token_layer * block_size
+    return device_cache_bytes(a.num_layers, dense, per_token_layer, config.sink_tokens, config.window_tokens,
+                              block_size)
+
+
+def store_bytes_per_token(model: LlamaModel, config: MagicPIGConfig) -> int:
+    """CPU-store bytes of one middle token over all sparse layers (0 without a store), as the
+    store itself counts them."""
+    a = model.args
+    sparse = a.num_layers - len(dense_layer_set(config, a.num_layers))
+    if not sparse or config.method == "dense":
+        return 0
+    per_head = store_bytes_per_token_head(config.K or 0, config.L or 0, a.head_dim, config.kv_dtype, config.method)
+    return cpu_bytes_per_token(sparse, a.num_kv_heads, per_head)
+
+
+def kv_layout(model: LlamaModel, config: MagicPIGConfig, max_num_seqs: int, device_bytes: int,
+              cpu_bytes: int, block_size: int = DEFAULT_BLOCK_SIZE) -> KVLayout:
+    """The ledger's pools for a runner of ``model`` and ``config`` in these budgets:
+    ``max_num_seqs`` slots, the rest of ``device_bytes`` in dense blocks."""
+    slot, block = cache_bytes(model, config, block_size)
+    a = model.args
+    has_dense = bool(dense_layer_set(config, a.num_layers))
+    return KVLayout(
+        block_size=block_size if has_dense else 0,
+        num_blocks=blocks_in_budget(device_bytes, max_num_seqs, slot, block),
+        num_slots=max_num_seqs,
+        has_slots=len(dense_layer_set(config, a.num_layers)) < a.num_layers,
+        cpu_bytes_total=cpu_bytes,
+        cpu_bytes_per_token=store_bytes_per_token(model, config),
+        slot_bytes=slot, block_bytes=block,
+    )
 
 
 @dataclass
-class SequenceKV:
-    """Where one sequence's KV state lives. length: tokens whose K/V are held (prompt + fed).
-    blocks: its dense-layer block table. slot: its sinks+window slot. fill / middle: tokens in
-    the slot / in the middle (fill + middle == length on sparse layers). store_ids: its id in
-    each sparse layer's middle attention. cost_sum / cost_steps: fraction of middle keys read,
-    summed over the decode steps that had a middle."""
+class SparseLayer:
+    """One sparse layer's state: its sinks+window slots, the centring offsets mu
+    [num_slots, Hkv, d] (model dtype), and its middle attention (one CPU store for magicpig)."""
 
-    length: int
-    blocks: list[int] = field(default_factory=list)
-    slot: int = -1
-    fill: int = 0
-    middle: int = 0
-    store_ids: dict[int, int] = field(default_factory=dict)
-    cost_sum: float = 0.0
-    cost_steps: int = 0
-
-    @property
-    def computation_cost(self) -> float:
-        return self.cost_sum / self.cost_steps if self.cost_steps else 0.0
-
-
-@dataclass
-class PartialPrefill:
-    """A prompt part-way through a chunked prefill (:meth:`ModelRunner.prefill_chunk`).
-
-    seq: its sequence, holding the blocks, slot and store ids of the whole prompt from the first
-    chunk on. token_ids: the prompt. done: tokens prefilled so far. keys / values: per sparse
-    layer the prompt's K/V so far, [Hkv, n, d] in the model dtype on the device. The sparse
-    layers' K/V reach their slot and CPU store only after the last chunk, because the middle's
-    bounds and its centring need the whole prompt, and every chunk's exact attention reads all
-    the tokens before it; dense layers write straight into their blocks."""
-
-    seq: SequenceKV
-    token_ids: list[int]
-    done: int = 0
-    keys: dict[int, torch.Tensor] = field(default_factory=dict)
-    values: dict[int, torch.Tensor] = field(default_factory=dict)
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
+    cache: SlotKVCache
+    mu: torch.Tensor
+    method: MiddleAttention
 
 
 class _Part:
@@ -122,14 +122,53 @@ class _Part:
             self.store_ids = {layer: [s.store_ids[layer] for s in self.seqs] for layer in runner.sparse}
 
 
+class _PromptKV:
+    """Where :func:`prefill_rows` keeps a prompt's K/V for the runner: dense layers in the
+    sequence's blocks; sparse layers in a buffer of the whole prompt, handed to the slot and
+    store (:meth:`ModelRunner._store_layer`) as soon as a layer has seen the last token. A
+    prompt prefilled in one go needs one layer's buffer at a time; one prefilled in chunks keeps
+    every sparse layer's buffer between its chunks."""
+
+    def __init__(self, runner: "ModelRunner", kv: SequenceKV, n: int):
+        self.runner, self.kv, self.n = runner, kv, n
+        self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.pending: list[PendingAppend] = []
+
+    def _buffer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer not in self.buffers:
+            a, m = self.runner.model.args, self.runner.model
+            k = torch.empty(a.num_kv_heads, self.n, a.head_dim, device=m.device, dtype=m.dtype)
+            self.buffers[layer] = (k, torch.empty_like(k))
+        return self.buffers[layer]
+
+    def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
+        if layer in self.runner.dense:
+            self.runner.dense[layer].fill(self.kv.blocks, keys, values, start=start)
+            return
+        k, v = self._buffer(layer)
+        k[:, start : start + keys.shape[1]], v[:, start : start + keys.shape[1]] = keys, values
+
+    def read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer in self.runner.dense:
+            return self.runner.dense[layer].sequence(self.kv.blocks, end)
+        k, v = self.buffers[layer]
+        return k[:, :end], v[:, :end]
+
+    def layer_done(self, layer: int, end: int) -> None:
+        if end == self.n and layer in self.runner.sparse:
+            k, v = self.buffers.pop(layer)  # the store keeps what it needs; the buffer goes
+            self.pending.append(self.runner._store_layer(self.kv, layer, k, v))
+
+
 class ModelRunner:
     """Caches and steps for up to ``max_num_seqs`` sequences of one model and config.
 
-    num_blocks: dense-layer KV blocks of ``block_size`` tokens (shared by all sequences).
-    ``method_factory(config, layer, num_kv_heads, head_dim)`` builds each sparse layer's middle
-    attention (default: the class registered under ``config.method``). ``overlap_appends``:
-    build a layer's CPU tables while the next layer prefills (default: on a GPU). ``ping_pong``:
-    decode in two micro-batches that overlap the store with the device (default: on a GPU).
+    num_blocks: dense-layer KV blocks of ``block_size`` tokens (shared by all sequences; the
+    ledger hands them out). ``method_factory(config, layer, num_kv_heads, head_dim)`` builds
+    each sparse layer's middle attention (default: the class registered under
+    ``config.method``). ``overlap_appends``: build a layer's CPU tables while the next layer
+    prefills (default: on a GPU). ``ping_pong``: decode in two micro-batches that overlap the
+    store with the device (default: on a GPU).
     """
 
     def __init__(
@@ -146,27 +185,28 @@ class ModelRunner:
         a = model.args
         self.model, self.config, self.block_size = model, config, block_size
         self.device, dtype = model.device, model.dtype
-        layers = range(a.num_layers)
         dense = dense_layer_set(config, a.num_layers)
-        self.allocator = BlockAllocator(num_blocks)
         self.dense = {l: PagedKVCache(num_blocks, a.num_kv_heads, block_size, a.head_dim, self.device, dtype)
-                      for l in layers if l in dense}
-        S, W = config.sink_tokens, config.window_tokens
+                      for l in range(a.num_layers) if l in dense}
         # A slot holds W..W+spill window tokens; spilling W at a time amortises hashing.
-        self.spill = W
-        self.slot_capacity = S + W + self.spill
+        self.spill = config.window_tokens
+        self.slot_capacity = slot_tokens(config.sink_tokens, config.window_tokens)
         factory = make_method if method_factory is None else method_factory
-        self.sparse: dict[int, tuple[SlotKVCache, torch.Tensor, MiddleAttention]] = {}
-        for layer in layers:
-            if layer not in dense:
-                cache = SlotKVCache(max_num_seqs, a.num_kv_heads, self.slot_capacity, a.head_dim, self.device, dtype)
-                mu = torch.zeros(max_num_seqs, a.num_kv_heads, a.head_dim, device=self.device, dtype=dtype)
-                self.sparse[layer] = (cache, mu, factory(config, layer, a.num_kv_heads, a.head_dim))
-        self._free_slots = list(range(max_num_seqs - 1, -1, -1))
-        # A prefill and a decode may run at once on two lanes (serve/lanes.py): the block pool,
-        # the slots and the stores' sequence tables are shared, so their updates take this lock.
-        self._lock = threading.Lock()
+        self.sparse: dict[int, SparseLayer] = {
+            layer: SparseLayer(
+                SlotKVCache(max_num_seqs, a.num_kv_heads, self.slot_capacity, a.head_dim, self.device, dtype),
+                torch.zeros(max_num_seqs, a.num_kv_heads, a.head_dim, device=self.device, dtype=dtype),
+                factory(config, layer, a.num_kv_heads, a.head_dim))
+            for layer in range(a.num_layers) if layer not in dense
+        }
         self.max_num_seqs = max_num_seqs
+        # A prefill and a decode may run at once on two lanes (engine/lanes.py): the stores'
+        # sequence tables are shared, so adding and removing sequences takes this lock.
+        self._lock = threading.Lock()
+        # Sparse layers' prompt K/V of prompts part-way through a chunked prefill, by id(kv):
+        # the middle's bounds and centring need the whole prompt, so they reach the slot and
+        # store only when it is complete.
+        self._prompt_kv: dict[int, _PromptKV] = {}
         # A prefill hands each sparse layer's middle to its store's worker thread and goes on
         # with the next layer (the tables are built meanwhile). None: on a GPU, where the
         # worker has the host cores to itself; on a CPU device it would share the cores that
@@ -177,62 +217,49 @@ class ModelRunner:
         # no separate device to overlap with), so the split would only cost: measured at Llama
         # layer shapes, 16k x 4, one batch 336 ms a step against 509 ms split (scripts/bench_decode.py).
         self.ping_pong = self.device.type == "cuda" if ping_pong is None else bool(ping_pong)
+        self.store_seconds = 0.0  # decode time spent waiting for the middle attention, in all
 
     # ------------------------------------------------------------------ capacity
     def blocks_needed(self, tokens: int) -> int:
         """Dense-layer blocks a sequence of ``tokens`` tokens holds (0 without dense layers)."""
         return blocks_for(tokens, self.block_size) if self.dense else 0
 
-    @property
-    def free_slots(self) -> int:
-        return len(self._free_slots)
-
-    def device_bytes_per_block(self) -> int:
-        return cache_bytes(self.model, self.config, self.block_size)[1]
-
-    def can_append(self, seq: SequenceKV) -> bool:
-        """True when the sequence's next token has a dense block to go to."""
-        return self.blocks_needed(seq.length + 1) <= len(seq.blocks) or self.allocator.num_free > 0
+    def _check_grant(self, kv: SequenceKV, tokens: int) -> None:
+        """The ledger granted what ``tokens`` tokens need (the runner allocates nothing)."""
+        assert len(kv.blocks) >= self.blocks_needed(tokens), f"{len(kv.blocks)} blocks granted for {tokens} tokens"
+        assert kv.slot >= 0 or not self.sparse, "no slot granted"
 
     # ------------------------------------------------------------------- admit
-    def _new_sequence(self, length: int, expected: int) -> SequenceKV:
-        """A sequence of ``length`` tokens, placed where ``expected`` tokens would fit in one
-        run of blocks if there is such a gap (growth then stays contiguous)."""
+    def _add_to_stores(self, kv: SequenceKV) -> None:
         with self._lock:
-            if not self._free_slots:
-                raise RuntimeError(f"all {self.max_num_seqs} sequence slots are in use")
-            blocks = self.allocator.allocate(self.blocks_needed(length), room=self.blocks_needed(max(length, expected)))
-            seq = SequenceKV(length=length, blocks=blocks)
-            seq.slot = self._free_slots.pop() if self.sparse else -1
-            for layer, (_, _, method) in self.sparse.items():
-                seq.store_ids[layer] = method.add_sequence()
-        S, W = self.config.sink_tokens, self.config.window_tokens
-        seq.fill, seq.middle = min(length, S + W), max(0, length - S - W)
-        return seq
+            for layer, sp in self.sparse.items():
+                kv.store_ids[layer] = sp.method.add_sequence()
 
-    def _store_layer(self, seq: SequenceKV, layer: int, k: torch.Tensor, v: torch.Tensor) -> PendingAppend:
-        """Hand one layer's prompt K/V [Hkv, n, d] to its cache: all of it into the dense
-        blocks, or sinks + window into the slot and the centred middle to the CPU side, whose
-        index is built on the store's worker when ``overlap_appends`` (wait before decoding)."""
-        if layer in self.dense:
-            self.dense[layer].fill(seq.blocks, k, v)
-            return PendingAppend()
-        cache, mu, method = self.sparse[layer]
+    def _place(self, kv: SequenceKV, n: int) -> None:
+        """A complete prompt of ``n`` tokens: how it splits between the slot and the middle."""
+        S, W = self.config.sink_tokens, self.config.window_tokens
+        kv.length, kv.fill, kv.middle = n, min(n, S + W), max(0, n - S - W)
+
+    def _store_layer(self, kv: SequenceKV, layer: int, k: torch.Tensor, v: torch.Tensor) -> PendingAppend:
+        """Hand one sparse layer's prompt K/V [Hkv, n, d] on: sinks + window into the slot and
+        the centred middle to the CPU side, whose index is built on the store's worker when
+        ``overlap_appends`` (wait before decoding)."""
+        sp = self.sparse[layer]
         S, W, n = self.config.sink_tokens, self.config.window_tokens, k.shape[1]
-        if seq.middle == 0:
-            cache.fill(seq.slot, k, v)
-            mu[seq.slot] = 0
+        if n <= S + W:
+            sp.cache.fill(kv.slot, k, v)
+            sp.mu[kv.slot] = 0
             return PendingAppend()
         lo, hi = S, n - W
         # Centre by the mean middle key (fp32 mean): softmax is shift-invariant, and centred
         # keys spread over the hash buckets far better.
-        mu[seq.slot] = k[:, lo:hi].float().mean(dim=1).to(k.dtype)
-        kc = k - mu[seq.slot][:, None, :]
-        cache.fill(seq.slot, kc[:, :S], v[:, :S])
-        cache.fill(seq.slot, kc[:, hi:], v[:, hi:], start=S)
+        sp.mu[kv.slot] = k[:, lo:hi].float().mean(dim=1).to(k.dtype)
+        kc = k - sp.mu[kv.slot][:, None, :]
+        sp.cache.fill(kv.slot, kc[:, :S], v[:, :S])
+        sp.cache.fill(kv.slot, kc[:, hi:], v[:, hi:], start=S)
         if self.overlap_appends:
-            return method.append_async(seq.store_ids[layer], kc[:, lo:hi], v[:, lo:hi])
-        method.append(seq.store_ids[layer], kc[:, lo:hi], v[:, lo:hi])
+            return sp.method.append_async(kv.store_ids[layer], kc[:, lo:hi], v[:, lo:hi])
+        sp.method.append(kv.store_ids[layer], kc[:, lo:hi], v[:, lo:hi])
         return PendingAppend()
 
     @classmethod
@@ -256,137 +283,78 @@ class ModelRunner:
         if error is not None:
             raise error
 
-    def add_prefilled(self, keys: list[torch.Tensor], values: list[torch.Tensor], expected: int = 0) -> SequenceKV:
-        """A sequence from a full prefill state: keys[layer], values[layer] [Hkv, n, d].
-        ``expected``: the tokens it may grow to (placement hint)."""
-        seq = self._new_sequence(keys[0].shape[1], expected)
-        try:
-            self._wait_all([self._store_layer(seq, layer, keys[layer], values[layer])
-                            for layer in range(self.model.args.num_layers)])
-        except BaseException:
-            self.release(seq)
-            raise
-        return seq
-
-    @torch.inference_mode()
-    def prefill(
-        self, token_ids: list[int], chunk_size: int = PREFILL_CHUNK, expected: int = 0
-    ) -> tuple[SequenceKV, torch.Tensor]:
-        """Exact causal prefill of one prompt, layer by layer; each layer's K/V goes to its
-        cache as soon as the layer is done. Returns the sequence and float32 logits [vocab]
-        after the last token. ``expected``: the tokens it may grow to (placement hint)."""
-        m, n = self.model, len(token_ids)
-        a = m.args
-        seq = self._new_sequence(n, expected)
+    def add_prefilled(self, kv: SequenceKV, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Start ``kv`` (granted, empty) from a full prefill state: keys[layer], values[layer]
+        [Hkv, n, d]."""
+        n = keys[0].shape[1]
+        self._check_grant(kv, n)
+        assert kv.length == 0 and not kv.store_ids, "add_prefilled starts an empty sequence"
+        self._add_to_stores(kv)
         pending: list[PendingAppend] = []
         try:
-            ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
-            cos, sin = m.rope(torch.arange(n, device=self.device), n - 1)
-            x = m.embed(ids)  # [n, hidden], updated in place chunk by chunk, layer by layer
-            for layer in range(a.num_layers):
-                k_all = torch.empty(a.num_kv_heads, n, a.head_dim, device=self.device, dtype=m.dtype)
-                v_all = torch.empty_like(k_all)
-                for start in range(0, n, chunk_size):
-                    end = min(n, start + chunk_size)
-                    q, k, v = m.attention_input(layer, x[start:end], cos[start:end], sin[start:end])
-                    k_all[:, start:end], v_all[:, start:end] = k.transpose(0, 1), v.transpose(0, 1)
-                    attn = causal_chunk_attention(q, k_all[:, :end], v_all[:, :end], start, m.scale)
-                    x[start:end] = m.mlp(layer, m.attention_output(layer, x[start:end], attn))
-                # This layer's tables are built while the next layer computes (overlap_appends).
-                pending.append(self._store_layer(seq, layer, k_all, v_all))
-            logits = m.logits(x[-1:])[0]
+            for layer in range(self.model.args.num_layers):
+                if layer in self.dense:
+                    self.dense[layer].fill(kv.blocks, keys[layer], values[layer])
+                else:
+                    pending.append(self._store_layer(kv, layer, keys[layer], values[layer]))
             self._wait_all(pending)
-            return seq, logits
         except BaseException:
             self._wait_all_quietly(pending)
-            self.release(seq)
             raise
+        self._place(kv, n)
 
-    def begin_prefill(self, token_ids: list[int], expected: int = 0) -> PartialPrefill:
-        """Admit a prompt for a prefill in chunks: its sequence gets the memory of the whole
-        prompt now; :meth:`prefill_chunk` then runs it piece by piece (a chunked prefill keeps
-        the sparse layers' prompt K/V on the device until its last chunk, where the whole-prompt
-        :meth:`prefill` hands each layer on as soon as it is done)."""
-        if not token_ids:
-            raise ValueError("token_ids: expected at least one token")
-        a, n = self.model.args, len(token_ids)
-        partial = PartialPrefill(self._new_sequence(n, expected), list(token_ids))
-        for layer in self.sparse:
-            partial.keys[layer] = torch.empty(a.num_kv_heads, n, a.head_dim, device=self.device, dtype=self.model.dtype)
-            partial.values[layer] = torch.empty_like(partial.keys[layer])
-        return partial
+    def prefill(self, kv: SequenceKV, token_ids: list[int], num_tokens: int,
+                chunk_size: int = PREFILL_CHUNK) -> torch.Tensor | None:
+        """Prefill the next ``num_tokens`` tokens of the prompt ``token_ids`` for ``kv`` (exact
+        causal attention over everything before them; from token ``kv.length``). Returns
+        float32 logits [vocab] after the prompt's last token when this completes it (its
+        sparse layers' K/V have then gone to the slots and CPU stores), else None."""
+        start, n = kv.length, len(token_ids)
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or not 1 <= num_tokens <= n - start:
+            raise ValueError(f"num_tokens={num_tokens!r}: expected an int in [1, {n - start}] (tokens left to prefill)")
+        self._check_grant(kv, n)
+        if start == 0:
+            self._add_to_stores(kv)
+        sink = self._prompt_kv.get(id(kv)) or _PromptKV(self, kv, n)
+        self._prompt_kv[id(kv)] = sink
+        try:
+            logits = prefill_rows(self.model, token_ids, start, start + num_tokens, sink, chunk_size)
+            if start + num_tokens < n:
+                kv.length = start + num_tokens
+                return None
+            self._prompt_kv.pop(id(kv))
+            self._wait_all(sink.pending)
+        except BaseException:
+            self._wait_all_quietly(sink.pending)
+            raise
+        self._place(kv, n)
+        return logits
 
-    @torch.inference_mode()
-    def prefill_chunk(
-        self, partial: PartialPrefill, num_tokens: int, chunk_size: int = PREFILL_CHUNK
-    ) -> torch.Tensor | None:
-        """Prefill the next ``num_tokens`` tokens of ``partial`` (exact causal attention over
-        everything before them). Returns float32 logits [vocab] after the prompt's last token
-        when this chunk completes it (its K/V then go to the slots and CPU stores), else None."""
-        left = partial.num_tokens - partial.done
-        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or not 1 <= num_tokens <= left:
-            raise ValueError(f"num_tokens={num_tokens!r}: expected an int in [1, {left}] (tokens left to prefill)")
-        end = partial.done + num_tokens
-        for start in range(partial.done, end, chunk_size):
-            x = self._prefill_rows(partial, start, min(end, start + chunk_size))
-        partial.done = end
-        if end < partial.num_tokens:
-            return None
-        self._wait_all([self._store_layer(partial.seq, layer, partial.keys[layer], partial.values[layer])
-                        for layer in self.sparse])
-        partial.keys, partial.values = {}, {}
-        return self.model.logits(x[-1:])[0]
-
-    def _prefill_rows(self, partial: PartialPrefill, start: int, end: int) -> torch.Tensor:
-        """Tokens [start, end) of the prompt through every layer; returns their hidden states."""
-        m = self.model
-        ids = torch.tensor(partial.token_ids[start:end], dtype=torch.int64, device=self.device)
-        cos, sin = m.rope(torch.arange(start, end, device=self.device), end - 1)
-        x = m.embed(ids)
-        for layer in range(m.args.num_layers):
-            q, k, v = m.attention_input(layer, x, cos, sin)
-            k, v = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, T, d]
-            if layer in self.dense:
-                cache = self.dense[layer]
-                cache.fill(partial.seq.blocks, k, v, start=start)
-                keys, values = cache.sequence(partial.seq.blocks, end)
-            else:
-                keys, values = partial.keys[layer][:, :end], partial.values[layer][:, :end]
-                keys[:, start:end], values[:, start:end] = k, v
-            attn = causal_chunk_attention(q, keys, values, start, m.scale)
-            x = m.mlp(layer, m.attention_output(layer, x, attn))
-        return x
-
-    def release(self, seq: SequenceKV) -> None:
-        """Free the sequence's blocks, slot and middle K/V (idempotent)."""
+    def release(self, kv: SequenceKV) -> None:
+        """Free the sequence's middle K/V and part-way prompt K/V (idempotent). Its blocks and
+        slot are the ledger's to take back."""
+        self._prompt_kv.pop(id(kv), None)
         with self._lock:
-            self.allocator.free(seq.blocks)
-            seq.blocks = []
-            for layer, sid in seq.store_ids.items():
-                self.sparse[layer][2].remove_sequence(sid)
-            seq.store_ids = {}
-            if seq.slot >= 0:
-                self._free_slots.append(seq.slot)
-                seq.slot = -1
+            for layer, sid in kv.store_ids.items():
+                self.sparse[layer].method.remove_sequence(sid)
+            kv.store_ids = {}
 
     # ------------------------------------------------------------------- decode
     def _prepare_step(self, seqs: list[SequenceKV]) -> None:
-        """Blocks for each sequence's next token; full windows spill into the middle."""
+        """Check each sequence's next token has its block (the ledger's grant); full windows
+        spill into the middle."""
         for seq in seqs:
-            grow = self.blocks_needed(seq.length + 1) - len(seq.blocks)
-            if grow > 0:
-                with self._lock:
-                    seq.blocks += self.allocator.allocate(grow, after=seq.blocks[-1] if seq.blocks else None)
+            self._check_grant(seq, seq.length + 1)
             if self.sparse and seq.fill >= self.slot_capacity:
                 self._spill(seq)
 
     def _spill(self, seq: SequenceKV) -> None:
         S = self.config.sink_tokens
-        for layer, (cache, mu, method) in self.sparse.items():
+        for layer, sp in self.sparse.items():
             if seq.middle == 0:
-                self._centre_first_middle(cache, mu, seq)
-            k, v = cache.evict(seq.slot, S, self.spill, seq.fill)
-            method.append(seq.store_ids[layer], k, v)
+                self._centre_first_middle(sp.cache, sp.mu, seq)
+            k, v = sp.cache.evict(seq.slot, S, self.spill, seq.fill)
+            sp.method.append(seq.store_ids[layer], k, v)
         seq.fill -= self.spill
         seq.middle += self.spill
 
@@ -429,9 +397,9 @@ class ModelRunner:
                 keys, values = cache.sequence(seq.blocks, seq.length + 1)
                 outs.append(decode_attention(q[i : i + 1], keys[None], values[None], None, m.scale))
             return torch.cat(outs), None
-        cache, mu, method = self.sparse[layer]
-        cache.write(part.slots, part.fills, k - mu[part.slots], v)
-        return q, method.attend_trusted(part.store_ids[layer], q)  # ids and shapes are the runner's own
+        sp = self.sparse[layer]
+        sp.cache.write(part.slots, part.fills, k - sp.mu[part.slots], v)
+        return q, sp.method.attend_trusted(part.store_ids[layer], q)  # ids and shapes are the runner's own
 
     def _layer_finish(self, layer: int, x: torch.Tensor, part: _Part, started: tuple) -> torch.Tensor:
         """Second half: (wait for the middle and merge,) O-projection and MLP."""
@@ -441,11 +409,13 @@ class ModelRunner:
             attn = first
         else:
             def middle() -> tuple[torch.Tensor, torch.Tensor]:
+                t0 = time.perf_counter()
                 out_mid, lse_mid, num_read = pending.wait()
+                self.store_seconds += time.perf_counter() - t0
                 part.reads.append(num_read)
                 return out_mid.to(self.device), lse_mid.to(self.device)
 
-            keys, values = self.sparse[layer][0].gather(part.slots, part.n_dev)
+            keys, values = self.sparse[layer].cache.gather(part.slots, part.n_dev)
             # Sinks + window scores on the device while the CPU store attends the middle;
             # one softmax then merges both (the LSE merge of DESIGN.md §2).
             attn = attention_with_middle(first, keys, values, part.dev_valid, m.scale, middle)
@@ -503,25 +473,19 @@ class ModelRunner:
     def device_bytes(self, seq: SequenceKV) -> int:
         """Bytes of the sequence's K/V in device caches (tokens held, not block slack)."""
         total = sum(c.bytes_per_token() for c in self.dense.values()) * seq.length
-        return total + sum(c.bytes_per_token() for c, _, _ in self.sparse.values()) * seq.fill
+        return total + sum(sp.cache.bytes_per_token() for sp in self.sparse.values()) * seq.fill
 
     def cpu_bytes(self, seq: SequenceKV) -> int:
         """Bytes the middle attention holds for the sequence (the CPU store)."""
-        return sum(self.sparse[layer][2].nbytes(sid) for layer, sid in seq.store_ids.items())
+        return sum(self.sparse[layer].method.nbytes(sid) for layer, sid in seq.store_ids.items())
 
     def cpu_bytes_per_token(self) -> int:
-        """Estimated CPU-store bytes of one middle token over all sparse layers (K/V in the
-        store dtype, the bucket ids of every table and a norm), for admission."""
-        if not self.sparse or self.config.method == "dense":
-            return 0
-        a, cfg = self.model.args, self.config
-        kv = {"bf16": 2, "fp16": 2, "fp32": 4}[cfg.kv_dtype] * 2 * a.head_dim
-        index = index_bytes_per_token_head(cfg.K, cfg.L) if cfg.method == "magicpig" else 0
-        return len(self.sparse) * a.num_kv_heads * (kv + index)
+        """CPU-store bytes of one middle token over all sparse layers (the ledger's figure)."""
+        return store_bytes_per_token(self.model, self.config)
 
     def close(self) -> None:
         """Stop the middle attentions' worker threads."""
-        for _, _, method in self.sparse.values():
-            close = getattr(getattr(method, "store", None), "close", None)
+        for sp in self.sparse.values():
+            close = getattr(getattr(sp.method, "store", None), "close", None)
             if close is not None:
                 close()

@@ -21,9 +21,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Optional
 
-from magicpig.runtime.outputs import SamplingParams
-from magicpig.serve.engine import Engine
-from magicpig.serve.request import RequestOutput
+from magicpig.core.sampling_params import SamplingParams
+from magicpig.engine.engine import Engine
+from magicpig.engine.engine import RequestOutput
 
 log = logging.getLogger("magicpig.serve")
 
@@ -181,10 +181,10 @@ class AsyncEngine:
 
     # ------------------------------------------------------------ engine-thread side
     def _add(self, sub: Submission, stream: tuple[asyncio.AbstractEventLoop, asyncio.Queue]) -> None:
-        sched = self.engine.scheduler
-        self.snapshot = dataclasses.replace(self.snapshot, running=len(sched.running), waiting=len(sched.waiting))
+        e = self.engine
+        self.snapshot = dataclasses.replace(self.snapshot, running=e.num_running(), waiting=e.queue_len())
         self._check_admission()  # again, on the engine's own counts: adds queued together
-        self.engine.add_request(sub.prompt_ids, sub.params, sub.request_id)
+        e.submit(sub.prompt_ids, sub.params, sub.request_id)  # encoded once, on a tokenizer thread
         self._streams[sub.request_id] = stream
 
     def _abort(self, request_id: str) -> None:
@@ -206,7 +206,7 @@ class AsyncEngine:
                 if not self._run_commands(block):
                     return
                 if self.engine.has_unfinished():
-                    self._dispatch(self.engine.step())
+                    self._dispatch(self.engine.step().outputs)
                     self._publish()
         except BaseException as err:  # noqa: BLE001 - every waiting client must hear of it
             log.exception("engine thread stopped")
@@ -250,8 +250,7 @@ class AsyncEngine:
 
     def _publish(self) -> None:
         e = self.engine
-        self.snapshot = EngineSnapshot(len(e.scheduler.running), len(e.scheduler.waiting),
-                                       e.blocks_in_use(), e.cpu_store_bytes())
+        self.snapshot = EngineSnapshot(e.num_running(), e.queue_len(), e.blocks_in_use(), e.cpu_store_bytes())
 
     def _close_engine(self) -> None:
         self._closed = True

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from magicpig.serve.async_engine import EngineSnapshot
-from magicpig.serve.request import RequestOutput
+from magicpig.engine.engine import RequestOutput
 
 # Long prompts on a CPU take minutes to prefill; the buckets reach that far.
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)

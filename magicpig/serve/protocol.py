@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from magicpig.runtime.outputs import MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TEMPERATURE
+from magicpig.core.sampling_params import MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TEMPERATURE
 
 # Fields OpenAI defines whose only supported value is "off": name -> what "off" is.
 _OFF_VALUES: dict[str, tuple[Any, ...]] = {

@@ -38,18 +38,18 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from magicpig.config import check_float, check_int
-from magicpig.runtime.outputs import SamplingParams
+from magicpig.core.sampling_params import SamplingParams
 from magicpig.serve.async_engine import (
     AsyncEngine, EngineDeadError, QueueFullError, RequestFailedError, RequestStream, ShuttingDownError,
 )
-from magicpig.serve.engine import Engine
+from magicpig.engine.engine import Engine
 from magicpig.serve.metrics import CONTENT_TYPE, ServerMetrics
 from magicpig.serve.protocol import (
     AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, CompletionChoice,
     CompletionRequest, CompletionResponse, ErrorInfo, ErrorResponse, ModelCard, ModelList, UsageInfo,
     _Sampling, finish_reason, new_id,
 )
-from magicpig.serve.request import RequestOutput
+from magicpig.engine.engine import RequestOutput
 from magicpig.serve.timeouts import DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT, BodyReadTimeout, http_protocol
 
 # The body is parsed on the event loop, and json.loads holds the GIL: ~30 ms per MB of many

@@ -26,16 +26,12 @@ try:  # the extension is optional: the numba backend runs the same algorithm
 except ImportError:  # pragma: no cover - depends on the build
     _C = None
 
+from magicpig.store.sizes import (  # noqa: E402,F401 - the store's sizes, re-exported
+    LOW_BITS, STORE_BLOCK_TOKENS, index_bytes_per_token_head, store_bytes_per_token_head,
+)
+
 BACKENDS = ("auto", "cpp", "numba")
 MAX_HEAD_DIM = 4096
-LOW_BITS = 12  # codes' bits kept in the bucket lists' uint16 offsets (kMaxLowBits); the rest in a byte
-
-
-def index_bytes_per_token_head(K: int, L: int) -> int:
-    """CPU bytes per middle token and KV head beside its K/V in the C++ store: a uint16 id in
-    each of the L bucket lists, a byte of high code bits per table when K > 12, and an fp32
-    key norm (the lists' offsets are per 64k-token block, not per token)."""
-    return 2 * L + (L if K > LOW_BITS else 0) + 4
 _DTYPE_CODE = {"bf16": 0, "fp16": 1, "fp32": 2}
 _TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

@@ -1,8 +1,8 @@
 """The device side of the KV cache (DESIGN.md §4).
 
-* Dense layers keep every token of every sequence in fixed-size blocks from a free list
-  (:class:`BlockAllocator`, :class:`PagedKVCache`): a sequence owns a block table, joins and
-  leaves at any step, and its blocks go back to the free list when it finishes.
+* Dense layers keep every token of every sequence in fixed-size blocks (:class:`PagedKVCache`):
+  a sequence owns a block table (granted by the ledger, :mod:`magicpig.core.kv_budget`), joins
+  and leaves at any step, and its blocks go back to the free list when it finishes.
 * Sparse layers keep only the sinks and the local window (centred keys) per sequence, in one
   fixed-size slot per sequence (:class:`SlotKVCache`); the middle lives in the CPU store.
 
@@ -31,81 +31,6 @@ def zero_buffer(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
     # The tensor keeps the map alive; the map is unmapped when the tensor is freed.
     return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)
-
-
-class OutOfBlocks(RuntimeError):
-    """The free list cannot give the blocks asked for (the scheduler checks before asking)."""
-
-
-FREE, USED, RESERVED = 0, 1, 2  # block states; RESERVED: free, kept for a sequence's growth
-
-
-class BlockAllocator:
-    """The free list of ``num_blocks`` block ids (pure bookkeeping, no tensors).
-
-    It keeps sequences in contiguous runs where it can: a new sequence goes to the first gap
-    with ``room`` for its expected length, and the rest of that room is reserved for its growth
-    (other sequences are placed elsewhere, and take reserved blocks only when nothing else is
-    free); a growing sequence gets the block after its last when that is not in use. A sequence
-    in one run is read in place by the attention; only a fragmented one is gathered."""
-
-    def __init__(self, num_blocks: int):
-        self.num_blocks = num_blocks
-        self._state = bytearray(num_blocks)  # FREE / USED / RESERVED; bytearray.find scans in C
-        self._num_free = num_blocks  # FREE + RESERVED
-        self._reservations: dict[int, int] = {}  # first block of a sequence -> end of its room
-
-    @property
-    def num_free(self) -> int:
-        return self._num_free
-
-    @property
-    def num_used(self) -> int:
-        return self.num_blocks - self._num_free
-
-    def allocate(self, count: int, after: int | None = None, room: int = 0) -> list[int]:
-        """``count`` block ids: right after block ``after`` when those are not in use, else
-        from the first unreserved gap of ``max(count, room)`` blocks (reserving the rest of it),
-        else the first gap of ``count``, else any free ones."""
-        if count > self._num_free:
-            raise OutOfBlocks(f"asked for {count} KV blocks, {self._num_free} of {self.num_blocks} free")
-        if count == 0:
-            return []
-        if after is not None and USED not in self._state[after + 1 : after + 1 + count] \
-                and after + count < self.num_blocks:
-            return self._take(list(range(after + 1, after + 1 + count)))
-        want = max(count, room)
-        start = self._state.find(bytes(want))
-        if start >= 0:
-            self._state[start + count : start + want] = bytes([RESERVED]) * (want - count)
-            self._reservations[start] = start + want
-        else:
-            start = self._state.find(bytes(count))
-        if start >= 0:
-            return self._take(list(range(start, start + count)))
-        return self._take([i for i, st in enumerate(self._state) if st != USED][:count])
-
-    def _take(self, blocks: list[int]) -> list[int]:
-        for b in blocks:
-            self._state[b] = USED
-        self._num_free -= len(blocks)
-        return blocks
-
-    def free(self, blocks: list[int]) -> None:
-        """Return a sequence's blocks (and drop what is left of its reservation)."""
-        for b in blocks:
-            self._state[b] = FREE
-        self._num_free += len(blocks)
-        end = self._reservations.pop(blocks[0], None) if blocks else None
-        if end is not None:
-            for b in range(blocks[0], end):
-                if self._state[b] == RESERVED:
-                    self._state[b] = FREE
-
-
-def blocks_for(tokens: int, block_size: int) -> int:
-    """Blocks needed to hold ``tokens`` tokens."""
-    return -(-tokens // block_size)
 
 
 def is_run(blocks: list[int]) -> bool:

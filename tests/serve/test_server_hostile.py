@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from magicpig import Engine, LongContextModel, MagicPIGConfig, SamplingParams
-from magicpig.runtime.outputs import MAX_STOP_CHARS, MAX_STOP_STRINGS
+from magicpig.core.sampling_params import MAX_STOP_CHARS, MAX_STOP_STRINGS
 from magicpig.serve.async_engine import AsyncEngine, RequestFailedError
 from magicpig.serve.server import BackgroundServer, build_app
 
@@ -43,7 +43,7 @@ def model() -> LongContextModel:
 @pytest.fixture(scope="module")
 def server(model):
     """Four run slots, eight waiting, 1 s for headers and 2 s for a body."""
-    app = build_app(Engine(model, DENSE, max_num_seqs=4), MODEL, max_waiting=8, body_timeout=2.0)
+    app = build_app(Engine(model.loaded, DENSE, max_num_seqs=4), MODEL, max_waiting=8, body_timeout=2.0)
     with BackgroundServer(app, header_timeout=1.0) as srv:
         yield srv
 
@@ -233,7 +233,7 @@ PROMPT_LONG = [(i * 7919) % 40000 + 100 for i in range(700)]  # its prefill take
 
 
 def _async_engine(model, **kw) -> AsyncEngine:
-    ae = AsyncEngine(Engine(model, DENSE, max_num_seqs=2, max_prefill_tokens=8192), max_waiting=4, **kw)
+    ae = AsyncEngine(Engine(model.loaded, DENSE, max_num_seqs=2, max_prefill_tokens=8192), max_waiting=4, **kw)
     ae.start()
     return ae
 
@@ -294,7 +294,7 @@ def test_one_requests_failure_ends_only_that_request(model, where, monkeypatch):
     """A fault injected into one request's work (its detokenising, its prefill, the decode
     batch it is alone in) fails that request with an error; the engine keeps serving the
     others and later requests."""
-    engine = Engine(model, DENSE, max_num_seqs=2)
+    engine = Engine(model.loaded, DENSE, max_num_seqs=2)
     victim = "victim"
 
     def failing(original, pick):
@@ -307,7 +307,7 @@ def test_one_requests_failure_ends_only_that_request(model, where, monkeypatch):
     if where == "detokenise":
         monkeypatch.setattr(engine, "_add_token", failing(engine._add_token, lambda req, tok: req.request_id == victim))
     elif where == "prefill":
-        monkeypatch.setattr(engine, "_run_chunk", failing(engine._run_chunk, lambda req, chunk: req.request_id == victim))
+        monkeypatch.setattr(engine, "_prefill", failing(engine._prefill, lambda chunk: chunk.request.request_id == victim))
     else:
         monkeypatch.setattr(engine, "_decode", failing(
             engine._decode, lambda reqs: any(r.request_id == victim for r in reqs) and len(reqs) == 1))

@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from magicpig.model.loading import embedded_model_dir, load_tokenizer
-from magicpig.runtime.outputs import (MAX_STOP_CHARS, MAX_STOP_STRINGS, OutputText, SamplingParams,
-                                      stop_list)
-from magicpig.runtime.stops import StopMatcher
+from magicpig.core.sampling_params import MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingParams, stop_list
+from magicpig.core.stops import StopMatcher
+from magicpig.engine.outputs import OutputText
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,10 +1,12 @@
-"""The scheduler's policy (magicpig/serve/scheduler.py) on hand-built requests: no model, no
-engine, no torch. A fake request has only what the scheduler reads (num_prompt_tokens,
-num_tokens, params.max_new_tokens, tokens_to_prefill()); MemoryState is built by hand.
+"""The scheduler's policy (magicpig/core/scheduler.py) and its ledger (core/kv_budget.py) on
+hand-built requests: no model, no engine, no torch. Requests are real core Requests; a running
+one is admitted through the ledger and holds K/V of num_tokens - 1 tokens; the pools' free
+sizes are set by hand (blocks or CPU bytes held by others where a test needs them).
+``advance`` plays the runner: a chunk's tokens become computed, a decode feeds one token.
 
-Block arithmetic used below (block_size 16): a waiting request is admitted with
-blocks_for(len(tokens_to_prefill()) + 1) blocks (the +1 is its first decode's token); a running
-request holds K/V of num_tokens - 1 tokens and its next decode opens a block when
+Block arithmetic used below (block_size 16): a waiting request is admitted when
+blocks_for(len(tokens_to_prefill()) + 1) blocks are free (the +1 is its first decode's token);
+a running request holds K/V of num_tokens - 1 tokens and its next decode opens a block when
 (num_tokens - 1) % 16 == 0.
 """
 
@@ -12,50 +14,67 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 
-from magicpig.serve.scheduler import MemoryState, PolicyConfig, Scheduler, blocks_for, reserved_cpu_bytes
+from magicpig.core.kv_budget import KVBudget, KVLayout, blocks_for
+from magicpig.core.request import Request, Status
+from magicpig.core.sampling_params import SamplingParams
+from magicpig.core.scheduler import PolicyConfig, Scheduler
 
 BS = 16
 
 
-class FakeRequest:
-    """prompt tokens, generated tokens so far, max_new_tokens; named for readable failures."""
-
-    def __init__(self, name: str, prompt: int, generated: int = 0, max_new_tokens: int = 8, arrival: float = 0.0):
-        self.name = name
-        self.arrival = arrival
-        self.num_prompt_tokens = prompt
-        self.generated = generated
-        self.params = SimpleNamespace(max_new_tokens=max_new_tokens)
-
-    @property
-    def num_tokens(self) -> int:
-        return self.num_prompt_tokens + self.generated
-
-    def tokens_to_prefill(self) -> list[int]:
-        return [0] * (self.num_prompt_tokens + max(0, self.generated - 1))
-
-    def __repr__(self) -> str:
-        return self.name
+def FakeRequest(name: str, prompt: int, generated: int = 0, max_new_tokens: int = 8, arrival: float = 0.0) -> Request:
+    """A request of ``prompt`` tokens that has generated ``generated`` (named for failures)."""
+    req = Request(name, [0] * prompt, SamplingParams(max_new_tokens=max(max_new_tokens, generated + 1)), arrival=arrival)
+    req.output_ids.extend([0] * generated)
+    return req
 
 
-def mem(free_blocks=100, block_size=BS, free_slots=100, cpu_bytes_free=10**9, cpu_bytes_per_token=0):
-    return MemoryState(free_blocks, block_size, free_slots, cpu_bytes_free, cpu_bytes_per_token)
-
-
-def make(max_num_seqs=8, max_prefill_tokens=10_000, waiting=(), running=()):
-    s = Scheduler(max_num_seqs, max_prefill_tokens)
+def make(max_num_seqs=8, max_prefill_tokens=10_000, waiting=(), running=(), policy="fcfs", chunked=False,
+         cost=None, clock=None, free_blocks=100, block_size=BS, free_slots=100, cpu_bytes_free=10**9,
+         cpu_bytes_per_token=0, total_blocks=None, cpu_bytes_total=None) -> Scheduler:
+    """A scheduler whose ledger has exactly these free blocks, slots and CPU bytes once the
+    ``running`` requests hold theirs (the rest of ``total_blocks`` / ``cpu_bytes_total`` held
+    by others)."""
+    held = sum(blocks_for(r.prefill_length, block_size) for r in running)
+    reserved = sum(cpu_bytes_per_token * r.max_tokens for r in running)
+    num_blocks = total_blocks if total_blocks is not None else free_blocks + held
+    cpu_total = cpu_bytes_total if cpu_bytes_total is not None else cpu_bytes_free + reserved
+    kv = KVBudget(KVLayout(block_size, num_blocks, free_slots + len(running), True, cpu_total, cpu_bytes_per_token))
+    s = Scheduler(kv, max_num_seqs, max_prefill_tokens, policy, chunked_prefill=chunked, cost=cost, clock=clock)
+    for r in running:
+        kv.admit(r)
+        r.kv.length, r.status = r.prefill_length, Status.RUNNING
+        s.running.append(r)
+    kv.allocator.allocate(num_blocks - free_blocks - held)  # held by others
+    kv._cpu_reserved[-1] = cpu_total - cpu_bytes_free - reserved  # reserved by others
     for r in waiting:
         s.add(r)
-    s.running.extend(running)
     return s
 
 
+def advance(s: Scheduler, plan) -> None:
+    """Play the runner and the engine for one step: chunks' tokens are computed (a completed
+    prompt samples its first token), each decode feeds one token and samples the next."""
+    for c in plan.chunks:
+        c.request.kv.length += c.num_tokens
+        if c.last and not c.request.output_ids:
+            c.request.output_ids.append(0)
+    for r in plan.decodes:
+        r.kv.length += 1
+        r.output_ids.append(0)
+
+
+def step(s: Scheduler):
+    plan = s.schedule()
+    advance(s, plan)
+    return plan
+
+
 def names(reqs) -> list[str]:
-    return [r.name for r in reqs]
+    return [r.request_id for r in reqs]
 
 
 # --------------------------------------------------------------------------- admission
@@ -65,7 +84,7 @@ def test_admission_is_first_come_first_served():
     old = FakeRequest("old", 10, generated=3)
     reqs = [FakeRequest(n, p) for n, p in (("a", 30), ("b", 5), ("c", 17), ("d", 1))]
     s = make(waiting=reqs, running=[old])
-    plan = s.schedule(mem())
+    plan = s.schedule()
     assert names(plan.prefills) == ["a", "b", "c", "d"]
     assert names(plan.decodes) == ["old"]
     assert plan.preempted == []
@@ -94,8 +113,8 @@ def test_admission_is_first_come_first_served():
 def test_admission_stops_at_the_first_request_that_does_not_fit(case, prompts, memory, max_num_seqs):
     a, b, c = (FakeRequest(n, p) for n, p in zip("abc", prompts))
     running = [FakeRequest("r", 5, generated=2)] if case == "max_num_seqs" else []
-    s = make(max_num_seqs=max_num_seqs, waiting=[a, b, c], running=running)
-    plan = s.schedule(mem(**memory))
+    s = make(max_num_seqs=max_num_seqs, waiting=[a, b, c], running=running, **memory)
+    plan = s.schedule()
     assert names(plan.prefills) == ["a"], case
     assert names(s.waiting) == ["b", "c"], case
     assert names(s.running) == names(running) + ["a"]
@@ -105,24 +124,26 @@ def test_admission_boundaries_are_exact():
     """What exactly fits is admitted: 31 prompt tokens + the first decode's token fill 2 blocks
     exactly; cpu bytes equal to the reservation fit; the last slot is used."""
     assert blocks_for(31 + 1, BS) == 2 and blocks_for(32 + 1, BS) == 3
-    s = make(waiting=[FakeRequest("a", 31)])
-    assert names(s.schedule(mem(free_blocks=2)).prefills) == ["a"]
-    s = make(waiting=[FakeRequest("a", 32)])
-    assert s.schedule(mem(free_blocks=2)).prefills == []
+    s = make(waiting=[FakeRequest("a", 31)], free_blocks=2)
+    assert names(s.schedule().prefills) == ["a"]
+    s = make(waiting=[FakeRequest("a", 32)], free_blocks=2)
+    assert s.schedule().prefills == []
     r = FakeRequest("a", 20, max_new_tokens=8)
-    assert reserved_cpu_bytes(r, 10) == 270
-    s = make(waiting=[r])
-    assert names(s.schedule(mem(cpu_bytes_free=270, cpu_bytes_per_token=10)).prefills) == ["a"]
-    s = make(waiting=[FakeRequest("a", 20)])
-    assert s.schedule(mem(cpu_bytes_free=269, cpu_bytes_per_token=10)).prefills == []
-    s = make(waiting=[FakeRequest("a", 1), FakeRequest("b", 1)])
-    assert names(s.schedule(mem(free_slots=1)).prefills) == ["a"]
+    s = make(waiting=[r], cpu_bytes_free=270, cpu_bytes_per_token=10)
+    assert s.kv.cpu_bytes(r) == 270
+    assert names(s.schedule().prefills) == ["a"]
+    assert s.kv.cpu_bytes_free == 0  # the reservation is held from admission
+    s = make(waiting=[FakeRequest("a", 20)], cpu_bytes_free=269, cpu_bytes_per_token=10)
+    assert s.schedule().prefills == []
+    s = make(waiting=[FakeRequest("a", 1), FakeRequest("b", 1)], free_slots=1)
+    assert names(s.schedule().prefills) == ["a"]
 
 
 def test_no_dense_layers_means_no_block_limit():
     """block_size 0 (the model has no dense layer): blocks never limit admission or decodes."""
-    s = make(waiting=[FakeRequest("a", 5000)], running=[FakeRequest("r", 16, generated=1)])
-    plan = s.schedule(mem(free_blocks=0, block_size=0))
+    s = make(waiting=[FakeRequest("a", 5000)], running=[FakeRequest("r", 16, generated=1)], free_blocks=0,
+             block_size=0)
+    plan = s.schedule()
     assert names(plan.prefills) == ["a"] and names(plan.decodes) == ["r"] and plan.preempted == []
 
 
@@ -131,22 +152,22 @@ def test_max_prefill_tokens_budget_admits_at_least_one():
     whole budget is still admitted when it is the first of the step (else it would wait
     forever), also while others are decoding."""
     s = make(max_prefill_tokens=50, waiting=[FakeRequest("a", 40), FakeRequest("b", 20), FakeRequest("c", 1)])
-    assert names(s.schedule(mem()).prefills) == ["a"]  # 40 + 20 > 50: b waits, and c behind it
+    assert names(step(s).prefills) == ["a"]  # 40 + 20 > 50: b waits, and c behind it
     assert names(s.waiting) == ["b", "c"]
-    assert names(s.schedule(mem()).prefills) == ["b", "c"]  # the next step has a fresh budget
+    assert names(step(s).prefills) == ["b", "c"]  # the next step has a fresh budget
 
     s = make(max_prefill_tokens=50, waiting=[FakeRequest("a", 30), FakeRequest("b", 20)])
-    assert names(s.schedule(mem()).prefills) == ["a", "b"]  # exactly the budget
+    assert names(s.schedule().prefills) == ["a", "b"]  # exactly the budget
 
     s = make(max_prefill_tokens=50, waiting=[FakeRequest("big", 500), FakeRequest("b", 1)],
              running=[FakeRequest("r", 5, generated=1)])
-    plan = s.schedule(mem())
+    plan = s.schedule()
     assert names(plan.prefills) == ["big"] and names(plan.decodes) == ["r"]
 
     # a preempted request re-prefills its generated tokens too: they count against the budget
     s = make(max_prefill_tokens=50, waiting=[FakeRequest("a", 30), FakeRequest("p", 10, generated=12)])
     assert len(s.waiting[1].tokens_to_prefill()) == 21
-    assert names(s.schedule(mem()).prefills) == ["a"]
+    assert names(s.schedule().prefills) == ["a"]
 
 
 # ------------------------------------------------------------------------- preemption
@@ -164,8 +185,8 @@ def test_decodes_without_a_free_block_preempt_the_newest():
     C = FakeRequest("C", 10, generated=7)  # holds 16
     D = FakeRequest("D", 18, generated=2)  # holds 19 (2 blocks): no new block
     W = FakeRequest("W", 1)
-    s = make(waiting=[W], running=[A, B, C, D])
-    plan = s.schedule(mem(free_blocks=0))
+    s = make(waiting=[W], running=[A, B, C, D], free_blocks=0)
+    plan = s.schedule()
     assert names(plan.preempted) == ["D", "C"]
     assert names(plan.decodes) == ["A", "B"]
     assert plan.prefills == []
@@ -177,16 +198,19 @@ def test_preemption_frees_no_more_than_needed():
     """One block short: exactly one victim (the newest), and no victim when the blocks
     suffice or when no decode opens a block."""
     reqs = [FakeRequest("A", 16, generated=1), FakeRequest("B", 32, generated=1), FakeRequest("C", 5, generated=1)]
-    s = make(running=list(reqs))
-    plan = s.schedule(mem(free_blocks=1))  # A and B need 2, 1 free; C holds 5 tokens (1 block)
+    s = make(running=list(reqs), free_blocks=1)
+    plan = s.schedule()  # A and B need 2, 1 free; C holds 5 tokens (1 block)
     assert names(plan.preempted) == ["C"] and names(plan.decodes) == ["A", "B"]
+    assert plan.released[0].blocks == [] and reqs[2].kv.length == 0  # C holds nothing now
 
-    s = make(running=list(reqs))
-    plan = s.schedule(mem(free_blocks=2))
+    reqs = [FakeRequest("A", 16, generated=1), FakeRequest("B", 32, generated=1), FakeRequest("C", 5, generated=1)]
+    s = make(running=list(reqs), free_blocks=2)
+    plan = s.schedule()
     assert plan.preempted == [] and names(plan.decodes) == ["A", "B", "C"]
+    assert s.kv.free_blocks == 0  # the decodes' next tokens got their blocks
 
-    s = make(running=[FakeRequest("A", 5, generated=3), FakeRequest("B", 20, generated=1)])
-    plan = s.schedule(mem(free_blocks=0))  # nobody opens a block
+    s = make(running=[FakeRequest("A", 5, generated=3), FakeRequest("B", 20, generated=1)], free_blocks=0)
+    plan = s.schedule()  # nobody opens a block
     assert plan.preempted == [] and names(plan.decodes) == ["A", "B"]
 
 
@@ -197,35 +221,38 @@ def test_a_lone_request_without_a_block_is_preempted_and_readmitted_first():
     tokens but the last, with a block for its next token."""
     A = FakeRequest("A", 16, generated=1)
     W = FakeRequest("W", 3)
-    s = make(waiting=[W], running=[A])
-    plan = s.schedule(mem(free_blocks=0))
+    s = make(waiting=[W], running=[A], free_blocks=0, total_blocks=2)  # one block held by another
+    plan = s.schedule()
     assert names(plan.preempted) == ["A"] and plan.decodes == [] and plan.prefills == []
-    assert names(s.waiting) == ["A", "W"] and s.running == []
+    assert names(s.waiting) == ["A", "W"] and s.running == [] and A.num_preemptions == 1
     # A re-prefills 16 tokens + 1 for its next token: 2 blocks; W then needs 1.
-    plan = s.schedule(mem(free_blocks=2))
+    s.kv.allocator.free([b for b in range(2) if b not in A.kv.blocks][:1])  # the other's block comes back
+    assert s.kv.free_blocks == 2
+    plan = s.schedule()
     assert names(plan.prefills) == ["A"] and names(s.waiting) == ["W"]
-    s = make(waiting=[A, W])
-    assert names(s.schedule(mem(free_blocks=3)).prefills) == ["A", "W"]
+    assert plan.chunks[0].num_tokens == 16 and len(A.kv.blocks) == 1  # its prefill's block
+    A2, W2 = FakeRequest("A", 16, generated=1), FakeRequest("W", 3)
+    s = make(waiting=[A2, W2], free_blocks=3)
+    assert names(s.schedule().prefills) == ["A", "W"]
 
 
 def test_scheduler_remove_and_has_unfinished():
     a, b = FakeRequest("a", 1), FakeRequest("b", 1, generated=1)
     s = make(waiting=[a], running=[b])
     assert s.has_unfinished()
-    s.remove(b)
-    s.remove(FakeRequest("unknown", 1))  # no-op
+    free = s.kv.free_blocks
+    s.finish(b)
+    assert s.kv.free_blocks == free + 1 and b.kv.blocks == [] and b.finished  # its memory is back
+    s.finish(FakeRequest("unknown", 1))  # no-op
     assert s.running == [] and s.has_unfinished()
-    s.remove(a)
+    s.finish(a)
     assert not s.has_unfinished()
 
 
 # --------------------------------------------------------------------------- policies
-def policy_scheduler(name, waiting=(), running=(), chunked=True, clock=lambda: 0.0, cost=None, **knobs):
-    s = Scheduler(64, 10_000, PolicyConfig(name, **knobs), chunked_prefill=chunked, cost=cost, clock=clock)
-    for r in waiting:
-        s.add(r)
-    s.running.extend(running)
-    return s
+def policy_scheduler(name, waiting=(), running=(), chunked=True, clock=lambda: 0.0, cost=None, free_blocks=100,
+                     **knobs):
+    return make(64, 10_000, waiting, running, PolicyConfig(name, **knobs), chunked, cost, clock, free_blocks)
 
 
 def test_chunked_splits_a_long_prompt_under_the_token_budget():
@@ -237,25 +264,26 @@ def test_chunked_splits_a_long_prompt_under_the_token_budget():
     s = policy_scheduler("chunked", waiting=[long, short], running=[d1, d2], token_budget=100)
     sizes = []
     for _ in range(3):
-        plan = s.schedule(mem())
+        plan = step(s)
         assert names(plan.decodes) == ["d1", "d2"]  # never the part-way one
-        sizes.append([(c.request.name, c.start, c.num_tokens, c.last) for c in plan.chunks])
+        sizes.append([(c.request.request_id, c.start, c.num_tokens, c.last) for c in plan.chunks])
     assert sizes == [[("long", 0, 98, False)], [("long", 98, 98, False)],
                      [("long", 196, 54, True), ("short", 0, 30, True)]]
-    assert names(s.schedule(mem()).decodes) == ["d1", "d2", "long", "short"]
+    assert names(s.schedule().decodes) == ["d1", "d2", "long", "short"]
 
 
 def test_prefill_first_stops_decodes_while_anything_prefills():
     r = FakeRequest("r", 10, generated=1)
     s = policy_scheduler("prefill_first", waiting=[FakeRequest("a", 300)], running=[r], token_budget=200)
-    plan = s.schedule(mem())
+    plan = step(s)
     assert plan.decodes == [] and [(c.num_tokens, c.last) for c in plan.chunks] == [(200, False)]
-    plan = s.schedule(mem())
+    plan = step(s)
     assert plan.decodes == [] and [(c.num_tokens, c.last) for c in plan.chunks] == [(100, True)]
-    assert names(s.schedule(mem()).decodes) == ["r", "a"]
+    assert names(s.schedule().decodes) == ["r", "a"]
     # nothing admissible (no slot): decode instead of waiting
-    s = policy_scheduler("prefill_first", waiting=[FakeRequest("b", 5)], running=[r])
-    plan = s.schedule(mem(free_slots=0))
+    r = FakeRequest("r", 10, generated=1)
+    s = make(waiting=[FakeRequest("b", 5)], running=[r], policy=PolicyConfig("prefill_first"), free_slots=0)
+    plan = s.schedule()
     assert plan.chunks == [] and names(plan.decodes) == ["r"]
 
 
@@ -263,18 +291,18 @@ def test_static_split_runs_one_chunk_at_its_fixed_share():
     r = FakeRequest("r", 10, generated=1)
     s = policy_scheduler("static", waiting=[FakeRequest("a", 50), FakeRequest("b", 5)], running=[r],
                          static_prefill_share=0.25, chunk_tokens=40)
-    plan = s.schedule(mem())
+    plan = s.schedule()
     assert names(plan.prefills) == ["a"] and plan.chunks[0].num_tokens == 40 and plan.prefill_share == 0.25
     assert names(plan.decodes) == ["r"]
-    s2 = policy_scheduler("static", running=[r], static_prefill_share=0.25)
-    assert s2.schedule(mem()).prefill_share == 0.0  # nothing to prefill: decode has it all
+    s2 = policy_scheduler("static", running=[FakeRequest("r", 10, generated=1)], static_prefill_share=0.25)
+    assert s2.schedule().prefill_share == 0.0  # nothing to prefill: decode has it all
     s3 = policy_scheduler("static", waiting=[FakeRequest("a", 5)], static_prefill_share=0.25)
-    assert s3.schedule(mem()).prefill_share == 1.0  # nothing to decode: prefill has it all
+    assert s3.schedule().prefill_share == 1.0  # nothing to decode: prefill has it all
 
 
 @pytest.fixture(scope="module")
 def h100():
-    from magicpig.serve.cost_model import CostModel, load_profile
+    from magicpig.perf.cost_model import CostModel, load_profile
 
     profile = load_profile("h100_llama31_8b")
     return CostModel(profile, profile.model)
@@ -285,8 +313,8 @@ def test_nexus_gives_decode_the_smallest_share_that_meets_its_target(h100):
     lens = [r.num_tokens for r in running]
     target, slack = 0.03, 0.9
     s = policy_scheduler("nexus", waiting=[FakeRequest("p", 4000)], running=running, cost=h100,
-                         tbt_target_s=target, slack=slack, method="dense", hysteresis_steps=0)
-    plan = s.schedule(mem(free_blocks=10**6))
+                         tbt_target_s=target, slack=slack, method="dense", hysteresis_steps=0, free_blocks=10**5)
+    plan = s.schedule()
     decode_share = 1.0 - plan.prefill_share
     assert 0 < decode_share < 1 and names(plan.prefills) == ["p"]
     assert h100.decode_time(lens, "dense", decode_share) <= target * slack
@@ -299,20 +327,25 @@ def test_nexus_hysteresis_holds_the_split_under_small_load_changes(h100):
     smaller share has sufficed for more than hysteresis_steps steps in a row (here 3: the load
     drops at step 1, the share follows at step 4)."""
     big = [FakeRequest(f"r{i}", 64_000, generated=1) for i in range(8)]
-    s = policy_scheduler("nexus", running=list(big), cost=h100, tbt_target_s=0.04, method="dense", hysteresis_steps=3)
+    s = policy_scheduler("nexus", running=list(big), cost=h100, tbt_target_s=0.04, method="dense", hysteresis_steps=3,
+                         free_blocks=10**5)
     shares = []
-    for step in range(8):
-        if step == 1:  # the load drops: half the requests finish
+    for i in range(8):
+        if i == 1:  # the load drops: half the requests finish
             for r in big[4:]:
-                s.remove(r)
-        s.add(FakeRequest(f"p{step}", 100))
-        shares.append(1.0 - s.schedule(mem(free_blocks=10**6)).prefill_share)
+                s.finish(r)
+        s.add(FakeRequest(f"p{i}", 100))
+        plan = s.schedule()
+        shares.append(1.0 - plan.prefill_share)
+        for r in plan.prefills:  # the short prompts leave again: only the load of big counts
+            s.finish(r)
     assert shares[0] == shares[1] == shares[2] == shares[3] < 1.0  # held
     assert shares[4] < shares[3] and shares[4] == shares[5] == shares[6] == shares[7]
     for r in big[:4]:
-        r.generated += 1  # a small change of load does not move it either
+        r.kv.length += 1  # a small change of load does not move it either
+        r.output_ids.append(0)
     s.add(FakeRequest("q", 100))
-    assert 1.0 - s.schedule(mem(free_blocks=10**6)).prefill_share == shares[7]
+    assert 1.0 - s.schedule().prefill_share == shares[7]
 
 
 def test_nexus_keeps_a_prefill_lane_when_decode_needs_the_whole_device(h100):
@@ -320,8 +353,8 @@ def test_nexus_keeps_a_prefill_lane_when_decode_needs_the_whole_device(h100):
     planned chunk still runs (a prefill share of 0 stalled it; the simulator refused it)."""
     running = [FakeRequest(f"r{i}", 64_000, generated=1) for i in range(8)]
     s = policy_scheduler("nexus", waiting=[FakeRequest("p", 100)], running=running, cost=h100,
-                         tbt_target_s=0.001, method="dense", min_prefill_share=0.06)
-    plan = s.schedule(mem(free_blocks=10**6))
+                         tbt_target_s=0.001, method="dense", min_prefill_share=0.06, free_blocks=10**5)
+    plan = s.schedule()
     assert names(plan.prefills) == ["p"] and plan.prefill_share == 0.06
 
 
@@ -330,22 +363,24 @@ def test_nexus_ages_a_long_prompt_past_its_wait_limit(h100):
     now = [0.0]
     long = FakeRequest("long", 5000, arrival=0.0)
     s = policy_scheduler("nexus", waiting=[long], cost=h100, clock=lambda: now[0], max_wait_s=10.0,
-                         chunk_tokens=10_000)
+                         chunk_tokens=10_000, free_blocks=10**5)
     for t in range(0, 10, 2):
         now[0] = float(t)
         s.add(FakeRequest(f"s{t}", 100, arrival=float(t)))
-        assert names(s.schedule(mem(free_blocks=10**6)).prefills) == [f"s{t}"], t  # the short one jumps ahead
+        plan = s.schedule()
+        assert names(plan.prefills) == [f"s{t}"], t  # the short one jumps ahead
+        s.finish(plan.prefills[0])
     now[0] = 10.5
     s.add(FakeRequest("late", 100, arrival=10.5))
-    assert names(s.schedule(mem(free_blocks=10**6)).prefills) == ["long"]
+    assert names(s.schedule().prefills) == ["long"]
 
 
 def test_nexus_memory_switch_fires_at_its_threshold(h100):
-    r = FakeRequest("r", 1000, generated=1)
     for free, cpu_free, decode_first in ((11, 1000, False), (10, 1000, True), (50, 99, True), (50, 101, False)):
-        s = policy_scheduler("nexus", waiting=[FakeRequest("p", 10)], running=[r], cost=h100, memory_threshold=0.9)
-        m = MemoryState(free, BS, 100, cpu_free, 0, total_blocks=100, cpu_bytes_total=1000)
-        plan = s.schedule(m)
+        r = FakeRequest("r", 100, generated=1)  # holds 7 of the 100 blocks
+        s = make(64, 10_000, [FakeRequest("p", 10)], [r], PolicyConfig("nexus", memory_threshold=0.9), True, h100,
+                 lambda: 0.0, free_blocks=free, total_blocks=100, cpu_bytes_free=cpu_free, cpu_bytes_total=1000)
+        plan = s.schedule()
         assert (plan.chunks == [] and plan.prefill_share == 0.0) is decode_first, (free, cpu_free)
         assert names(plan.decodes) == ["r"]
 
@@ -356,13 +391,13 @@ def test_policy_config_checks_its_fields():
     with pytest.raises(ValueError, match="static_prefill_share"):
         PolicyConfig("static", static_prefill_share=1.0)
     with pytest.raises(ValueError, match="nexus"):
-        Scheduler(4, 100, "nexus")
+        make(policy="nexus")
 
 
 # ----------------------------------------------------------------------------- purity
 def test_scheduler_module_does_not_import_torch():
     """DESIGN.md §4: the scheduler is pure Python; the simulator runs it without torch."""
-    code = "import sys, magicpig.serve.scheduler; print('torch' in sys.modules)"
+    code = "import sys, magicpig.core.scheduler, magicpig.core.kv_budget; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False", out.stdout + out.stderr

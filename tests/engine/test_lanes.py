@@ -1,4 +1,4 @@
-"""Lanes (magicpig/serve/lanes.py): the two lanes of a split policy give the same results
+"""Lanes (magicpig.engine.lanes.py): the two lanes of a split policy give the same results
 however they run, errors come back to the caller, and the CUDA path runs where there is CUDA."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from magicpig import Engine, LongContextModel, MagicPIGConfig, SamplingParams
-from magicpig.serve.lanes import InterleavedLanes, ThreadLanes, make_lanes, per_thread_counts_honoured
+from magicpig.engine.lanes import InterleavedLanes, ThreadLanes, make_lanes, per_thread_counts_honoured
 
 
 def test_thread_lanes_run_both_lanes_on_their_own_threads_with_their_counts():
@@ -78,7 +78,7 @@ def test_engine_lanes_on_threads_give_the_interleaved_tokens(model, method):
                                                 "Describe a cat in five words. " * 6)]
     results = {}
     for kind in ("interleaved", "threads"):
-        engine = Engine(model, config, max_num_seqs=4, policy="static", lanes="interleaved")
+        engine = Engine(model.loaded, config, max_num_seqs=4, policy="static", lanes="interleaved")
         if kind == "threads":
             engine.lanes = ThreadLanes(cores=2)  # forced, whatever this machine's measurement says
         try:
@@ -86,9 +86,10 @@ def test_engine_lanes_on_threads_give_the_interleaved_tokens(model, method):
             tokens = {i: [] for i in ids}
             concurrent_steps = 0
             while engine.has_unfinished():
-                for out in engine.step():
+                record = engine.step()
+                for out in record.outputs:
                     tokens[out.request_id] += out.new_token_ids
-                t = engine.last_lane_times
+                t = record.lane_times
                 concurrent_steps += t.prefill_s > 0 and t.decode_s > 0
             results[kind] = [tokens[i] for i in ids]
             assert engine.blocks_in_use() == 0 and engine.cpu_store_bytes() == 0
@@ -121,6 +122,6 @@ def test_gpu_check_script_says_there_is_no_cuda_and_exits_0(tmp_path):
     import pathlib
     import subprocess
 
-    script = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.sh"
+    script = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "gpu_check.sh"
     run = subprocess.run(["bash", str(script), str(tmp_path / "out")], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and "no CUDA device" in run.stdout, run.stdout + run.stderr

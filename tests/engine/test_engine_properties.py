@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from magicpig import Engine, LongContextModel, MagicPIGConfig, SamplingParams
-from magicpig.runtime.runner import cache_bytes
-from magicpig.serve.scheduler import reserved_cpu_bytes
+from magicpig.core.kv_budget import blocks_for
+from magicpig.runtime.runner import cache_bytes, store_bytes_per_token
 
 DENSE = MagicPIGConfig(method="dense")
 SPARSE = MagicPIGConfig(window_tokens=8, sink_tokens=4, K=6, L=30, kv_dtype="fp32")
@@ -39,9 +39,12 @@ def model() -> LongContextModel:
 def cpu_bytes_per_token(model, config) -> int:
     """The engine's CPU-store reservation per token for ``config`` (0 without a store)."""
     slot, block = cache_bytes(model.loaded.model, config, BS)
-    probe = Engine(model, config, max_num_seqs=1, device_memory_bytes=slot + block, cpu_memory_bytes=0, block_size=BS)
+    probe = Engine(model.loaded, config, max_num_seqs=1, device_memory_bytes=slot + block, cpu_memory_bytes=0,
+                   block_size=BS)
     try:
-        return probe.runner.cpu_bytes_per_token()
+        per_token = probe.scheduler.kv.layout.cpu_bytes_per_token
+        assert per_token == store_bytes_per_token(model.loaded.model, config)
+        return per_token
     finally:
         probe.close()
 
@@ -52,9 +55,10 @@ def tiny_engine(model, config, num_blocks: int, max_num_seqs: int, cpu_tokens: i
     dense-layer blocks of ``block_size`` tokens, and whose CPU budget is ``cpu_tokens``
     tokens' reservation."""
     slot, block = cache_bytes(model.loaded.model, config, block_size)
-    eng = Engine(model, config, max_num_seqs=max_num_seqs, device_memory_bytes=slot * max_num_seqs + block * num_blocks,
+    eng = Engine(model.loaded, config, max_num_seqs=max_num_seqs,
+                 device_memory_bytes=slot * max_num_seqs + block * num_blocks,
                  cpu_memory_bytes=cpu_bytes_per_token(model, config) * cpu_tokens, block_size=block_size, **kwargs)
-    assert eng.runner.allocator.num_blocks == num_blocks
+    assert eng.scheduler.kv.layout.num_blocks == num_blocks
     return eng
 
 
@@ -116,9 +120,8 @@ class Tracker:
         self.finished: Counter = Counter()
 
     def _fits(self, tokens: int) -> bool:
-        runner = self.eng.runner
-        return (runner.blocks_needed(tokens) <= runner.allocator.num_blocks
-                and runner.cpu_bytes_per_token() * tokens <= self.eng.cpu_budget)
+        L = self.eng.scheduler.kv.layout
+        return blocks_for(tokens, L.block_size) <= L.num_blocks and L.cpu_bytes_per_token * tokens <= L.cpu_bytes_total
 
     def add(self, prompt: list[int], params: SamplingParams) -> None:
         """Refused (ValueError, engine unchanged) when it can never fit, accepted when its
@@ -152,7 +155,7 @@ class Tracker:
             self.stats["no-op aborts"] += 1
 
     def step(self) -> None:
-        outs = self.eng.step()
+        outs = self.eng.step().outputs
         seen = [o.request_id for o in outs]
         assert len(seen) == len(set(seen)), f"a request reported twice in one step: {seen}"
         for o in outs:
@@ -193,26 +196,28 @@ class Tracker:
         assert set(ids) == live, f"scheduler holds {sorted(ids)}, caller expects {sorted(live)}"
         assert set(eng.requests) == live
         assert len(running) <= eng.max_num_seqs
-        assert all(r.kv is None and r.partial is None for r in waiting), "a waiting request holds KV state"
-        assert all(r.kv is not None for r in running), "a running request has no KV state"
+        ledger = sched.kv
+        assert all(r.kv.length == 0 and not r.kv.blocks and r.kv.slot < 0 and not r.kv.store_ids
+                   and id(r.kv) not in runner._prompt_kv for r in waiting), "a waiting request holds KV state"
+        assert all(r.kv.slot >= 0 for r in running), "a running request has no slot"
         for r in running:  # a prompt part-way through its chunks holds its staging, and only then
-            assert (r.partial is not None) == sched.is_prefilling(r), r.request_id
-            self.stats["part-way"] += r.partial is not None
+            assert (id(r.kv) in runner._prompt_kv) == r.is_prefilling, r.request_id
+            self.stats["part-way"] += r.is_prefilling
         blocks = [b for r in running for b in r.kv.blocks]
         assert len(blocks) == len(set(blocks)), "two running requests share a block"
         assert eng.blocks_in_use() == len(blocks), "blocks leaked or double-counted"
-        for r in running:
-            assert len(r.kv.blocks) == runner.blocks_needed(r.kv.length), (r.request_id, r.kv)
+        for r in running:  # the ledger granted exactly what the prompt, or the tokens computed, need
+            held = r.prefill_length if r.is_prefilling else r.num_computed_tokens
+            assert len(r.kv.blocks) == runner.blocks_needed(held), (r.request_id, r.kv)
+        slots = [r.kv.slot for r in running]
+        assert len(slots) == len(set(slots)) and ledger.free_slots + len(running) == eng.max_num_seqs
         if runner.sparse:
-            slots = [r.kv.slot for r in running]
-            assert len(slots) == len(set(slots)) and runner.free_slots + len(running) == eng.max_num_seqs
-            per_token = runner.cpu_bytes_per_token()
-            assert sum(reserved_cpu_bytes(r, per_token) for r in running) <= eng.cpu_budget
+            assert sum(ledger.cpu_bytes(r) for r in running) <= ledger.layout.cpu_bytes_total
+            assert ledger.cpu_bytes_free == ledger.layout.cpu_bytes_total - sum(ledger.cpu_bytes(r) for r in running)
             self.stats["max middle"] = max([self.stats["max middle"]] + [r.kv.middle for r in running])
         self.stats["max running"] = max(self.stats["max running"], len(running))
         if waiting and runner.sparse:  # does the CPU reservation hold the head of the queue back?
-            reserved = sum(reserved_cpu_bytes(r, per_token) for r in running)
-            if reserved_cpu_bytes(waiting[0], per_token) > eng.cpu_budget - reserved:
+            if ledger.cpu_bytes(waiting[0]) > ledger.cpu_bytes_free:
                 self.stats["cpu-bound waits"] += 1
 
 
@@ -243,7 +248,7 @@ def test_random_operations_lose_nothing_and_free_everything(model, config):
     def run(ops):
         eng = tiny_engine(model, config, PROPERTY_BLOCKS, PROPERTY_SEQS, PROPERTY_CPU_TOKENS, block_size=PROPERTY_BS,
                           max_prefill_tokens=PROPERTY_PREFILL_TOKENS)
-        empty_store = [m.nbytes() for _, _, m in eng.runner.sparse.values()]
+        empty_store = [sp.method.nbytes() for sp in eng.runner.sparse.values()]
         t = Tracker(eng, stats)
         try:
             for kind, n, seed, max_new, stop, which in ops:
@@ -263,10 +268,10 @@ def test_random_operations_lose_nothing_and_free_everything(model, config):
             assert not t.pending, f"requests never finished: {sorted(t.pending)}"
             assert all(t.finished[rid] == 1 for rid in t.ids), t.finished
             assert eng.blocks_in_use() == 0, "blocks leaked"
-            assert eng.runner.allocator.num_free == PROPERTY_BLOCKS, "the free list lost or duplicated blocks"
-            assert eng.runner.free_slots == PROPERTY_SEQS, "sequence slots leaked"
+            assert eng.scheduler.kv.free_blocks == PROPERTY_BLOCKS, "the free list lost or duplicated blocks"
+            assert eng.scheduler.kv.free_slots == PROPERTY_SEQS, "sequence slots leaked"
             assert eng.cpu_store_bytes() == 0
-            store = [m.nbytes() for _, _, m in eng.runner.sparse.values()]
+            store = [sp.method.nbytes() for sp in eng.runner.sparse.values()]
             assert store == empty_store, f"CPU stores still hold sequences: {store} vs empty {empty_store}"
             assert not eng.requests and not eng.scheduler.running and not eng.scheduler.waiting
             stats["requests"] += len(t.ids)
@@ -299,7 +304,7 @@ def test_a_request_that_can_never_fit_is_refused_by_size(model):
     vocab = model.loaded.args.vocab_size
     eng = tiny_engine(model, DENSE, num_blocks=4, max_num_seqs=2)
     try:
-        block = eng.runner.device_bytes_per_block()
+        block = eng.scheduler.kv.layout.block_bytes
         # 61 + 6 tokens: 5 blocks of 16 > 4, even counting only the 66 tokens ever fed
         with pytest.raises(ValueError) as err:
             eng.add_request(token_ids(1, 61, vocab), SamplingParams(max_new_tokens=6), request_id="x")
@@ -309,7 +314,7 @@ def test_a_request_that_can_never_fit_is_refused_by_size(model):
         assert eng.add_request(token_ids(1, 62, vocab), SamplingParams(max_new_tokens=2), request_id="x") == "x"
         outs = []
         while eng.has_unfinished():
-            outs += eng.step()
+            outs += eng.step().outputs
         assert [(o.request_id, o.finish_reason) for o in outs if o.finished] == [("x", "length")]
         assert sum(len(o.new_token_ids) for o in outs) == 2 and eng.blocks_in_use() == 0
     finally:
@@ -338,7 +343,7 @@ def test_a_request_that_fits_exactly_is_not_refused(model):
         eng.add_request(token_ids(3, 63, model.loaded.args.vocab_size), SamplingParams(max_new_tokens=2))
         outs = []
         while eng.has_unfinished():
-            outs += eng.step()
+            outs += eng.step().outputs
         assert sum(len(o.new_token_ids) for o in outs) == 2 and eng.blocks_in_use() == 0
     finally:
         eng.close()
@@ -373,7 +378,7 @@ def test_an_aborted_id_stays_in_use_until_its_abort_is_reported(model):
             eng.add_request(token_ids(2, 20, vocab), SamplingParams(max_new_tokens=3), request_id="x")
         except ValueError:
             return
-        xs = [(o.finished, o.finish_reason) for o in eng.step() if o.request_id == "x"]
+        xs = [(o.finished, o.finish_reason) for o in eng.step().outputs if o.request_id == "x"]
         assert not (len(xs) > 1 and xs[0][0]), f"id 'x' reported finished, then running, in one step: {xs}"
     finally:
         eng.close()
@@ -389,7 +394,7 @@ def _greedy_alone(model, prompts, max_new) -> list[list[int]]:
             rid = eng.add_request(p, SamplingParams(max_new_tokens=max_new))
             toks = []
             while eng.has_unfinished():
-                toks += [t for o in eng.step() if o.request_id == rid for t in o.new_token_ids]
+                toks += [t for o in eng.step().outputs if o.request_id == rid for t in o.new_token_ids]
             result.append(toks)
         return result
     finally:
@@ -409,14 +414,7 @@ def test_preemption_under_a_tiny_budget_keeps_greedy_results(model):
     prompts = [token_ids(100 + i, n, vocab) for i, n in enumerate((12, 14, 27, 29))]
     max_new = 8
     eng = tiny_engine(model, DENSE, num_blocks=4, max_num_seqs=4)
-    preempted = []  # (id, tokens generated when preempted)
-    original = eng._preempt
-
-    def counting_preempt(req):
-        preempted.append((req.request_id, len(req.output.out_ids)))
-        original(req)
-
-    eng._preempt = counting_preempt
+    preempted = []  # (id, tokens generated when preempted), from the step records
     try:
         ids = [eng.add_request(p, SamplingParams(max_new_tokens=max_new)) for p in prompts]
         reqs = [eng.requests[rid] for rid in ids]
@@ -425,7 +423,9 @@ def test_preemption_under_a_tiny_budget_keeps_greedy_results(model):
         for _ in range(200):
             if not eng.has_unfinished():
                 break
-            for o in eng.step():
+            record = eng.step()
+            preempted += [(rid, len(eng.requests[rid].output_ids)) for rid in record.preempted]
+            for o in record.outputs:
                 assert o.request_id not in reasons, f"output after finish: {o}"
                 got[o.request_id] += o.new_token_ids
                 if o.finished:

@@ -6,7 +6,7 @@ integers, NaN and infinities, numpy scalars, wrong dtypes and shapes, lone surro
 asserts that every call either succeeds with finite results or raises ValueError/TypeError
 whose message names one of the call's arguments.
 
-    python tests/fuzz_api.py config|store|generate [--examples N]
+    python tests/serve/fuzz_api.py config|store|generate [--examples N]
 """
 
 from __future__ import annotations

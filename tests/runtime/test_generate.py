@@ -105,16 +105,21 @@ def test_trusted_attend_equals_the_checked_one_and_survives_a_nan_query():
 
 
 def test_generate_prefills_each_prompt_whole_in_one_step(model, monkeypatch):
-    """generate() runs its engine with one whole prompt per step (the layer-by-layer prefill);
-    a prefill split into chunks (of max_prefill_tokens=1 token!) would call prefill_chunk."""
+    """generate() runs its engine with one whole prompt per step (the layer-by-layer prefill):
+    every runner prefill call starts at token 0 and runs the whole prompt, where a prefill split
+    into chunks (of max_prefill_tokens=1 token!) would run a piece."""
     from magicpig.runtime.runner import ModelRunner
 
-    def chunked(*args, **kwargs):
-        raise AssertionError("generate() prefilled a prompt in chunks")
+    calls, real = [], ModelRunner.prefill
 
-    monkeypatch.setattr(ModelRunner, "prefill_chunk", chunked)
+    def spy(self, kv, token_ids, num_tokens, *args, **kwargs):
+        calls.append((kv.length, num_tokens, len(token_ids)))
+        return real(self, kv, token_ids, num_tokens, *args, **kwargs)
+
+    monkeypatch.setattr(ModelRunner, "prefill", spy)
     results = model.generate(PROMPTS, max_new_tokens=3, config=DENSE)
     assert [len(r.token_ids) for r in results] == [3] * len(PROMPTS)
+    assert len(calls) == len(PROMPTS) and all(start == 0 and n == total for start, n, total in calls), calls
 
 
 def test_magicpig_equals_dense_when_window_covers_context(model):
@@ -322,8 +327,8 @@ def test_from_pretrained_refuses_what_cannot_run(kwargs, error, match):
 def test_tiny_temperature_samples_the_argmax_without_nan(temperature):
     """logits / T overflowed to inf for a tiny T and softmax gave NaN (the HTTP fuzzer found it:
     multinomial raised inside the engine thread). Every row must come out as its argmax."""
-    from magicpig.runtime.generate import select_tokens
-    from magicpig.runtime.outputs import SamplingParams
+    from magicpig.core.sampling_params import SamplingParams
+    from magicpig.runtime.sampling import select_tokens
 
     logits = torch.randn(4, 1000, generator=torch.Generator().manual_seed(0)) * 30
     logits[1] = -1e30  # a row of huge negative logits, one token a bit above the rest

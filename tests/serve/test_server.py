@@ -17,7 +17,7 @@ import torch
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
-from magicpig import Engine, LongContextModel, MagicPIGConfig
+from magicpig import Engine, LongContextModel, MagicPIGConfig, calibrate
 from magicpig.serve.server import BackgroundServer, build_app
 
 MODEL = "smollm2-135m-instruct"
@@ -37,7 +37,7 @@ def model() -> LongContextModel:
 
 @pytest.fixture(scope="module")
 def server(model):
-    app = build_app(Engine(model, CONFIG, max_num_seqs=4), MODEL, api_key=KEY)
+    app = build_app(Engine(model.loaded, calibrate(model, CONFIG), max_num_seqs=4), MODEL, api_key=KEY)
     with BackgroundServer(app) as srv:
         yield srv
 
@@ -45,7 +45,7 @@ def server(model):
 @pytest.fixture(scope="module")
 def small_server(model):
     """One sequence at a time, one waiting, 64 KiB bodies, no API key."""
-    engine = Engine(model, CONFIG, max_num_seqs=1)
+    engine = Engine(model.loaded, calibrate(model, CONFIG), max_num_seqs=1)
     with BackgroundServer(build_app(engine, MODEL, max_waiting=1, max_body_bytes=64 << 10)) as srv:
         yield srv
 

@@ -8,7 +8,7 @@ import pytest
 
 from magicpig.eval import longbench
 
-DATA = Path(__file__).parent / "data" / "longbench"
+DATA = Path(__file__).parents[1] / "data" / "longbench"
 
 
 @pytest.fixture(scope="module")

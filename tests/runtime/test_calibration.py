@@ -218,7 +218,7 @@ def test_a_model_too_short_to_calibrate_gets_the_paper_setting(smollm, monkeypat
 
 
 def test_long_context_model_and_engine_resolve_an_unset_config(tmp_path, monkeypatch):
-    from magicpig import Engine, LongContextModel, MagicPIGConfig
+    from magicpig import Engine, LongContextModel, MagicPIGConfig, calibrate
 
     model = LongContextModel.from_pretrained("smollm2-135m-instruct")
     choice = model.lsh_choice
@@ -229,7 +229,10 @@ def test_long_context_model_and_engine_resolve_an_unset_config(tmp_path, monkeyp
     # a per-call config that leaves K, L unset gets the model's choice
     session_config = given._config(MagicPIGConfig(window_tokens=32))
     assert (session_config.K, session_config.L) != (None, None) and session_config.window_tokens == 32
-    engine = Engine(model.loaded, MagicPIGConfig(), max_num_seqs=1)  # a LoadedModel: the engine chooses
+    # the engine never chooses on its own (issue 25): calibrate() is the explicit step
+    with pytest.raises(ValueError, match="calibrate"):
+        Engine(model.loaded, MagicPIGConfig(), max_num_seqs=1)
+    engine = Engine(model.loaded, calibrate(model.loaded, MagicPIGConfig()), max_num_seqs=1)
     assert engine.config.lsh_resolved and engine.config.K == choice.K
     engine.close()
     with pytest.raises(ValueError, match="K and L are unset"):

@@ -296,7 +296,7 @@ def test_cli_longbench_on_fixture(tmp_path, capsys):
     """`magicpig eval longbench` on the tiny fixture with the real model and dense attention."""
     from magicpig.eval.runner import load_model
 
-    data = Path(__file__).parent / "data" / "longbench"
+    data = Path(__file__).parents[1] / "data" / "longbench"
     adapter = load_model("smollm2-135m-instruct")
     argv = ["longbench", "--data", str(data), "--tasks", "hotpotqa", "passage_count", "--samples", "1",
             "--methods", "dense", "--out", str(tmp_path), "--no-progress", "--max-new-tokens", "8"]

@@ -11,8 +11,10 @@ from magicpig import Engine, LongContextModel, MagicPIGConfig, SamplingParams
 from magicpig.runtime.prefill import prefill_sequence
 from magicpig.attention.base import PendingAppend
 from magicpig.attention.baselines import DenseMiddle
+from magicpig.core.policies import PolicyConfig
+from magicpig.core.request import SequenceKV
 from magicpig.runtime.runner import ModelRunner
-from magicpig.serve.scheduler import PolicyConfig
+from ledgered import Ledgered
 from numerics import reorder_tolerance
 
 DENSE = MagicPIGConfig(method="dense")
@@ -61,12 +63,12 @@ def _assert_same_greedy(model, config, prompt, got: list[int], want: list[int]) 
 
 def _drain(engine: Engine, outputs: dict[str, list]) -> None:
     while engine.has_unfinished():
-        for out in engine.step():
+        for out in engine.step().outputs:
             outputs.setdefault(out.request_id, []).append(out)
 
 
 def _empty_store_bytes(engine: Engine) -> list[int]:
-    return [m.nbytes() for _, _, m in engine.runner.sparse.values()]
+    return [sp.method.nbytes() for sp in engine.runner.sparse.values()]
 
 
 @pytest.mark.parametrize("config", [DENSE, SPARSE], ids=["dense", "magicpig"])
@@ -78,7 +80,7 @@ def test_staggered_requests_equal_each_run_alone(model, config):
     alone = [model.generate(p, max_new_tokens=14, config=config) for p in prompts]
     stop_word = alone[2].text[3:5]  # request 2 ends early at these characters
     assert len(stop_word) == 2 and alone[2].text.find(stop_word) == 3
-    engine = Engine(model, config, max_num_seqs=4, block_size=16, max_prefill_tokens=64)
+    engine = Engine(model.loaded, config, max_num_seqs=4, block_size=16, max_prefill_tokens=64)
     empty = _empty_store_bytes(engine)
     outputs: dict[str, list] = {}
     ids = {}
@@ -92,7 +94,7 @@ def test_staggered_requests_equal_each_run_alone(model, config):
             engine.abort(ids[4])  # still waiting: never prefilled
         if step == 5:
             engine.abort(ids[1])  # running: aborted mid-decode
-        for out in engine.step():
+        for out in engine.step().outputs:
             outputs.setdefault(out.request_id, []).append(out)
     _drain(engine, outputs)
     for i, rid in ids.items():
@@ -116,7 +118,7 @@ def test_staggered_requests_equal_each_run_alone(model, config):
         assert text == alone[i].text and last.finish_reason == alone[i].finish_reason
     assert engine.blocks_in_use() == 0 and engine.cpu_store_bytes() == 0
     assert _empty_store_bytes(engine) == empty
-    assert engine.runner.free_slots == engine.max_num_seqs and not engine.requests
+    assert engine.scheduler.kv.free_slots == engine.max_num_seqs and not engine.requests
 
 
 def test_layer_by_layer_prefill_equals_the_full_prefill(model):
@@ -124,21 +126,21 @@ def test_layer_by_layer_prefill_equals_the_full_prefill(model):
     gives the logits and the per-layer K/V of the chunked full prefill."""
     ids = _prompts(model, 2)[1] * 3
     keys, values, want = prefill_sequence(model.model, ids, chunk_size=64)
-    runner = ModelRunner(model.model, DENSE, max_num_seqs=1, num_blocks=8, block_size=64)
-    seq, got = runner.prefill(ids, chunk_size=64)
+    ledger = Ledgered(model, DENSE, max_num_seqs=1, num_blocks=8, block_size=64)
+    seq, got = ledger.prefill(ids, chunk_size=64)
     tol = reorder_tolerance(want, model.args.num_layers)
     assert (got - want).abs().max().item() < tol
-    for layer, cache in runner.dense.items():
+    for layer, cache in ledger.runner.dense.items():
         held, _ = cache.sequence(seq.blocks, len(ids))
         assert torch.allclose(held, keys[layer], atol=1e-4, rtol=1e-4)
-    runner.release(seq)
-    assert runner.allocator.num_used == 0
+    ledger.release(seq)
+    assert ledger.blocks_in_use == 0
 
 
-def _sparse_exact_runner(model, config) -> ModelRunner:
+def _sparse_exact_runner(model, config) -> Ledgered:
     """A runner whose sparse layers attend their middle exactly (DenseMiddle), so that any two
     ways of filling it must agree to float reordering."""
-    return ModelRunner(model.model, config, max_num_seqs=1, num_blocks=64, block_size=16, method_factory=DenseMiddle)
+    return Ledgered(model, config, max_num_seqs=1, num_blocks=64, block_size=16, method_factory=DenseMiddle)
 
 
 @pytest.mark.parametrize("config", [DENSE, SPARSE], ids=["dense", "magicpig"])
@@ -149,29 +151,31 @@ def test_chunked_prefill_equals_the_whole_prompt_prefill(model, config):
     steps give the same logits: a chunk that attended a wrong prefix, a wrong position or a
     stale staging row would differ far beyond float reordering."""
     ids = _prompts(model, 2)[1] * 3
-    whole_runner, chunk_runner = _sparse_exact_runner(model, config), _sparse_exact_runner(model, config)
-    whole, want = whole_runner.prefill(ids)
-    partial = chunk_runner.begin_prefill(ids)
+    whole_ledger, chunk_ledger = _sparse_exact_runner(model, config), _sparse_exact_runner(model, config)
+    whole_runner, chunk_runner = whole_ledger.runner, chunk_ledger.runner
+    whole, want = whole_ledger.prefill(ids)
+    seq = chunk_ledger.admit(ids)
     for i, n in enumerate((13, 40, len(ids) - 53)):
-        got = chunk_runner.prefill_chunk(partial, n, chunk_size=16)
-        assert (got is None) == (i < 2) and partial.done == sum((13, 40, len(ids) - 53)[: i + 1])
-    assert not partial.keys, "the staging outlived the last chunk"
+        got = chunk_runner.prefill(seq, ids, n, chunk_size=16)
+        # the one progress counter: tokens computed so far
+        assert (got is None) == (i < 2) and seq.length == sum((13, 40, len(ids) - 53)[: i + 1])
+    assert not chunk_runner._prompt_kv, "the staging outlived the last chunk"
     tol = reorder_tolerance(want, model.args.num_layers)
     assert (got - want).abs().max().item() < tol
-    seq = partial.seq
     assert (seq.length, seq.fill, seq.middle) == (whole.length, whole.fill, whole.middle)
     for layer, cache in whole_runner.dense.items():
         for a, b in zip(cache.sequence(whole.blocks, len(ids)), chunk_runner.dense[layer].sequence(seq.blocks, len(ids))):
             assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
-    for layer, (cache, mu, method) in whole_runner.sparse.items():
-        other, other_mu, other_method = chunk_runner.sparse[layer]
-        assert torch.allclose(mu[whole.slot], other_mu[seq.slot], atol=1e-5)
-        assert torch.allclose(cache.keys[whole.slot, :, : whole.fill], other.keys[seq.slot, :, : seq.fill], atol=1e-4)
-        assert torch.allclose(method._values[whole.store_ids[layer]], other_method._values[seq.store_ids[layer]],
+    for layer, sp in whole_runner.sparse.items():
+        other = chunk_runner.sparse[layer]
+        assert torch.allclose(sp.mu[whole.slot], other.mu[seq.slot], atol=1e-5)
+        assert torch.allclose(sp.cache.keys[whole.slot, :, : whole.fill], other.cache.keys[seq.slot, :, : seq.fill],
+                              atol=1e-4)
+        assert torch.allclose(sp.method._values[whole.store_ids[layer]], other.method._values[seq.store_ids[layer]],
                               atol=1e-4)
     token = torch.tensor([int(want.argmax())])
     for _ in range(5):
-        a, b = whole_runner.decode([whole], token), chunk_runner.decode([seq], token)
+        a, b = whole_ledger.decode([whole], token), chunk_ledger.decode([seq], token)
         assert (a - b).abs().max().item() < reorder_tolerance(a, model.args.num_layers)
         token = a.argmax(dim=-1)
 
@@ -183,11 +187,11 @@ def test_tables_built_on_the_workers_equal_the_inline_build(model):
     prefill and frees the sequence."""
     ids = _prompts(model, 2)[1] * 3
     config = MagicPIGConfig(window_tokens=16, sink_tokens=4, K=8, L=60, min_collisions=2)
-    runners = [ModelRunner(model.model, config, max_num_seqs=1, num_blocks=64, block_size=16, overlap_appends=f)
+    runners = [Ledgered(model, config, max_num_seqs=1, num_blocks=64, block_size=16, overlap_appends=f)
                for f in (True, False)]
     seqs, firsts = zip(*(r.prefill(ids) for r in runners))
     assert torch.equal(firsts[0], firsts[1])
-    assert [r.cpu_bytes(s) for r, s in zip(runners, seqs)][0] == runners[1].cpu_bytes(seqs[1]) > 0
+    assert [r.runner.cpu_bytes(s) for r, s in zip(runners, seqs)][0] == runners[1].runner.cpu_bytes(seqs[1]) > 0
     token = torch.tensor([int(firsts[0].argmax())])
     for _ in range(6):
         a, b = (r.decode([s], token) for r, s in zip(runners, seqs))
@@ -202,27 +206,29 @@ def test_tables_built_on_the_workers_equal_the_inline_build(model):
                 raise RuntimeError("store worker failed")
             return PendingAppend(fail)
 
-    runner = ModelRunner(model.model, config, max_num_seqs=1, num_blocks=64, block_size=16, overlap_appends=True,
-                         method_factory=FailingAppend)
+    ledger = Ledgered(model, config, max_num_seqs=1, num_blocks=64, block_size=16, overlap_appends=True,
+                      method_factory=FailingAppend)
     with pytest.raises(RuntimeError, match="store worker failed"):
-        runner.prefill(ids)
-    assert runner.allocator.num_used == 0 and runner.free_slots == 1
+        ledger.prefill(ids)
+    assert ledger.blocks_in_use == 0 and ledger.kv.free_slots == 1 and not ledger.runner._prompt_kv
 
 
 def test_prefill_chunk_refuses_a_wrong_token_count(model):
-    runner = ModelRunner(model.model, DENSE, max_num_seqs=1, num_blocks=8, block_size=16)
-    with pytest.raises(ValueError, match="token_ids"):
-        runner.begin_prefill([])
-    partial = runner.begin_prefill([1, 2, 3, 4, 5])
+    ledger = Ledgered(model, DENSE, max_num_seqs=2, num_blocks=8, block_size=16)
+    runner, ids = ledger.runner, [1, 2, 3, 4, 5]
+    with pytest.raises(ValueError, match=r"num_tokens=.*\[1, 0\]"):
+        runner.prefill(ledger.admit([1]), [], 1)  # an empty prompt has nothing to prefill
+    seq = ledger.admit(ids)
     for bad in (0, 6, -1, 2.0, True):
         with pytest.raises(ValueError, match=r"num_tokens=.*\[1, 5\]"):
-            runner.prefill_chunk(partial, bad)
-    assert runner.prefill_chunk(partial, 2) is None and partial.done == 2
+            runner.prefill(seq, ids, bad)
+    assert runner.prefill(seq, ids, 2) is None and seq.length == 2
     with pytest.raises(ValueError, match=r"\[1, 3\]"):
-        runner.prefill_chunk(partial, 4)
-    assert runner.prefill_chunk(partial, 3).shape == (model.args.vocab_size,)
-    runner.release(partial.seq)
-    assert runner.allocator.num_used == 0
+        runner.prefill(seq, ids, 4)
+    assert runner.prefill(seq, ids, 3).shape == (model.args.vocab_size,)
+    ledger.release(seq)
+    with pytest.raises(AssertionError, match="blocks granted"):  # the runner allocates nothing itself
+        runner.prefill(SequenceKV(), list(range(40)), 40)
 
 
 @pytest.mark.parametrize("config", [DENSE, SPARSE], ids=["dense", "magicpig"])
@@ -233,7 +239,7 @@ def test_engine_prefills_in_chunks_and_frees_a_prompt_aborted_part_way(model, co
     staging are all freed."""
     prompts = _prompts(model, 4)
     alone = [model.generate(p, max_new_tokens=10, config=config) for p in prompts]
-    engine = Engine(model, config, max_num_seqs=4, block_size=16,
+    engine = Engine(model.loaded, config, max_num_seqs=4, block_size=16,
                     policy=PolicyConfig("chunked", token_budget=24))
     empty = _empty_store_bytes(engine)
     ids = [engine.add_request(p, SamplingParams(max_new_tokens=10)) for p in prompts]
@@ -241,23 +247,25 @@ def test_engine_prefills_in_chunks_and_frees_a_prompt_aborted_part_way(model, co
     outputs: dict[str, list] = {}
     part_way_steps = 0
     while engine.has_unfinished():
-        for out in engine.step():
+        for out in engine.step().outputs:
             outputs.setdefault(out.request_id, []).append(out)
-        part_way_steps += sum(engine.scheduler.is_prefilling(r) for r in engine.scheduler.running)
-        if victim.partial is not None and victim.partial.done > 0:
+        part_way_steps += sum(r.is_prefilling for r in engine.scheduler.running)
+        if victim.is_prefilling and victim.num_computed_tokens > 0:
+            staged = id(victim.kv) in engine.runner._prompt_kv
             engine.abort(ids[3])
-            assert victim.partial is None and victim.kv is None
+            assert staged and id(victim.kv) not in engine.runner._prompt_kv
+            assert victim.kv.blocks == [] and victim.kv.slot == -1 and victim.kv.store_ids == {}
     assert part_way_steps >= 4 and outputs[ids[3]][-1].finish_reason == "abort"
     for i in range(3):
         tokens = [t for o in outputs[ids[i]] for t in o.new_token_ids]
         _assert_same_greedy(model, config, prompts[i], tokens, alone[i].token_ids)
     assert engine.blocks_in_use() == 0 and engine.cpu_store_bytes() == 0
-    assert _empty_store_bytes(engine) == empty and engine.runner.free_slots == engine.max_num_seqs
+    assert _empty_store_bytes(engine) == empty and engine.scheduler.kv.free_slots == engine.max_num_seqs
     engine.close()
 
 
 def test_engine_rejects_bad_requests_by_name(model):
-    engine = Engine(model, DENSE, max_num_seqs=2, device_memory_bytes=64 << 20)
+    engine = Engine(model.loaded, DENSE, max_num_seqs=2, device_memory_bytes=64 << 20)
     with pytest.raises(TypeError, match="params"):
         engine.add_request("hi", params={"max_new_tokens": 3})
     with pytest.raises(TypeError, match="prompt"):
@@ -269,15 +277,13 @@ def test_engine_rejects_bad_requests_by_name(model):
         engine.add_request("hi", request_id="x")
     engine.abort(rid)
     assert engine.has_unfinished()  # until the abort is reported
-    (out,) = engine.step()
+    (out,) = engine.step().outputs
     assert (out.request_id, out.finished, out.finish_reason) == ("x", True, "abort")
-    assert not engine.has_unfinished() and engine.step() == []
+    assert not engine.has_unfinished() and engine.step().outputs == []
 
 
 def test_ping_pong_halves_are_balanced_by_middle_length(model):
     """The two micro-batches split the CPU store's work (middle tokens), not the row count."""
-    from magicpig.runtime.runner import SequenceKV
-
     runner = ModelRunner(model.model, SPARSE, max_num_seqs=4, num_blocks=1, block_size=16, ping_pong=True)
     seqs = [SequenceKV(length=n + 20, middle=n) for n in (3000, 100, 100, 100)]
     assert runner._split(seqs) == [(0, 1), (1, 4)]
@@ -299,12 +305,12 @@ def test_ping_pong_decode_equals_one_batch(model):
     float reordering."""
     ids = _prompts(model, 4)
     prompts = [ids[1] * 2, ids[0], ids[3]]
-    runners = [ModelRunner(model.model, SPARSE, max_num_seqs=3, num_blocks=64, block_size=16, ping_pong=p)
+    runners = [Ledgered(model, SPARSE, max_num_seqs=3, num_blocks=64, block_size=16, ping_pong=p)
                for p in (True, False)]
     logits, seqs = [], []
     for r in runners:
         seqs.append([r.prefill(p)[0] for p in prompts])
-    assert runners[0]._split(seqs[0]) != [(0, 3)] and len({s.middle for s in seqs[0]}) == 3
+    assert runners[0].runner._split(seqs[0]) != [(0, 3)] and len({s.middle for s in seqs[0]}) == 3
     tokens = torch.tensor([5, 6, 7])
     for _ in range(20):  # the window of 16 fills: spills into the store happen on the way
         logits = [r.decode(s, tokens) for r, s in zip(runners, seqs)]
@@ -317,7 +323,8 @@ def test_ping_pong_decode_equals_one_batch(model):
 def test_paged_cache_reads_runs_in_place_and_gathers_fragments():
     """A sequence in one run of blocks is a view of the pool; a fragmented one is gathered; both
     return its tokens in order. The allocator keeps growth contiguous where it can."""
-    from magicpig.store.device_cache import BlockAllocator, PagedKVCache
+    from magicpig.core.kv_budget import BlockAllocator
+    from magicpig.store.device_cache import PagedKVCache
 
     alloc = BlockAllocator(10)
     a = alloc.allocate(2, room=4)  # blocks 2-3 are kept for a's growth
@@ -370,3 +377,50 @@ def test_cpu_device_buffers_take_memory_only_as_they_fill():
     assert not cache.keys[:, :5 * 256].any() and not cache.values[:, 10 * 256:20 * 256].any()
     odd = zero_buffer((3, 0, 5), torch.device("cpu"), torch.float32)  # empty shapes work too
     assert odd.shape == (3, 0, 5)
+
+
+def test_constructing_an_engine_never_calibrates(model, monkeypatch):
+    """An unset K/L is refused by name (the engine never runs a calibration prefill on its own);
+    ``magicpig.calibrate`` is the explicit step, and the engine takes what it chose."""
+    from magicpig import calibrate
+    from magicpig.runtime import calibration
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("Engine() ran a calibration")
+
+    with pytest.raises(ValueError, match="config: K and L are unset.*calibrate"):
+        Engine(model.loaded, MagicPIGConfig(), max_num_seqs=1)
+    chosen = calibrate(model, MagicPIGConfig())  # the model's cached choice (LongContextModel made it)
+    assert chosen.lsh_resolved and (chosen.K, chosen.L) == (model.config.K, model.config.L)
+    monkeypatch.setattr(calibration, "default_lsh", no_calibration)
+    engine = Engine(model.loaded, chosen, max_num_seqs=1)
+    assert engine.config == chosen
+    engine.close()
+    with pytest.raises(TypeError, match="model="):
+        Engine(model, DENSE)  # a LongContextModel is not duck-typed back: pass model.loaded
+
+
+def test_step_records_say_what_ran(model):
+    """Each step's record names its prefill chunks (request, start, tokens), its decodes with the
+    context each read, its preemptions and its lane times, consistent with the outputs."""
+    engine = Engine(model.loaded, SPARSE, max_num_seqs=2, block_size=16,
+                    policy=PolicyConfig("chunked", token_budget=32))
+    prompts = _prompts(model, 2)
+    ids = [engine.add_request(p, SamplingParams(max_new_tokens=4)) for p in prompts]
+    records = []
+    while engine.has_unfinished():
+        records.append(engine.step())
+    engine.close()
+    first = records[0]
+    assert first.chunks[0] == (ids[0], 0, min(32, len(prompts[0]))) and first.decode_ids == []
+    for i, rid in enumerate(ids):  # the chunks of each prompt cover it in order, once
+        starts = [(s, n) for r in records for q, s, n in r.chunks if q == rid]
+        assert [s for s, _ in starts] == [sum(n for _, n in starts[:k]) for k in range(len(starts))]
+        assert sum(n for _, n in starts) == len(prompts[i])
+        contexts = [c for r in records for q, c in zip(r.decode_ids, r.decode_contexts) if q == rid]
+        assert contexts == [len(prompts[i]) + k for k in range(3)]  # 4 tokens: the first from the prefill
+    for r in records:
+        assert r.ran and r.lane_times.step_s > 0 and r.preempted == []
+        assert {o.request_id for o in r.outputs if o.new_token_ids} <= set(r.decode_ids) | {q for q, _, _ in r.chunks}
+        assert r.store_seconds >= 0
+    assert any(r.store_seconds > 0 for r in records)  # magicpig's middles were attended by the store

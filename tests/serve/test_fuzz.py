@@ -1,4 +1,4 @@
-"""The public API under property-based fuzzing (tests/fuzz_api.py), each property in a
+"""The public API under property-based fuzzing (tests/serve/fuzz_api.py), each property in a
 subprocess: a segfault, an abort in OpenMP or an OOM kill fails the test with the child's
 output instead of taking pytest down."""
 

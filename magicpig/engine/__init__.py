@@ -1,0 +1,1 @@
+"""The engine: continuous batching (schedule -> run -> update), outputs, lanes."""
