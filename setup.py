@@ -54,7 +54,7 @@ class CMakeBuild(build_ext):
 setup(
     packages=find_packages(include=["magicpig", "magicpig.*"]),
     # Data read at run time: LongBench's task table, the scheduler's device profiles.
-    package_data={"magicpig.eval": ["data/*.json"], "magicpig.serve": ["profiles/*.json"]},
+    package_data={"magicpig.eval": ["data/*.json"], "magicpig.perf": ["profiles/*.json"]},
     ext_modules=[CMakeExtension("magicpig._C")],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,

@@ -73,7 +73,7 @@ def _bench(argv: list[str]) -> int:
         return report("magicpig bench", UsageError(f"missing NAME, one of {names} (see --help)"))
     name, rest = argv[0], argv[1:]
     if name == "serve":  # in the package: a load generator users run against any server
-        from magicpig.serve.bench import main as bench_serve
+        from magicpig.bench.serve import main as bench_serve
 
         try:
             return bench_serve(rest, ruler_source=_ruler_workload)
@@ -132,7 +132,7 @@ def _engine_policy(args, model_dir, config):
         raise UsageError("--policy nexus needs --profile NAME_OR_PATH (a cost-model profile of this device; "
                          "shipped: h100_llama31_8b)")
     from magicpig.model.loading import load_config
-    from magicpig.serve.cost_model import CostModel, ModelShape, load_profile
+    from magicpig.perf.cost_model import CostModel, ModelShape, load_profile
     from magicpig.core.policies import PolicyConfig
 
     profile = load_profile(args.profile)
@@ -185,7 +185,7 @@ def _ruler_workload(args) -> list:
     """RULER prompts for ``magicpig bench serve --dataset ruler`` (the eval layer builds them)."""
     from magicpig.eval.ruler import generate_sample
     from magicpig.model.loading import load_tokenizer, resolve_model_dir
-    from magicpig.serve.bench import WorkItem
+    from magicpig.bench.serve import WorkItem
 
     # The served model's tokenizer fits the prompts (the embedded one when --model is not local).
     try:
@@ -199,7 +199,7 @@ def _ruler_workload(args) -> list:
 
 def _profile(argv: list[str]) -> int:
     from magicpig.eval.usage import user_error_types
-    from magicpig.serve.profiler import main as profile
+    from magicpig.perf.profiler import main as profile
 
     try:
         return profile(argv)
@@ -208,7 +208,7 @@ def _profile(argv: list[str]) -> int:
 
 
 def _simulate(argv: list[str]) -> int:
-    from magicpig.serve.simulator import main as simulate
+    from magicpig.perf.simulator import main as simulate
 
     try:
         return simulate(argv)

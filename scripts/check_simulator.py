@@ -3,7 +3,7 @@
 One trace (token-id prompts, gamma arrivals) is served by the real :class:`Engine` in this
 process, in real time (a request joins the queue at the first step boundary after its arrival,
 as in ``magicpig serve``, whose HTTP path adds nothing measurable: docs/SCHEDULING.md), and by
-:func:`magicpig.serve.simulator.simulate` with the same scheduler, policy, budgets and arrivals
+:func:`magicpig.perf.simulator.simulate` with the same scheduler, policy, budgets and arrivals
 and with each request's output length set to what the engine generated (greedy decoding may stop
 at an end-of-sequence token; the simulator cannot know that).
 
@@ -38,10 +38,10 @@ import torch
 from magicpig import Engine, MagicPIGConfig, SamplingParams
 from magicpig.config import POSITIVE_FLOAT, POSITIVE_INT, OneLineParser
 from magicpig.model.loaded import load_model
-from magicpig.serve.bench import arrival_times
-from magicpig.serve.cost_model import CostModel, load_profile
-from magicpig.serve.scheduler import PolicyConfig
-from magicpig.serve.simulator import TraceItem, mixed_step_seconds, simulate
+from magicpig.bench.serve import arrival_times
+from magicpig.perf.cost_model import CostModel, load_profile
+from magicpig.core.policies import PolicyConfig
+from magicpig.perf.simulator import TraceItem, mixed_step_seconds, simulate
 
 GIB = 1 << 30
 
@@ -85,23 +85,9 @@ def make_trace(num_requests: int, rate: float, prompt_range: tuple[int, int], ou
 
 
 # --------------------------------------------------------------------------- the engine
-def _record_plans(engine: Engine, log: list[dict]) -> None:
-    """Wrap the engine's scheduler so each plan's composition is logged before it runs."""
-    schedule = engine.scheduler.schedule
-
-    def logged(mem):
-        plan = schedule(mem)
-        log.append({"decode_contexts": [r.num_tokens - 1 for r in plan.decodes],
-                    "chunks": [(c.num_tokens, c.start) for c in plan.chunks]})
-        return plan
-
-    engine.scheduler.schedule = logged
-
-
 def run_engine(engine: Engine, trace: Sequence[tuple[float, list[int], int]]) -> tuple[list[Served], list[StepRecord]]:
-    """Serve the trace in real time; every request's token times and every step's record."""
-    plans: list[dict] = []
-    _record_plans(engine, plans)
+    """Serve the trace in real time; every request's token times and every step's record (what
+    the engine says it ran: its step records)."""
     served: dict[str, Served] = {}
     steps: list[StepRecord] = []
     pending = list(trace)
@@ -116,12 +102,12 @@ def run_engine(engine: Engine, trace: Sequence[tuple[float, list[int], int]]) ->
             time.sleep(max(0.0, pending[0][0] - now))
             continue
         start = time.perf_counter()
-        outputs = engine.step()
+        record = engine.step()
         end = time.perf_counter()
-        plan = plans.pop()
-        if plan["decode_contexts"] or plan["chunks"]:
-            steps.append(StepRecord(start - t0, end - start, plan["decode_contexts"], plan["chunks"]))
-        for out in outputs:
+        if record.ran:
+            steps.append(StepRecord(start - t0, end - start, record.decode_contexts,
+                                    [(n, s) for _, s, n in record.chunks]))
+        for out in record.outputs:
             served[out.request_id].token_times += [end - t0] * len(out.new_token_ids)
     return list(served.values()), steps
 

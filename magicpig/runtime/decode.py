@@ -15,12 +15,12 @@ import torch
 
 from magicpig.attention.base import MiddleAttention
 from magicpig.config import MagicPIGConfig
-from magicpig.core.kv_budget import KVBudget, KVLayout, blocks_for
-from magicpig.core.request import Request, SequenceKV
-from magicpig.core.sampling_params import SamplingParams
+from magicpig.core.kv_budget import blocks_for
+from magicpig.core.request import SequenceKV
 from magicpig.model.llama import LlamaModel
 from magicpig.runtime.prefill import PrefillState
 from magicpig.runtime.runner import DEFAULT_BLOCK_SIZE, ModelRunner
+from magicpig.runtime.standalone import StandaloneRunner
 
 
 class SparseLayerView:
@@ -56,16 +56,11 @@ class DecodeSession:
         self.model, self.config, self.batch = model, config, state.batch_size
         bs = DEFAULT_BLOCK_SIZE
         num_blocks = sum(blocks_for(n + max(1, max_new_tokens) + 1, bs) for n in state.lengths)
-        self.runner = ModelRunner(model, config, self.batch, num_blocks, bs, method_factory)
         # The rows' blocks and slots come from a ledger of exactly this batch, as in the engine.
-        self.kv = KVBudget(KVLayout(bs if self.runner.dense else 0, num_blocks, self.batch, bool(self.runner.sparse),
-                                    cpu_bytes_total=0, cpu_bytes_per_token=0))
-        self.requests = [Request(f"row-{b}", ids, SamplingParams(max_new_tokens=max(1, max_new_tokens)))
-                         for b, ids in enumerate(state.token_ids)]
-        for b, req in enumerate(self.requests):
-            self.kv.admit(req)
-            self.runner.add_prefilled(req.kv, state.keys[b], state.values[b])
-        self.seqs = [r.kv for r in self.requests]
+        self.standalone = StandaloneRunner(model, config, self.batch, num_blocks, bs, method_factory=method_factory)
+        self.runner = self.standalone.runner
+        self.seqs = [self.standalone.add_prefilled(state.keys[b], state.values[b], max(1, max_new_tokens))
+                     for b in range(self.batch)]
         self.dense_layers = tuple(sorted(self.runner.dense))
 
     @property
@@ -89,9 +84,7 @@ class DecodeSession:
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed tokens int64 [B] (one per sequence); returns float32 logits [B, vocab]."""
-        for seq in self.seqs:
-            self.kv.grow(seq, seq.length + 1)
-        return self.runner.decode(self.seqs, tokens)
+        return self.standalone.decode(self.seqs, tokens)
 
     def computation_cost(self) -> list[float]:
         """Per sequence: mean fraction of middle keys read, over sparse layers, KV-read heads
@@ -109,10 +102,9 @@ class DecodeSession:
         return [self.runner.cpu_bytes(s) for s in self.seqs]
 
     def close(self) -> None:
-        for req in self.requests:
-            self.runner.release(req.kv)
-            self.kv.free(req)
-        self.runner.close()
+        for seq in self.seqs:
+            self.standalone.release(seq)
+        self.standalone.close()
 
     def __enter__(self) -> "DecodeSession":
         return self

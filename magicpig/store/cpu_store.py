@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
-from typing import Optional, Sequence, Union
+import time
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -37,6 +38,7 @@ _TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.flo
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 AttendResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+TimingHook = Callable[[str, float, dict], None]
 
 
 def extension_available() -> bool:
@@ -183,6 +185,25 @@ class CPUStore:
         # waits for them); the lock guards the dict against the worker's done-callbacks.
         self._pending: dict[concurrent.futures.Future, frozenset[int]] = {}
         self._pending_lock = threading.Lock()
+        self._timing_hook: Optional[TimingHook] = None
+
+    def set_timing_hook(self, hook: Optional["TimingHook"]) -> None:
+        """Call ``hook(kind, seconds, info)`` after every synchronous ``attend``,
+        ``attend_trusted`` (kind "attend"; info: "rows" candidate rows read and "entries"
+        bucket entries walked, as the C++ store counts them (the numba store counts no entries:
+        its rows are the largest head of each group, a lower bound), and "seq_ids") and
+        ``append`` (kind "append"; info: "tokens", "heads"). None removes it. The profiler
+        times the stores this way; unset, a call costs one ``is None`` check."""
+        self._timing_hook = hook
+
+    def _timed_attend(self, t0: float, seq_ids: object, ncand: torch.Tensor) -> None:
+        stats = getattr(self._impl, "last_attend_stats", None)
+        if stats is not None:
+            entries, rows = (float(v) for v in stats()[:2])
+        else:
+            g = ncand.shape[1] // self.num_kv_heads
+            rows, entries = float(ncand.view(ncand.shape[0], -1, g).amax(-1).sum()), 0.0
+        self._timing_hook("attend", time.perf_counter() - t0, {"rows": rows, "entries": entries, "seq_ids": seq_ids})
 
     # -- sequences ---------------------------------------------------------------------------
     def add_sequence(self) -> int:
@@ -233,7 +254,10 @@ class CPUStore:
         """
         args = self._append_args(seq_id, keys, values, key_codes)
         if args is not None:
+            t0 = time.perf_counter()
             self._impl.append(*args)
+            if self._timing_hook is not None:
+                self._timing_hook("append", time.perf_counter() - t0, {"tokens": args[-1], "heads": self.num_kv_heads})
 
     def append_async(self, seq_id: int, keys: ArrayLike, values: ArrayLike, key_codes: ArrayLike) -> AttendHandle:
         """:meth:`append` on the worker thread (the native call releases the GIL; appends and
@@ -310,7 +334,10 @@ class CPUStore:
         [B, Hq].
         """
         ids, B, Hq, q, qc, out, lse, ncand = self._prepare(seq_ids, queries, query_codes)
+        t0 = time.perf_counter()
         self._impl.attend(ids, B, Hq, q, qc, out.numpy(), lse.numpy(), ncand.numpy())
+        if self._timing_hook is not None:
+            self._timed_attend(t0, ids, ncand)
         return out, lse, ncand
 
     def attend_async(self, seq_ids: Sequence[int], queries: ArrayLike, query_codes: ArrayLike) -> AttendHandle:
@@ -334,8 +361,11 @@ class CPUStore:
         if not wait:
             return self._submit(seq_ids, queries, query_codes)
         out, lse, ncand = self._outputs(queries.shape[0], queries.shape[1])
+        t0 = time.perf_counter()
         self._impl.attend(seq_ids, queries.shape[0], queries.shape[1], queries, query_codes,
                           out.numpy(), lse.numpy(), ncand.numpy())
+        if self._timing_hook is not None:
+            self._timed_attend(t0, seq_ids, ncand)
         return out, lse, ncand
 
     def _outputs(self, B: int, Hq: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ from magicpig.attention.baselines import DenseMiddle
 from magicpig.core.policies import PolicyConfig
 from magicpig.core.request import SequenceKV
 from magicpig.runtime.runner import ModelRunner
-from ledgered import Ledgered
+from magicpig.runtime.standalone import StandaloneRunner
 from numerics import reorder_tolerance
 
 DENSE = MagicPIGConfig(method="dense")
@@ -126,7 +126,7 @@ def test_layer_by_layer_prefill_equals_the_full_prefill(model):
     gives the logits and the per-layer K/V of the chunked full prefill."""
     ids = _prompts(model, 2)[1] * 3
     keys, values, want = prefill_sequence(model.model, ids, chunk_size=64)
-    ledger = Ledgered(model, DENSE, max_num_seqs=1, num_blocks=8, block_size=64)
+    ledger = StandaloneRunner(model.model, DENSE, max_num_seqs=1, num_blocks=8, block_size=64)
     seq, got = ledger.prefill(ids, chunk_size=64)
     tol = reorder_tolerance(want, model.args.num_layers)
     assert (got - want).abs().max().item() < tol
@@ -137,10 +137,10 @@ def test_layer_by_layer_prefill_equals_the_full_prefill(model):
     assert ledger.blocks_in_use == 0
 
 
-def _sparse_exact_runner(model, config) -> Ledgered:
+def _sparse_exact_runner(model, config) -> StandaloneRunner:
     """A runner whose sparse layers attend their middle exactly (DenseMiddle), so that any two
     ways of filling it must agree to float reordering."""
-    return Ledgered(model, config, max_num_seqs=1, num_blocks=64, block_size=16, method_factory=DenseMiddle)
+    return StandaloneRunner(model.model, config, max_num_seqs=1, num_blocks=64, block_size=16, method_factory=DenseMiddle)
 
 
 @pytest.mark.parametrize("config", [DENSE, SPARSE], ids=["dense", "magicpig"])
@@ -187,7 +187,7 @@ def test_tables_built_on_the_workers_equal_the_inline_build(model):
     prefill and frees the sequence."""
     ids = _prompts(model, 2)[1] * 3
     config = MagicPIGConfig(window_tokens=16, sink_tokens=4, K=8, L=60, min_collisions=2)
-    runners = [Ledgered(model, config, max_num_seqs=1, num_blocks=64, block_size=16, overlap_appends=f)
+    runners = [StandaloneRunner(model.model, config, max_num_seqs=1, num_blocks=64, block_size=16, overlap_appends=f)
                for f in (True, False)]
     seqs, firsts = zip(*(r.prefill(ids) for r in runners))
     assert torch.equal(firsts[0], firsts[1])
@@ -206,7 +206,7 @@ def test_tables_built_on_the_workers_equal_the_inline_build(model):
                 raise RuntimeError("store worker failed")
             return PendingAppend(fail)
 
-    ledger = Ledgered(model, config, max_num_seqs=1, num_blocks=64, block_size=16, overlap_appends=True,
+    ledger = StandaloneRunner(model.model, config, max_num_seqs=1, num_blocks=64, block_size=16, overlap_appends=True,
                       method_factory=FailingAppend)
     with pytest.raises(RuntimeError, match="store worker failed"):
         ledger.prefill(ids)
@@ -214,7 +214,7 @@ def test_tables_built_on_the_workers_equal_the_inline_build(model):
 
 
 def test_prefill_chunk_refuses_a_wrong_token_count(model):
-    ledger = Ledgered(model, DENSE, max_num_seqs=2, num_blocks=8, block_size=16)
+    ledger = StandaloneRunner(model.model, DENSE, max_num_seqs=2, num_blocks=8, block_size=16)
     runner, ids = ledger.runner, [1, 2, 3, 4, 5]
     with pytest.raises(ValueError, match=r"num_tokens=.*\[1, 0\]"):
         runner.prefill(ledger.admit([1]), [], 1)  # an empty prompt has nothing to prefill
@@ -305,7 +305,7 @@ def test_ping_pong_decode_equals_one_batch(model):
     float reordering."""
     ids = _prompts(model, 4)
     prompts = [ids[1] * 2, ids[0], ids[3]]
-    runners = [Ledgered(model, SPARSE, max_num_seqs=3, num_blocks=64, block_size=16, ping_pong=p)
+    runners = [StandaloneRunner(model.model, SPARSE, max_num_seqs=3, num_blocks=64, block_size=16, ping_pong=p)
                for p in (True, False)]
     logits, seqs = [], []
     for r in runners:

@@ -358,7 +358,7 @@ def test_metrics_parse_and_count_tokens(server):
 
 
 def test_bench_serve_ttft_agrees_with_the_server(server, tmp_path):
-    from magicpig.serve.bench import main
+    from magicpig.bench.serve import main
 
     before = _metrics(server)
     out = tmp_path / "bench.json"

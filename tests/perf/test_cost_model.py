@@ -1,4 +1,4 @@
-"""The lane cost model (magicpig/serve/cost_model.py): saturation curves and their fits, the
+"""The lane cost model (magicpig/perf/cost_model.py): saturation curves and their fits, the
 store fit, prefill and decode step times, the decode-share search, the shipped H100 profile
 against SGLang's H800 figures, the JSON round trip and input checks. Pure Python, no torch."""
 
@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from magicpig.config import MagicPIGConfig
-from magicpig.serve.cost_model import (
+from magicpig.perf.cost_model import (
     SGLANG_ERROR_BOUND,
     SGLANG_H800_DECODE,
     CostModel,
@@ -48,7 +48,7 @@ def cpu_profile() -> DeviceProfile:
 
 
 def test_import_pulls_in_no_torch():
-    code = "import sys, magicpig.serve.cost_model; print('torch' in sys.modules)"
+    code = "import sys, magicpig.perf.cost_model; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 

@@ -1,4 +1,4 @@
-"""The serving simulator (magicpig/serve/simulator.py): it drives the real scheduler with the
+"""The serving simulator (magicpig/perf/simulator.py): it drives the real scheduler with the
 cost model's step times. Pure Python, no torch, a few seconds in all.
 
 Checked: conservation (every request finishes once with exactly its output length; token
@@ -15,9 +15,9 @@ import sys
 
 import pytest
 
-from magicpig.serve.cost_model import CostModel, load_profile
-from magicpig.serve.scheduler import POLICIES, PolicyConfig
-from magicpig.serve.simulator import (GIB, TraceItem, draw_lengths, load_trace, main, memory_layout, paced, simulate,
+from magicpig.perf.cost_model import CostModel, load_profile
+from magicpig.core.policies import POLICIES, PolicyConfig
+from magicpig.perf.simulator import (GIB, TraceItem, draw_lengths, load_trace, main, memory_layout, paced, simulate,
                                       synthetic_trace)
 
 
@@ -194,7 +194,7 @@ def test_replayed_jsonl_trace(tmp_path, cost):
 
 # ----------------------------------------------------------------------------- purity and CLI
 def test_import_pulls_in_no_torch():
-    code = "import sys, magicpig.serve.simulator as s; s.synthetic_trace('mixed', 3, 1.0); print('torch' in sys.modules)"
+    code = "import sys, magicpig.perf.simulator as s; s.synthetic_trace('mixed', 3, 1.0); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False", out.stdout + out.stderr

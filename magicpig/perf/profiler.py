@@ -66,9 +66,11 @@ import torch
 from magicpig.cache import cache_dir
 from magicpig.config import MagicPIGConfig, check_int
 from magicpig.model.loaded import LoadedModel, load_model
+from magicpig.core.kv_budget import blocks_for
 from magicpig.runtime.runner import DEFAULT_BLOCK_SIZE, ModelRunner
+from magicpig.runtime.standalone import StandaloneRunner
 from magicpig.runtime.calibration import resolve_lsh
-from magicpig.serve.cost_model import (
+from magicpig.perf.cost_model import (
     CostModel,
     DeviceProfile,
     ModelShape,
@@ -79,7 +81,6 @@ from magicpig.serve.cost_model import (
     fit_store_attend,
     load_profile,
 )
-from magicpig.store.device_cache import blocks_for
 
 PROG = "magicpig profile"
 PROFILE_METHODS = ("magicpig", "dense")
@@ -132,56 +133,28 @@ class StoreLog:
 
 
 class _StoreProbe:
-    """Times the attend and append calls of every CPU store of a runner's sparse layers by
-    shadowing the store's methods with instance attributes (removed by ``close``). Attend calls
-    are recorded only while ``tag`` is set."""
+    """Times the attend and append calls of every CPU store of a runner's sparse layers through
+    the stores' timing hooks (removed by ``close``). Attend calls are recorded only while
+    ``tag`` is set."""
 
     def __init__(self, runner: ModelRunner, log: StoreLog):
         self.log, self.tag = log, None
         self.calls_per_layer = 2 if runner.ping_pong else 1  # a batch of two or more, split or not
-        self.stores = [m.store for _, _, m in runner.sparse.values() if hasattr(getattr(m, "store", None), "attend")]
+        self.stores = [sp.method.store for sp in runner.sparse.values()
+                       if hasattr(getattr(sp.method, "store", None), "set_timing_hook")]
         for store in self.stores:
-            store.attend = self._attend(store, "attend")
-            store.attend_trusted = self._attend(store, "attend_trusted")  # the runner's decode path
-            store.append = self._append(store)
+            store.set_timing_hook(self._record)
 
-    def _attend(self, store, name: str) -> Callable:
-        inner = getattr(type(store), name).__get__(store)
-        stats = getattr(store._impl, "last_attend_stats", None)
-
-        def attend(seq_ids, queries, query_codes, *args, **kwargs):
-            t0 = time.perf_counter()
-            result = inner(seq_ids, queries, query_codes, *args, **kwargs)
-            if not isinstance(result, tuple):  # a handle (an asynchronous attend): not timed here
-                return result
-            out, lse, ncand = result
-            dt = time.perf_counter() - t0
-            if self.tag is not None:
-                if stats is not None:
-                    entries, rows = (float(v) for v in stats()[:2])
-                else:  # numba backend: no stats; the largest head of each group bounds the union from below
-                    g = ncand.shape[1] // store.num_kv_heads
-                    rows, entries = float(ncand.view(ncand.shape[0], -1, g).amax(-1).sum()), 0.0
-                self.log.calls.append((rows, entries, dt, self.tag))
-            return out, lse, ncand
-
-        return attend
-
-    def _append(self, store) -> Callable:
-        inner = type(store).append.__get__(store)
-
-        def append(seq_id, keys, values, key_codes):
-            t0 = time.perf_counter()
-            inner(seq_id, keys, values, key_codes)
-            self.log.append_seconds += time.perf_counter() - t0
-            self.log.append_token_heads += int(keys.shape[0] * keys.shape[1])
-
-        return append
+    def _record(self, kind: str, seconds: float, info: dict) -> None:
+        if kind == "append":
+            self.log.append_seconds += seconds
+            self.log.append_token_heads += int(info["tokens"]) * int(info["heads"])
+        elif self.tag is not None:
+            self.log.calls.append((info["rows"], info["entries"], seconds, self.tag))
 
     def close(self) -> None:
         for store in self.stores:
-            for name in ("attend", "attend_trusted", "append"):
-                vars(store).pop(name, None)
+            store.set_timing_hook(None)
 
 
 def _set_threads(k: int) -> None:
@@ -192,13 +165,13 @@ def _random_ids(gen: torch.Generator, n: int, vocab: int) -> list[int]:
     return torch.randint(0, vocab, (n,), generator=gen).tolist()
 
 
-def _measure_prefill(runners: dict[str, ModelRunner], chunks: Sequence[int], threads: Sequence[int],
+def _measure_prefill(runners: dict[str, StandaloneRunner], chunks: Sequence[int], threads: Sequence[int],
                      repeats: int, gen: torch.Generator, cores: int) -> list[Point]:
     """Prefill steps of whole prompts of each chunk size, and of a chunk of the middle size after
-    the largest (a chunked prefill's later chunk, as the engine runs it: ``prefill_chunk``): the
+    the largest (a chunked prefill's later chunk, as the engine runs it): the
     "dense" runner at every thread count (fit points), any other at the most threads (check
     points), all interleaved within each repetition (medians of ``repeats`` after a warm-up)."""
-    vocab = next(iter(runners.values())).model.args.vocab_size
+    vocab = next(iter(runners.values())).runner.model.args.vocab_size
     cases = [(n, 0) for n in chunks]
     if len(chunks) >= 2:
         cases.append((sorted(chunks)[len(chunks) // 2 - 1], max(chunks)))
@@ -207,17 +180,17 @@ def _measure_prefill(runners: dict[str, ModelRunner], chunks: Sequence[int], thr
 
     def once(method: str, case: tuple[int, int]) -> float:
         runner, (n, c0) = runners[method], case
+        ids = prompts[case]
         if c0 == 0:
             t0 = time.perf_counter()
-            seq, _ = runner.prefill(prompts[case])
+            seq, _ = runner.prefill(ids)
             dt = time.perf_counter() - t0
         else:
-            partial = runner.begin_prefill(prompts[case])
-            runner.prefill_chunk(partial, c0)  # the context before, untimed
+            seq = runner.admit(ids)
+            runner.runner.prefill(seq, ids, c0)  # the context before, untimed
             t0 = time.perf_counter()
-            runner.prefill_chunk(partial, n)
+            runner.runner.prefill(seq, ids, n)
             dt = time.perf_counter() - t0
-            seq = partial.seq
         runner.release(seq)
         return dt
 
@@ -234,31 +207,32 @@ def _measure_prefill(runners: dict[str, ModelRunner], chunks: Sequence[int], thr
             for (m, (n, c0), k), s in samples.items()]
 
 
-def _source_kv(runner: ModelRunner, tokens: int, gen: torch.Generator, threads: int,
+def _source_kv(standalone: StandaloneRunner, tokens: int, gen: torch.Generator, threads: int,
                cores: int) -> tuple[list[torch.Tensor], list[torch.Tensor], Point]:
     """Per-layer K/V [Hkv, tokens, d] of one random prompt, prefilled once by a dense runner
     (copies), and that prefill's time as a one-sample check point."""
     _set_threads(threads)
+    runner = standalone.runner
     ids = _random_ids(gen, tokens, runner.model.args.vocab_size)
     t0 = time.perf_counter()
-    seq, _ = runner.prefill(ids)
+    seq, _ = standalone.prefill(ids)
     dt = time.perf_counter() - t0
     keys, values = [], []
     for layer in range(runner.model.args.num_layers):
         k, v = runner.dense[layer].sequence(seq.blocks, tokens)
         keys.append(k.clone())
         values.append(v.clone())
-    runner.release(seq)
+    standalone.release(seq)
     return keys, values, Point("prefill", "dense", threads, threads / cores, 1, tokens, [dt], "check")
 
 
-def _decode_case(runner: ModelRunner, method: str, kv: tuple[list[torch.Tensor], list[torch.Tensor]], batch: int,
+def _decode_case(runner: StandaloneRunner, method: str, kv: tuple[list[torch.Tensor], list[torch.Tensor]], batch: int,
                  context: int, threads: Sequence[int], repeats: int, probe: Optional[_StoreProbe],
                  cores: int) -> list[Point]:
     """Decode steps of ``batch`` sequences of ``context`` cached tokens at each thread count."""
     keys, values = ([t[:, :context] for t in part] for part in kv)
     steps = len(threads) * (repeats + 1)
-    seqs = [runner.add_prefilled(keys, values, expected=context + steps + 1) for _ in range(batch)]
+    seqs = [runner.add_prefilled(keys, values, steps + 1) for _ in range(batch)]
     tokens = torch.arange(1, batch + 1, dtype=torch.int64)
     try:
         for k in threads:
@@ -296,10 +270,10 @@ def _rows_per_layer(probe: Optional[_StoreProbe], tag: tuple) -> float:
 
 
 def _decode_runner(model: LoadedModel, config: MagicPIGConfig, batches: Sequence[int],
-                   contexts: Sequence[int], steps: int) -> ModelRunner:
+                   contexts: Sequence[int], steps: int) -> StandaloneRunner:
     """A runner with room for the largest batch at the longest context plus ``steps`` tokens."""
     per_seq = blocks_for(max(contexts) + steps + 1, DEFAULT_BLOCK_SIZE)
-    return ModelRunner(model.model, config, max(batches), max(batches) * per_seq + 1)
+    return StandaloneRunner(model.model, config, max(batches), max(batches) * per_seq + 1)
 
 
 def _measure_decode(model: LoadedModel, config: MagicPIGConfig, kv: tuple, batches: Sequence[int],
@@ -308,7 +282,7 @@ def _measure_decode(model: LoadedModel, config: MagicPIGConfig, kv: tuple, batch
     """Decode points of ``config.method`` for every (context, batch); with a ``log``, the
     stores' attend calls and appends are recorded into it."""
     runner = _decode_runner(model, config, batches, contexts, len(threads) * (repeats + 1))
-    probe = _StoreProbe(runner, log) if log is not None and runner.sparse else None
+    probe = _StoreProbe(runner.runner, log) if log is not None and runner.runner.sparse else None
     points: list[Point] = []
     try:
         for context in contexts:
@@ -618,9 +592,9 @@ def _measure_all(model: LoadedModel, config: MagicPIGConfig, s: Settings, cores:
     gen = torch.Generator().manual_seed(SEED)
     dense, sampled = config.replace(method="dense"), config.replace(method="magicpig")
     blocks = blocks_for(max(max(s.chunks), max(s.contexts)), DEFAULT_BLOCK_SIZE) + 1
-    runners = {"dense": ModelRunner(model.model, dense, 1, blocks)}
+    runners = {"dense": StandaloneRunner(model.model, dense, 1, blocks)}
     if s.method == "magicpig":
-        runners["magicpig"] = ModelRunner(model.model, sampled, 1, blocks)
+        runners["magicpig"] = StandaloneRunner(model.model, sampled, 1, blocks)
     threads = _store_threads(runners.get("magicpig"), config, cores)
     try:
         points = _measure_prefill(runners, s.chunks, s.threads, s.repeats, gen, cores)
@@ -642,9 +616,10 @@ def _measure_all(model: LoadedModel, config: MagicPIGConfig, s: Settings, cores:
     return points, log, threads
 
 
-def _store_threads(runner: Optional[ModelRunner], config: MagicPIGConfig, cores: int) -> int:
+def _store_threads(standalone: Optional[StandaloneRunner], config: MagicPIGConfig, cores: int) -> int:
     """The OpenMP threads of the runner's CPU stores (the config's, or the cores)."""
-    stores = [] if runner is None else [m.store for _, _, m in runner.sparse.values() if hasattr(m, "store")]
+    sparse = {} if standalone is None else standalone.runner.sparse
+    stores = [sp.method.store for sp in sparse.values() if hasattr(sp.method, "store")]
     impl = getattr(stores[0], "_impl", None) if stores else None
     if impl is not None and hasattr(impl, "threads"):
         return int(impl.threads())
@@ -731,7 +706,7 @@ def _notes(s: Settings, cores: int, how_c: str, how_m: str, store_threads: int) 
     shares = ", ".join(f"{k / cores:g}" for k in s.threads)
     return (
         f"Measured on this machine ({cores} cores, {platform.processor() or platform.machine()}) by "
-        f"magicpig.serve.profiler: medians of {s.repeats} timed steps after a warm-up; thread counts interleaved.",
+        f"magicpig.perf.profiler: medians of {s.repeats} timed steps after a warm-up; thread counts interleaved.",
         f"Lane shares = torch threads / {cores} cores: {shares}. With {cores} cores the share grid is only {shares}; "
         f"compute saturation: {how_c}; memory saturation: {how_m}.",
         "peak_flops and memory_bandwidth are the fitted effective full-share rates of the runtime's float32 CPU "
@@ -779,7 +754,7 @@ def build_profile(shape: ModelShape, config: MagicPIGConfig, points: list[Point]
     )
     table = _check_table(profile, shape, config, points)
     fit = {
-        "source": "magicpig.serve.profiler.profile_cpu", "settings": asdict(s),
+        "source": "magicpig.perf.profiler.profile_cpu", "settings": asdict(s),
         "config": {"K": config.K, "L": config.L, "min_collisions": config.min_collisions,
                    "sink_tokens": config.sink_tokens, "window_tokens": config.window_tokens,
                    "dense_layers": list(config.resolve_dense_layers(shape.layers)), "kv_dtype": config.kv_dtype},

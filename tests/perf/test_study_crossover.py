@@ -1,23 +1,19 @@
-"""scripts/study_crossover.py (issue 13 point 7) on a tiny grid: the host-bandwidth variant,
+"""The crossover study (magicpig/perf/crossover.py, issue 13 point 7) on a tiny grid: the host-bandwidth variant,
 the memory capacities, the rate search and the result's shape."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
 
-from magicpig.serve.cost_model import build_gpu_profile
-from magicpig.serve.scheduler import blocks_for
-from magicpig.serve.simulator import memory_layout
+from magicpig.perf.cost_model import build_gpu_profile
+from magicpig.core.kv_budget import blocks_for
+from magicpig.perf.simulator import memory_layout
 
-_PATH = Path(__file__).resolve().parents[1] / "scripts" / "study_crossover.py"
-_spec = importlib.util.spec_from_file_location("study_crossover", _PATH)
-study = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(study)
+from magicpig.perf import crossover as study
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The serving load generator (magicpig/serve/bench.py): metrics on hand-timed records, arrival
+"""The serving load generator (magicpig/bench/serve.py): metrics on hand-timed records, arrival
 processes, workloads, trace files, stream parsing and the command's argument checks. No model:
 the client runs once against a stdlib HTTP server streaming canned chunks, and once against a
 closed port."""
@@ -13,8 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from magicpig.serve import bench
-from magicpig.serve.bench import (RequestRecord, WorkItem, arrival_times, choose_arrivals, compute_metrics,
+from magicpig.bench import serve as bench
+from magicpig.bench.serve import (RequestRecord, WorkItem, arrival_times, choose_arrivals, compute_metrics,
                                   format_summary, load_trace, parse_error_body, parse_goodput, parse_sse_lines,
                                   random_workload, record_from_stream)
 

@@ -597,7 +597,7 @@ def profile_schema() -> str:
 
 
 def shipped_profiles() -> list[str]:
-    """Names of the profiles shipped in ``magicpig/serve/profiles/``."""
+    """Names of the profiles shipped in ``magicpig/perf/profiles/``."""
     return sorted(p.stem for p in PROFILE_DIR.glob("*.json"))
 
 
@@ -969,7 +969,7 @@ def build_gpu_profile(gpu: str = "h100") -> DeviceProfile:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``--write-gpu-profile PATH [--gpu h100|h200]`` writes the fitted profile;
     ``--check [NAME_OR_PATH]`` prints a profile's decode curve against SGLang's points."""
-    ap = argparse.ArgumentParser(prog="python -m magicpig.serve.cost_model", description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m magicpig.perf.cost_model", description=main.__doc__)
     ap.add_argument("--write-gpu-profile", metavar="PATH")
     ap.add_argument("--gpu", default="h100", choices=sorted(_GPUS))
     ap.add_argument("--check", nargs="?", const="h100_llama31_8b", metavar="NAME_OR_PATH")

@@ -1,18 +1,19 @@
 """``magicpig simulate``: a discrete-event simulation of serving (DESIGN.md §4 "Simulator",
-issue 13). It drives the scheduler's own :class:`~magicpig.serve.scheduler.Scheduler`,
-unchanged, with step times from the cost model (:mod:`magicpig.serve.cost_model`), so policies
+issue 13). It drives the scheduler's own :class:`~magicpig.core.scheduler.Scheduler`
+and its ledger (:class:`~magicpig.core.kv_budget.KVBudget`), unchanged, on the engine's own
+:class:`~magicpig.core.request.Request`, with step times from the cost model (:mod:`magicpig.perf.cost_model`), so policies
 and methods can be compared at GPU scale on a CPU-only machine. Pure Python + numpy: no torch
 (matplotlib is imported only to draw ``--plot``).
 
 The simulation
 --------------
 Time is simulated seconds; the scheduler's clock is that time. Each iteration: requests whose
-arrival has come are queued (``Scheduler.add``); the simulator reports memory
-(:class:`MemoryState`), the scheduler plans a step, the simulator prices and runs it, emits
-tokens at the times they appear, finishes requests (``Scheduler.remove``) and advances the
-clock. When nothing is runnable it jumps to the next arrival. Preemption is the scheduler's
-(it drops a request's progress and re-queues it); the simulator's block pool is derived from
-the scheduler's running set, so the victim's blocks are free at once. As in the engine, a
+arrival has come are queued (``Scheduler.add``); the scheduler plans a step (granting memory
+from its ledger), the simulator prices and runs it (playing the runner: a chunk's tokens become
+computed, a decode feeds one), emits tokens at the times they appear, finishes requests
+(``Scheduler.update_from_output``) and advances the clock. When nothing is runnable it jumps to
+the next arrival. Preemption is the scheduler's (it drops a request's progress and re-queues
+it; the ledger takes its blocks back at once). As in the engine, a
 re-prefill after a preemption emits no token (its last generated token is fed by the next
 decode), and generated tokens already streamed keep their times.
 
@@ -35,17 +36,18 @@ per-step overhead):
   asynchronous lanes within one ``schedule`` call: the decode lane does not wait for a long
   prefill chunk, but the scheduler only re-plans when the step ends.
 
-A decode request's context is ``num_tokens - 1`` (the tokens whose K/V are cached; this step
-feeds its last token). A request's first token ends its last prefill chunk; it decodes from
+A decode request's context is ``num_computed_tokens`` (the tokens whose K/V are cached; this
+step feeds its last token). A request's first token ends its last prefill chunk; it decodes from
 the next step on. No request stops early: each generates exactly its output length.
 
 Memory (DESIGN.md §4): device bytes = ``device_memory_gb`` GiB minus the model's weights
 (every layer, LM head and an untied embedding table); ``dense`` keeps K/V of all layers in
 blocks of ``block_size`` tokens; ``magicpig`` keeps the cost model's ``dense_layers`` in blocks
 and gives each of ``max_num_seqs`` sequences a sinks + 2 x window slot on the sparse layers
-(the runner's ``cache_bytes``), the rest of the budget becoming blocks; its middle K/V go to the
-CPU store, budgeted at ``host_memory_gb`` GiB, at the runner's bytes per token (K/V in bf16 +
-2 x L bucket ids + a norm, per KV head per sparse layer).
+(the ledger's ``device_cache_bytes``), the rest of the budget becoming blocks; its middle K/V go
+to the CPU store, budgeted at ``host_memory_gb`` GiB, at the store's own bytes per token
+(:func:`magicpig.store.sizes.store_bytes_per_token_head`: K/V in the cache dtype, L bucket ids,
+a byte of high code bits per table when K > 12, a norm; per KV head per sparse layer).
 
 Workloads (:data:`WORKLOADS`, DESIGN.md §7, Nexus): lengths are lognormal with the stated mean
 and sigma of the log (mu = ln(mean) - sigma^2 / 2, so the unclipped mean is the target),
@@ -80,9 +82,15 @@ import numpy as np
 from magicpig.config import (
     NONNEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, OneLineParser, check_float, check_int,
 )
-from magicpig.serve.cost_model import METHODS, CostModel, ModelShape, load_profile
-from magicpig.serve.scheduler import (POLICIES, MemoryState, PolicyConfig, PrefillChunk, SchedulePlan, Scheduler,
-                                      blocks_for, prefill_length, reserved_cpu_bytes)
+from magicpig.perf.cost_model import METHODS, CostModel, ModelShape, load_profile
+from magicpig.core.kv_budget import (
+    KVBudget, KVLayout, blocks_for, blocks_in_budget, cpu_bytes_per_token, device_cache_bytes,
+)
+from magicpig.core.policies import POLICIES, PolicyConfig, PrefillChunk, SchedulePlan
+from magicpig.core.request import Request, Status
+from magicpig.core.sampling_params import SamplingParams
+from magicpig.core.scheduler import Scheduler
+from magicpig.store.sizes import store_bytes_per_token_head
 
 GIB = 1 << 30
 CHARS_PER_TOKEN = 4.0  # a text prompt without "prompt_tokens": ~4 characters per token (English, BPE)
@@ -150,7 +158,7 @@ def synthetic_trace(workload: str, num_requests: int, request_rate: float, burst
                     seed: int = 0, max_context: int = DEFAULT_MAX_CONTEXT) -> list[TraceItem]:
     """``num_requests`` requests of ``workload`` arriving by a gamma process at
     ``request_rate`` requests/s (``burstiness`` its shape; 1 = Poisson)."""
-    from magicpig.serve.bench import arrival_times  # the one gamma process (stdlib + numpy + httpx)
+    from magicpig.bench.serve import arrival_times  # the one gamma process (stdlib + numpy + httpx)
 
     lengths = draw_lengths(workload, num_requests, seed, max_context)
     arrivals = arrival_times(len(lengths), request_rate, burstiness, seed)
@@ -158,11 +166,11 @@ def synthetic_trace(workload: str, num_requests: int, request_rate: float, burst
 
 
 def load_trace(path: Union[str, Path], chars_per_token: float = CHARS_PER_TOKEN) -> list[TraceItem]:
-    """A bench-serve JSONL trace (read and checked by :func:`magicpig.serve.bench.load_trace`)
+    """A bench-serve JSONL trace (read and checked by :func:`magicpig.bench.serve.load_trace`)
     as lengths: ``prompt`` a token-id list (its length) or a string (its ``prompt_tokens``
     when given, else ceil(characters / ``chars_per_token``)); ``max_tokens`` the output length;
     ``arrival_s`` kept when present."""
-    from magicpig.serve.bench import load_trace as load_work
+    from magicpig.bench.serve import load_trace as load_work
 
     return [TraceItem(_prompt_length(w, chars_per_token), w.max_tokens, w.arrival_s) for w in load_work(path)]
 
@@ -181,44 +189,35 @@ def paced(items: Sequence[TraceItem], request_rate: float, burstiness: float = 1
     with gamma arrivals at ``request_rate`` requests/s."""
     if not ignore_trace_arrivals and all(it.arrival_s is not None for it in items):
         return list(items)
-    from magicpig.serve.bench import arrival_times
+    from magicpig.bench.serve import arrival_times
 
     arrivals = arrival_times(len(items), request_rate, burstiness, seed)
     return [TraceItem(it.prompt_tokens, it.output_tokens, a) for it, a in zip(items, arrivals)]
 
 
 # ----------------------------------------------------------------------------- requests
-@dataclass
-class SimParams:
-    """The one sampling parameter the scheduler reads."""
-
-    max_new_tokens: int
-
-
 @dataclass(eq=False)  # identity equality: the scheduler finds requests with ``in`` / ``remove``
-class SimRequest:
-    """A simulated request: what the scheduler reads (request_id, arrival in simulated
-    seconds, num_prompt_tokens, num_tokens, params.max_new_tokens) and the simulator's
-    bookkeeping: output length, token times (seconds), finish time, preemptions."""
+class SimRequest(Request):
+    """A simulated request: the engine's own :class:`Request` (the scheduler and the ledger
+    read it as they read a real one; its prompt is a length, not ids) and the simulator's
+    bookkeeping: output length, token times (seconds), finishes."""
 
-    request_id: str
-    arrival: float
-    num_prompt_tokens: int
-    output_len: int
-    params: SimParams = field(init=False)
-    generated: int = 0
+    prompt_len: int = 0
+    output_len: int = 0
     token_times: list[float] = field(default_factory=list)
-    finish_time: Optional[float] = None
-    preemptions: int = 0
     finishes: int = 0  # times it was finished (1 when all is well)
 
-    def __post_init__(self) -> None:
-        self.params = SimParams(self.output_len)
+    @property
+    def num_prompt_tokens(self) -> int:
+        return self.prompt_len
 
     @property
-    def num_tokens(self) -> int:
-        """Prompt + tokens generated so far."""
-        return self.num_prompt_tokens + self.generated
+    def generated(self) -> int:
+        return len(self.output_ids)
+
+    @property
+    def preemptions(self) -> int:
+        return self.num_preemptions
 
     @property
     def done(self) -> bool:
@@ -249,21 +248,34 @@ def weight_bytes(shape: ModelShape) -> int:
 def memory_layout(cost: CostModel, method: str, max_num_seqs: int, block_size: int = 256,
                   device_memory_gb: float = 80.0, host_memory_gb: float = 512.0) -> MemoryLayout:
     """The device block pool and CPU-store budget of ``method`` (module docstring); budgets
-    in GiB. ValueError when the device cannot hold the weights, the slots and one block."""
+    in GiB. ValueError when the device cannot hold the weights, the slots and one block. The
+    arithmetic is the ledger's (:mod:`magicpig.core.kv_budget`) and the store's own bytes per
+    token (:mod:`magicpig.store.sizes`), as the engine sizes itself."""
     s = cost.shape
     dense = s.layers if method == "dense" else cost.dense_layers
     sparse = s.layers - dense
-    slot = s.kv_bytes_per_token(sparse) * (cost.sink_tokens + 2 * cost.window_tokens) if sparse else 0
-    block_bytes = s.kv_bytes_per_token(dense) * block_size if dense else 0
-    left = int(device_memory_gb * GIB) - weight_bytes(s) - slot * max_num_seqs
-    blocks = left // block_bytes if block_bytes else 0
-    if left < 0 or (block_bytes and blocks < 1):
+    per_token_layer = s.kv_bytes_per_token(1)
+    slot, block_bytes = device_cache_bytes(s.layers, dense, per_token_layer, cost.sink_tokens, cost.window_tokens,
+                                           block_size)
+    device = int(device_memory_gb * GIB) - weight_bytes(s)
+    try:
+        blocks = blocks_in_budget(device, max_num_seqs, slot, block_bytes)
+    except ValueError:
         raise ValueError(f"device_memory_gb={device_memory_gb}: too small for the weights ({weight_bytes(s)} "
-                         f"bytes), {max_num_seqs} slots of {slot} bytes and one {block_bytes}-byte block ({method})")
-    kv_row = 2 * s.head_dim * s.bytes_per_kv_elem + 2 * cost.tables + 4
-    cpu_per_token = sparse * s.kv_heads * kv_row
-    return MemoryLayout(weight_bytes(s), slot, block_size if dense else 0, block_bytes, int(blocks),
+                         f"bytes), {max_num_seqs} slots of {slot} bytes and one {block_bytes}-byte block ({method})") \
+            from None
+    kv_dtype = {2: "bf16", 4: "fp32"}[s.bytes_per_kv_elem]
+    per_head = store_bytes_per_token_head(cost.hash_bits, cost.tables, s.head_dim, kv_dtype)
+    cpu_per_token = cpu_bytes_per_token(sparse, s.kv_heads, per_head)
+    return MemoryLayout(weight_bytes(s), slot, block_size if dense else 0, block_bytes, blocks,
                         cpu_per_token, int(host_memory_gb * GIB) if sparse else 0)
+
+
+def kv_budget(layout: MemoryLayout, max_num_seqs: int) -> KVBudget:
+    """The ledger over a layout: the engine's own bookkeeping, with no tensors behind it."""
+    return KVBudget(KVLayout(layout.block_size, layout.total_blocks, max_num_seqs, layout.slot_bytes > 0,
+                             layout.cpu_bytes_total, layout.cpu_bytes_per_token, layout.slot_bytes,
+                             layout.block_bytes))
 
 
 # ----------------------------------------------------------------------------- results
@@ -331,59 +343,37 @@ def mixed_step_seconds(cost: CostModel, method: str, chunks: Sequence[tuple[int,
 
 
 class _Simulation:
-    """The event loop of :func:`simulate` (one run; state is the scheduler's and the requests')."""
+    """The event loop of :func:`simulate` (one run). The state is the scheduler's and its
+    ledger's (the engine's own bookkeeping) and the requests'; the simulator plays the runner:
+    a chunk's tokens become computed, a decode feeds one token."""
 
     def __init__(self, requests: list[SimRequest], cost: CostModel, scheduler_args: dict, method: str,
                  layout: MemoryLayout, max_steps: int):
         self.now = 0.0
         self.cost, self.method, self.layout, self.max_steps = cost, method, layout, max_steps
-        self.sched = Scheduler(cost=cost, clock=lambda: self.now, **scheduler_args)
+        self.kv = kv_budget(layout, scheduler_args["max_num_seqs"])
+        self.sched = Scheduler(self.kv, cost=cost, clock=lambda: self.now, **scheduler_args)
         self.pending = deque(sorted(requests, key=lambda r: r.arrival))
         self.steps = self.preemptions = self.peak_running = self.peak_blocks = 0
 
-    # -- memory ---------------------------------------------------------------------------
-    def _held(self, r: SimRequest, reserved: set[int]) -> int:
-        """Blocks ``r`` holds, as the scheduler counts them: its admission reservation while
-        part-way (or in this step's chunks), else the K/V of num_tokens - 1 tokens."""
-        bs = self.layout.block_size
-        if id(r) in reserved or self.sched.is_prefilling(r):
-            return blocks_for(min(prefill_length(r) + 1, r.num_prompt_tokens + r.output_len - 1), bs)
-        return blocks_for(r.num_tokens - 1, bs)
-
-    def _used_blocks(self, reserved: Optional[set[int]] = None) -> int:
-        """Blocks the running requests hold (``reserved``: ids counted at their reservation)."""
-        held = reserved or set()
-        return sum(self._held(r, held) for r in self.sched.running) if self.layout.block_size else 0
-
-    def _cpu_reserved(self) -> int:
-        return sum(reserved_cpu_bytes(r, self.layout.cpu_bytes_per_token) for r in self.sched.running)
-
-    def memory(self) -> MemoryState:
-        """What the engine would report before a step."""
-        L = self.layout
-        return MemoryState(free_blocks=L.total_blocks - self._used_blocks(), block_size=L.block_size,
-                           free_slots=self.sched.max_num_seqs - len(self.sched.running),
-                           cpu_bytes_free=L.cpu_bytes_total - self._cpu_reserved(),
-                           cpu_bytes_per_token=L.cpu_bytes_per_token, total_blocks=L.total_blocks,
-                           cpu_bytes_total=L.cpu_bytes_total)
-
-    def _check_memory(self) -> None:
-        used, cpu = self._used_blocks(), self._cpu_reserved()
-        self.peak_blocks = max(self.peak_blocks, used)
-        if used > self.layout.total_blocks or cpu > self.layout.cpu_bytes_total:
-            raise RuntimeError(f"t={self.now:.6f}s: memory overcommitted: {used}/{self.layout.total_blocks} blocks, "
-                               f"{cpu}/{self.layout.cpu_bytes_total} CPU bytes")
+    def _note_memory(self) -> None:
+        self.peak_blocks = max(self.peak_blocks, self.kv.allocator.num_used)
 
     # -- events ---------------------------------------------------------------------------
     def _emit(self, r: SimRequest, t: float) -> None:
         """One token of ``r`` at time ``t`` (seconds); finishes it at its output length."""
-        r.generated += 1
+        r.output_ids.append(0)
         r.token_times.append(t)
         if r.done:
             r.finish_time, r.finishes = t, r.finishes + 1
-            self.sched.remove(r)
+            self.sched.update_from_output([r])
+
+    def _decode_one(self, r: SimRequest, t: float) -> None:
+        r.kv.length += 1  # the runner's part: its last token's K/V are now held
+        self._emit(r, t)
 
     def _chunk_done(self, c: PrefillChunk, t: float) -> None:
+        c.request.kv.length += c.num_tokens
         if c.last and c.request.generated == 0:  # a re-prefill after preemption emits nothing
             self._emit(c.request, t)
 
@@ -391,15 +381,15 @@ class _Simulation:
         return sum(self.cost.prefill_time(c.num_tokens, c.start, share, self.method) for c in chunks)
 
     def _decode_time(self, decodes: list[SimRequest], share: float) -> float:
-        return self.cost.decode_time([r.num_tokens - 1 for r in decodes], self.method, share)
+        return self.cost.decode_time([r.num_computed_tokens for r in decodes], self.method, share)
 
     # -- steps ----------------------------------------------------------------------------
     def mixed_step(self, plan: SchedulePlan) -> None:
         """Chunks and decodes one after the other on the whole device; tokens at the end."""
         end = self.now + mixed_step_seconds(self.cost, self.method, [(c.num_tokens, c.start) for c in plan.chunks],
-                                            [r.num_tokens - 1 for r in plan.decodes])
+                                            [r.num_computed_tokens for r in plan.decodes])
         for r in plan.decodes:
-            self._emit(r, end)
+            self._decode_one(r, end)
         for c in plan.chunks:
             self._chunk_done(c, end)
         self.now = end
@@ -416,19 +406,19 @@ class _Simulation:
         self.now += max(t_p, t_d)
 
     def _decode_iterations(self, plan: SchedulePlan, t_d: float, iters: int) -> None:
-        """``iters`` decode iterations t_d apart; after the first (which the scheduler made room
-        for), each runs only while the block pool has room for its new blocks."""
+        """``iters`` decode iterations t_d apart; after the first (whose blocks the scheduler
+        granted), each runs only while the ledger has the blocks its new tokens need."""
         active = list(plan.decodes)
-        reserved = {id(c.request) for c in plan.chunks}
-        bs = self.layout.block_size
         for i in range(1, iters + 1):
             if i > 1:
                 active = [r for r in active if not r.done]
-                need = sum(1 for r in active if bs and (r.num_tokens - 1) % bs == 0)
-                if not active or need > self.layout.total_blocks - self._used_blocks(reserved):
+                need = sum(self.kv.growth(r.kv, r.num_computed_tokens + 1) for r in active)
+                if not active or need > self.kv.free_blocks:
                     return
+                for r in active:
+                    self.kv.grow(r.kv, r.num_computed_tokens + 1)
             for r in active:
-                self._emit(r, self.now + i * t_d)
+                self._decode_one(r, self.now + i * t_d)
 
     # -- the loop -------------------------------------------------------------------------
     def _queue_arrivals(self) -> None:
@@ -442,7 +432,8 @@ class _Simulation:
         if not self.pending:
             raise RuntimeError(f"t={self.now:.6f}s: the scheduler runs nothing with {len(self.sched.waiting)} "
                                f"waiting and {len(self.sched.running)} running requests and no arrival to come "
-                               f"(policy {self.sched.policy.name}); memory: {self.memory()}")
+                               f"(policy {self.sched.policy.name}); free blocks {self.kv.free_blocks}, "
+                               f"CPU bytes {self.kv.cpu_bytes_free}")
         self.now = max(self.now, self.pending[0].arrival)
         return 0
 
@@ -453,10 +444,9 @@ class _Simulation:
             if not self.sched.has_unfinished():
                 self.now = max(self.now, self.pending[0].arrival)
                 continue
-            plan = self.sched.schedule(self.memory())
+            plan = self.sched.schedule()
             self.preemptions += len(plan.preempted)
-            for r in plan.preempted:
-                r.preemptions += 1
+            self._note_memory()
             self.peak_running = max(self.peak_running, len(self.sched.running))
             if not (plan.chunks or plan.decodes):
                 stalls = self._idle(plan, stalls)
@@ -465,23 +455,24 @@ class _Simulation:
             if self.steps > self.max_steps:
                 raise RuntimeError(f"more than max_steps={self.max_steps} steps; raise it or shorten the trace")
             (self.mixed_step if plan.prefill_share is None else self.split_step)(plan)
-            self._check_memory()
+            self._note_memory()
 
 
-def _requests(trace: Sequence[TraceItem], layout: MemoryLayout) -> list[SimRequest]:
-    """Fresh requests for a trace; ValueError for one that could never fit the budgets."""
+def _requests(trace: Sequence[TraceItem], layout: MemoryLayout, max_num_seqs: int) -> list[SimRequest]:
+    """Fresh requests for a trace; ValueError for one that could never fit the budgets (the
+    ledger's own check, as the engine's ``add_request``)."""
+    ledger = kv_budget(layout, max_num_seqs)
     out = []
     for i, it in enumerate(trace):
         if it.arrival_s is None:
             raise ValueError(f"trace[{i}]: no arrival_s (pace the trace with paced())")
-        r = SimRequest(f"sim-{i}", float(it.arrival_s), check_int(f"trace[{i}].prompt_tokens", it.prompt_tokens, 1),
-                       check_int(f"trace[{i}].output_tokens", it.output_tokens, 1))
-        blocks = blocks_for(r.num_prompt_tokens + r.output_len - 1, layout.block_size)
-        cpu = reserved_cpu_bytes(r, layout.cpu_bytes_per_token)
-        if blocks > layout.total_blocks or cpu > layout.cpu_bytes_total:
-            raise ValueError(f"trace[{i}]: {r.num_prompt_tokens} prompt + {r.output_len} output tokens need {blocks} "
-                             f"blocks and {cpu} CPU bytes; the budgets hold {layout.total_blocks} blocks and "
-                             f"{layout.cpu_bytes_total} bytes")
+        n = check_int(f"trace[{i}].prompt_tokens", it.prompt_tokens, 1)
+        out_len = check_int(f"trace[{i}].output_tokens", it.output_tokens, 1)
+        r = SimRequest(f"sim-{i}", [], SamplingParams(max_new_tokens=out_len), arrival=float(it.arrival_s),
+                       prompt_len=n, output_len=out_len)
+        why = ledger.never_fits(r)
+        if why is not None:
+            raise ValueError(f"trace[{i}]: {why}")
         out.append(r)
     return out
 
@@ -502,7 +493,7 @@ def simulate(trace: Sequence[TraceItem], cost_model: CostModel, policy: Union[Po
     check_float("slo_ttft_s", slo_ttft_s, 0.0, math.inf, high_open=True)
     check_float("slo_tbt_s", slo_tbt_s, 0.0, math.inf, high_open=True)
     layout = memory_layout(cost_model, method, max_num_seqs, block_size, device_memory_gb, host_memory_gb)
-    requests = _requests(trace, layout)
+    requests = _requests(trace, layout, max_num_seqs)
     args = {"max_num_seqs": max_num_seqs, "max_prefill_tokens": check_int("max_prefill_tokens", max_prefill_tokens, 1),
             "policy": pol, "chunked_prefill": bool(chunked_prefill)}
     sim = _Simulation(requests, cost_model, args, method, layout, check_int("max_steps", max_steps, 1))

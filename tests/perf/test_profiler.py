@@ -1,4 +1,4 @@
-"""magicpig.serve.profiler: the fit recovers a known profile from its own synthetic
+"""magicpig.perf.profiler: the fit recovers a known profile from its own synthetic
 measurements; a tiny real run fits its own points; the shipped CPU profile loads and prices
 prefill sensibly; ``main`` refuses bad arguments with exit status 2."""
 
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from magicpig.config import MagicPIGConfig
-from magicpig.serve.cost_model import CostModel, DeviceProfile, ModelShape, Saturation, StoreProfile, load_profile
-from magicpig.serve.profiler import (
+from magicpig.perf.cost_model import CostModel, DeviceProfile, ModelShape, Saturation, StoreProfile, load_profile
+from magicpig.perf.profiler import (
     Point,
     StoreLog,
     build_profile,
