@@ -10,10 +10,10 @@ at a number in flight, each streamed over server-sent events and timed on the cl
 * TPOT: (E2EL - TTFT) / (output tokens - 1), for requests with more than one output token;
 * ITL: the gaps between consecutive non-empty chunks, pooled over all requests;
 
-each as mean / median / std / p99 in milliseconds over the successful requests, plus
+each as mean / median / std / p95 / p99 in milliseconds over the successful requests, plus
 throughputs and goodput (requests meeting every given latency limit, per second).
 
-Layering: this module talks HTTP only (stdlib, numpy, httpx, :mod:`magicpig.config`). RULER
+Layering: this module talks HTTP only (stdlib, httpx, :mod:`magicpig.perf.metrics`, :mod:`magicpig.perf.workloads`). RULER
 prompts need the tokenizer and the eval package, so the CLI builds them and passes them in
 (``main(ruler_source=...)``).
 """
@@ -31,32 +31,20 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Union
 
 import httpx
-import numpy as np
 
 from magicpig.config import (
     NONNEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, OneLineParser, argtype, check_float, check_int,
 )
+from magicpig.perf.metrics import GOODPUT_METRICS, LATENCY_METRICS, check_slos, serving_metrics, tpot
+from magicpig.perf.workloads import (  # noqa: F401 - the workload vocabulary this CLI speaks
+    Prompt, WorkItem, arrival_times, choose_arrivals, load_work, random_workload, short_repr,
+)
 
-Prompt = Union[str, list[int]]
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT_S = 600.0
 DEFAULT_NUM_PROMPTS = 8
-GOODPUT_METRICS = ("ttft", "tpot", "e2el")
-LATENCY_METRICS = ("ttft", "tpot", "itl", "e2el")
 MAX_ERRORS_REPORTED = 5
-
-
-@dataclass
-class WorkItem:
-    """One request to send: the prompt (text, or token ids the server takes as they are), how
-    many tokens to generate, optionally its own arrival time (seconds from the start) and, for
-    a text prompt, its length in tokens when a trace states it (the simulator reads it)."""
-
-    prompt: Prompt
-    max_tokens: int
-    arrival_s: Optional[float] = None
-    prompt_tokens: Optional[int] = None
 
 
 @dataclass
@@ -100,133 +88,13 @@ class RequestRecord:
     @property
     def tpot_s(self) -> Optional[float]:
         """vLLM's time per output token after the first; None for fewer than two tokens."""
-        ttft, e2el = self.ttft_s, self.e2el_s
-        if self.output_tokens <= 1 or ttft is None or e2el is None:
-            return None
-        return (e2el - ttft) / (self.output_tokens - 1)
+        return tpot(self.ttft_s, self.e2el_s, self.output_tokens)
 
 
 # ----------------------------------------------------------------------------- workloads
 
 
-def random_workload(num_requests: int, input_len: int, output_len: int, range_ratio: float, seed: int,
-                    vocab_low: int = 1000, vocab_high: int = 30000) -> list[WorkItem]:
-    """vLLM's random dataset, as token ids (no tokenizer needed): input and output lengths drawn
-    uniformly among the integers in ``[len * (1 - range_ratio), len * (1 + range_ratio)]`` (at
-    least 1), prompt ids uniform in ``[vocab_low, vocab_high)``."""
-    num_requests = check_int("num_requests", num_requests, 0)
-    input_len = check_int("input_len", input_len, 1)
-    output_len = check_int("output_len", output_len, 1)
-    range_ratio = check_float("range_ratio", range_ratio, 0.0, 1.0, high_open=True)
-    vocab_low = check_int("vocab_low", vocab_low, 0)
-    vocab_high = check_int("vocab_high", vocab_high, vocab_low + 1)
-    rng = np.random.default_rng(check_int("seed", seed, 0))
-    in_lens = rng.integers(*_length_bounds(input_len, range_ratio), size=num_requests, endpoint=True)
-    out_lens = rng.integers(*_length_bounds(output_len, range_ratio), size=num_requests, endpoint=True)
-    return [WorkItem(prompt=rng.integers(vocab_low, vocab_high, size=int(n)).tolist(), max_tokens=int(m))
-            for n, m in zip(in_lens, out_lens)]
-
-
-def _length_bounds(length: int, ratio: float) -> tuple[int, int]:
-    # Integers inside the real interval; the epsilon keeps 100 * 0.9 = 90.00000000000001 at 90.
-    low = max(1, math.ceil(length * (1 - ratio) - 1e-9))
-    high = max(low, math.floor(length * (1 + ratio) + 1e-9))
-    return low, high
-
-
-def load_trace(path: Union[str, Path]) -> list[WorkItem]:
-    """Requests from a JSONL file: one object a line with ``prompt`` (a non-empty string or
-    list of token ids), ``max_tokens`` (int >= 1) and optionally ``arrival_s`` (seconds >= 0)
-    and ``prompt_tokens`` (int >= 1, the length of a text prompt).
-    Blank lines are skipped; other keys are ignored. A bad line raises ValueError naming the
-    file, the line number and the field."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"trace {path}: cannot read it ({err})") from err
-    items = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            items.append(_trace_item(line, f"trace {path}, line {lineno}"))
-    if not items:
-        raise ValueError(f"trace {path}: no requests in it")
-    return items
-
-
-def _trace_item(line: str, where: str) -> WorkItem:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{where}: not valid JSON ({err.msg})") from err
-    if not isinstance(obj, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    if "prompt" not in obj:
-        raise ValueError(f"{where}: field 'prompt' is missing")
-    prompt = obj["prompt"]
-    ids_ok = isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
-                                              for t in prompt)
-    if not ((isinstance(prompt, str) or ids_ok) and prompt):
-        raise ValueError(f"{where}: field 'prompt' must be a non-empty string or list of token ids "
-                         f"(ints >= 0), got {_short(prompt)}")
-    if "max_tokens" not in obj:
-        raise ValueError(f"{where}: field 'max_tokens' is missing")
-    max_tokens = obj["max_tokens"]
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise ValueError(f"{where}: field 'max_tokens' must be an integer >= 1, got {_short(max_tokens)}")
-    arrival = obj.get("arrival_s")
-    if arrival is not None and (isinstance(arrival, bool) or not isinstance(arrival, (int, float))
-                                or not math.isfinite(arrival) or arrival < 0):
-        raise ValueError(f"{where}: field 'arrival_s' must be a number >= 0, got {_short(arrival)}")
-    known = obj.get("prompt_tokens")
-    if known is not None and (isinstance(known, bool) or not isinstance(known, int) or known < 1):
-        raise ValueError(f"{where}: field 'prompt_tokens' must be an integer >= 1, got {_short(known)}")
-    return WorkItem(prompt=prompt, max_tokens=max_tokens, arrival_s=None if arrival is None else float(arrival),
-                    prompt_tokens=known)
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 # ----------------------------------------------------------------------------- arrivals
-
-
-def arrival_times(n: int, request_rate: float, burstiness: float, seed: int) -> list[float]:
-    """Send offsets in seconds from the start, as vLLM: the first request at 0, then gaps drawn
-    from a gamma distribution of shape ``burstiness`` and scale ``1 / (request_rate *
-    burstiness)`` (mean gap 1/rate; coefficient of variation 1/sqrt(burstiness); burstiness 1
-    is a Poisson process). ``request_rate`` inf sends everything at 0."""
-    n = check_int("n", n, 0)
-    rate = _check_rate("request_rate", request_rate)
-    burstiness = check_float("burstiness", burstiness, 0.0, math.inf, low_open=True, high_open=True)
-    seed = check_int("seed", seed, 0)
-    if n == 0:
-        return []
-    if math.isinf(rate):
-        return [0.0] * n
-    rng = np.random.default_rng(seed)
-    gaps = rng.gamma(shape=burstiness, scale=1.0 / (rate * burstiness), size=n - 1)
-    return [0.0] + np.cumsum(gaps).tolist()
-
-
-def _check_rate(name: str, value: object) -> float:
-    # check_float refuses infinities, and inf is this argument's "no pacing" value.
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value == math.inf:
-        return math.inf
-    return check_float(name, value, 0.0, math.inf, low_open=True, high_open=True)
-
-
-def choose_arrivals(items: list[WorkItem], request_rate: float, burstiness: float, seed: int,
-                    ignore_trace_arrivals: bool = False) -> tuple[list[float], str]:
-    """The items' own ``arrival_s`` when every item has one (and they are not ignored), else
-    :func:`arrival_times`; with a line saying which was used."""
-    own = [item.arrival_s for item in items]
-    if items and not ignore_trace_arrivals and all(a is not None for a in own):
-        return [float(a) for a in own], "the trace's arrival_s"
-    pacing = "all at once" if math.isinf(request_rate) else f"{request_rate:g} req/s, burstiness {burstiness:g}"
-    note = " (some trace lines lack arrival_s)" if any(a is not None for a in own) and not ignore_trace_arrivals else ""
-    return arrival_times(len(items), request_rate, burstiness, seed), pacing + note
 
 
 # ----------------------------------------------------------------------------- the stream
@@ -260,7 +128,7 @@ def parse_sse_line(line: str) -> Optional[StreamEvent]:
     try:
         obj = json.loads(value)
     except json.JSONDecodeError as err:
-        raise ValueError(f"stream data is not JSON: {_short(value)}") from err
+        raise ValueError(f"stream data is not JSON: {short_repr(value)}") from err
     return event_from_chunk(obj)
 
 
@@ -272,30 +140,30 @@ def parse_sse_lines(lines: Iterable[str]) -> list[StreamEvent]:
 def event_from_chunk(obj: Any) -> StreamEvent:
     """A parsed chunk as an event; ValueError when its shape is not a completion chunk."""
     if not isinstance(obj, dict):
-        raise ValueError(f"stream chunk is not a JSON object: {_short(obj)}")
+        raise ValueError(f"stream chunk is not a JSON object: {short_repr(obj)}")
     if obj.get("error") is not None:  # vLLM-style servers report a mid-stream failure so
         return StreamEvent(error=format_error(obj["error"]))
     usage = obj.get("usage")
     if usage is not None and not isinstance(usage, dict):
-        raise ValueError(f"stream chunk has a bad usage: {_short(usage)}")
+        raise ValueError(f"stream chunk has a bad usage: {short_repr(usage)}")
     choices = obj.get("choices") or []
     if not isinstance(choices, list) or (choices and not isinstance(choices[0], dict)):
-        raise ValueError(f"stream chunk has bad choices: {_short(choices)}")
+        raise ValueError(f"stream chunk has bad choices: {short_repr(choices)}")
     if not choices:
         return StreamEvent(usage=usage)
     text = choices[0].get("text") or ""  # null text reads as empty, like vLLM's client
     if not isinstance(text, str):
-        raise ValueError(f"stream chunk has a non-string text: {_short(text)}")
+        raise ValueError(f"stream chunk has a non-string text: {short_repr(text)}")
     return StreamEvent(text=text, finish_reason=choices[0].get("finish_reason"), usage=usage)
 
 
 def format_error(error: Any) -> str:
     """``type (code): message`` of an OpenAI error object (or its repr when it is not one)."""
     if not isinstance(error, dict):
-        return _short(error)
+        return short_repr(error)
     kind, code = error.get("type"), error.get("code")
     label = " ".join(str(x) for x in (kind, f"({code})" if code is not None else None) if x is not None)
-    message = str(error.get("message", "")) or _short(error)
+    message = str(error.get("message", "")) or short_repr(error)
     return f"{label}: {message}" if label else message
 
 
@@ -466,50 +334,17 @@ def fetch_model_id(base_url: str, api_key: Optional[str] = None, timeout_s: floa
 
 def compute_metrics(records: list[RequestRecord], duration_s: float,
                     goodput_slos: Optional[dict[str, float]] = None) -> dict[str, Any]:
-    """vLLM's serving metrics of a run (see the module docstring). Latencies are over the
-    successful requests, in ms; a statistic with no sample is None. ``goodput_slos``: limits
-    in ms for any of ttft / tpot / e2el; a request is good when it succeeded and meets every
-    one (as vLLM, a request with one output token has TPOT 0 for this test)."""
+    """vLLM's serving metrics of a run (:func:`magicpig.perf.metrics.serving_metrics` over the
+    successful requests; latencies in ms, a statistic with no sample None), with what only a
+    client sees: failures, responses without a usage chunk, the first distinct errors.
+    ``goodput_slos``: limits in ms for any of ttft / tpot / e2el."""
     duration_s = check_float("duration_s", duration_s, 0.0, math.inf, low_open=True, high_open=True)
-    slos = _check_slos(goodput_slos)
+    slos = check_slos(goodput_slos)
     done = [r for r in records if r.success]
-    total_in = sum(r.prompt_tokens or 0 for r in done)
-    total_out = sum(r.output_tokens for r in done)
-    metrics: dict[str, Any] = {
-        "completed": len(done), "failed": len(records) - len(done),
-        "total_input_tokens": total_in, "total_output_tokens": total_out, "duration_s": duration_s,
-        "request_throughput": len(done) / duration_s, "output_throughput": total_out / duration_s,
-        "total_token_throughput": (total_in + total_out) / duration_s,
-        "usage_missing": sum(not r.usage_seen for r in done),
-    }
-    good = None if slos is None else sum(_is_good(r, slos) for r in done)
-    metrics.update({"goodput_slos_ms": slos, "good_requests": good,
-                    "request_goodput": None if good is None else good / duration_s})
-    samples = {
-        "ttft": [r.ttft_s for r in done if r.ttft_s is not None],
-        "tpot": [r.tpot_s for r in done if r.tpot_s is not None],
-        "itl": [gap for r in done for gap in r.itls_s],
-        "e2el": [r.e2el_s for r in done if r.e2el_s is not None],
-    }
-    for name in LATENCY_METRICS:
-        metrics.update(_stats_ms(name, samples[name]))
-    metrics["errors"] = _first_errors(records)
+    metrics = serving_metrics(done, duration_s, slos, [r.prompt_tokens or 0 for r in done])
+    metrics.update({"failed": len(records) - len(done), "usage_missing": sum(not r.usage_seen for r in done),
+                    "errors": _first_errors(records)})
     return metrics
-
-
-def _stats_ms(name: str, values_s: list[float]) -> dict[str, Optional[float]]:
-    keys = [f"{stat}_{name}_ms" for stat in ("mean", "median", "std", "p99")]
-    if not values_s:
-        return dict.fromkeys(keys)
-    ms = np.asarray(values_s, dtype=np.float64) * 1000.0
-    values = (np.mean(ms), np.median(ms), np.std(ms), np.percentile(ms, 99))
-    return {key: float(v) for key, v in zip(keys, values)}
-
-
-def _is_good(record: RequestRecord, slos: dict[str, float]) -> bool:
-    tpot = record.tpot_s if record.output_tokens > 1 else 0.0  # vLLM: TPOT 0 for one token
-    measured = {"ttft": record.ttft_s, "tpot": tpot, "e2el": record.e2el_s}
-    return all(measured[k] is not None and measured[k] * 1000.0 <= limit for k, limit in slos.items())
 
 
 def _first_errors(records: list[RequestRecord]) -> list[str]:
@@ -521,17 +356,6 @@ def _first_errors(records: list[RequestRecord]) -> list[str]:
             if len(seen) == MAX_ERRORS_REPORTED:
                 break
     return seen
-
-
-def _check_slos(slos: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
-    if slos is None:
-        return None
-    checked = {}
-    for key, limit in slos.items():
-        if key not in GOODPUT_METRICS:
-            raise ValueError(f"goodput_slos: unknown metric {key!r}; expected some of {list(GOODPUT_METRICS)}")
-        checked[key] = check_float(f"goodput_slos[{key!r}]", limit, 0.0, math.inf, high_open=True)
-    return checked
 
 
 def parse_goodput(specs: list[str]) -> dict[str, float]:
@@ -681,7 +505,7 @@ def load_items(args: argparse.Namespace, ruler_source: Optional[RulerSource] = N
     """The work of ``args.dataset``; ``args.num_prompts`` None means the default (a trace: all)."""
     count = args.num_prompts
     if args.dataset == "trace":
-        items = load_trace(args.trace)
+        items = load_work(args.trace)
         return items if count is None else items[:count]
     if count is None:
         args.num_prompts = count = DEFAULT_NUM_PROMPTS

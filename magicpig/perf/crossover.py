@@ -51,7 +51,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from magicpig.bench.serve import arrival_times
+from magicpig.perf.workloads import arrival_times
 from magicpig.perf.cost_model import CostModel, DeviceProfile, build_gpu_profile
 from magicpig.core.kv_budget import blocks_for
 from magicpig.core.policies import PolicyConfig

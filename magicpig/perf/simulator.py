@@ -58,12 +58,11 @@ probability 0.6, else long_data. Arrivals: a gamma process (``bench.arrival_time
 0, mean gap 1 / rate, burstiness 1 = Poisson). Lengths and arrivals use separate random
 streams, so the same seed gives the same requests at every rate (only the gaps scale).
 
-Metrics (:func:`compute_metrics`, latencies in milliseconds): TTFT = first token - arrival;
-TBT = gaps between a request's consecutive tokens, pooled over requests (vLLM's ITL); TPOT =
-(E2E - TTFT) / (tokens - 1) per request; E2E = last token - arrival; each mean / p95 / p99.
-Duration = last finish - first arrival; throughputs per second of it. Goodput: requests/s
-that are good, a request being good when TTFT <= ``slo_ttft_s`` and its TPOT (mean TBT) <=
-``slo_tbt_s`` (TPOT 0 for a one-token request, as vLLM).
+Metrics (:func:`compute_metrics`): :mod:`magicpig.perf.metrics`, the load generator's own, in
+vLLM's vocabulary: TTFT, TPOT, ITL (the gaps between a request's consecutive tokens, pooled),
+E2EL; mean / median / std / p95 / p99 in milliseconds. Duration = last finish - first arrival;
+throughputs per second of it. Goodput: requests/s that are good, a request being good when
+TTFT <= ``slo_ttft_s`` and its TPOT <= ``slo_tbt_s`` (TPOT 0 for a one-token request, as vLLM).
 """
 
 from __future__ import annotations
@@ -77,7 +76,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-import numpy as np
 
 from magicpig.config import (
     NONNEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, OneLineParser, check_float, check_int,
@@ -90,111 +88,19 @@ from magicpig.core.policies import POLICIES, PolicyConfig, PrefillChunk, Schedul
 from magicpig.core.request import Request, Status
 from magicpig.core.sampling_params import SamplingParams
 from magicpig.core.scheduler import Scheduler
+from magicpig.perf.metrics import RequestTimes, serving_metrics
+from magicpig.perf.workloads import (  # noqa: F401 - the simulator's workload vocabulary
+    CHARS_PER_TOKEN, DEFAULT_MAX_CONTEXT, WORKLOADS, LengthDist, TraceItem, draw_lengths, load_trace, paced,
+    synthetic_trace,
+)
 from magicpig.store.sizes import store_bytes_per_token_head
 
 GIB = 1 << 30
-CHARS_PER_TOKEN = 4.0  # a text prompt without "prompt_tokens": ~4 characters per token (English, BPE)
-DEFAULT_MAX_CONTEXT = 131072  # Llama-3.1-8B's positions
 DEFAULT_RATES = (2.0, 4.0, 6.0)
 DEFAULT_NUM_REQUESTS = 100
-LATENCIES = ("ttft", "tbt", "tpot", "e2e")
 
 
 # ----------------------------------------------------------------------------- workloads
-@dataclass(frozen=True)
-class LengthDist:
-    """Lognormal prompt and output lengths (tokens): means and sigmas of the log."""
-
-    prompt_mean: float
-    prompt_sigma: float
-    output_mean: float
-    output_sigma: float
-
-
-LONG_DATA = LengthDist(5905, 0.8, 180, 0.6)  # Long Data Collections (Nexus)
-ARXIV = LengthDist(3832, 0.5, 200, 0.5)  # ArXiv summarization (Nexus)
-SHAREGPT = LengthDist(496, 1.0, 97, 1.0)  # ShareGPT (Nexus's Mixed)
-# workload -> ((probability, lengths), ...)
-WORKLOADS: dict[str, tuple[tuple[float, LengthDist], ...]] = {
-    "long_data": ((1.0, LONG_DATA),),
-    "arxiv": ((1.0, ARXIV),),
-    "mixed": ((0.6, SHAREGPT), (0.4, LONG_DATA)),
-}
-
-
-@dataclass(frozen=True)
-class TraceItem:
-    """One request of a trace: prompt and output lengths (tokens), arrival (seconds from the
-    start; None when the trace has none and a rate paces it)."""
-
-    prompt_tokens: int
-    output_tokens: int
-    arrival_s: Optional[float] = None
-
-
-def _lognormal(rng: np.random.Generator, mean: float, sigma: float, n: int) -> np.ndarray:
-    return rng.lognormal(math.log(mean) - sigma**2 / 2.0, sigma, size=n)
-
-
-def draw_lengths(workload: str, n: int, seed: int = 0,
-                 max_context: int = DEFAULT_MAX_CONTEXT) -> list[tuple[int, int]]:
-    """``n`` (prompt, output) token lengths of ``workload`` (module docstring), seeded."""
-    if workload not in WORKLOADS:
-        raise ValueError(f"workload={workload!r}: expected one of {sorted(WORKLOADS)}")
-    n, max_context = check_int("n", n, 0), check_int("max_context", max_context, 2)
-    rng = np.random.default_rng([check_int("seed", seed, 0), 1])
-    parts = WORKLOADS[workload]
-    pick = rng.choice(len(parts), size=n, p=[p for p, _ in parts])
-    out = []
-    for k in pick:
-        d = parts[int(k)][1]
-        prompt = int(np.clip(np.rint(_lognormal(rng, d.prompt_mean, d.prompt_sigma, 1)[0]), 1, max_context - 1))
-        output = int(np.clip(np.rint(_lognormal(rng, d.output_mean, d.output_sigma, 1)[0]), 1, max_context - prompt))
-        out.append((prompt, output))
-    return out
-
-
-def synthetic_trace(workload: str, num_requests: int, request_rate: float, burstiness: float = 1.0,
-                    seed: int = 0, max_context: int = DEFAULT_MAX_CONTEXT) -> list[TraceItem]:
-    """``num_requests`` requests of ``workload`` arriving by a gamma process at
-    ``request_rate`` requests/s (``burstiness`` its shape; 1 = Poisson)."""
-    from magicpig.bench.serve import arrival_times  # the one gamma process (stdlib + numpy + httpx)
-
-    lengths = draw_lengths(workload, num_requests, seed, max_context)
-    arrivals = arrival_times(len(lengths), request_rate, burstiness, seed)
-    return [TraceItem(p, o, a) for (p, o), a in zip(lengths, arrivals)]
-
-
-def load_trace(path: Union[str, Path], chars_per_token: float = CHARS_PER_TOKEN) -> list[TraceItem]:
-    """A bench-serve JSONL trace (read and checked by :func:`magicpig.bench.serve.load_trace`)
-    as lengths: ``prompt`` a token-id list (its length) or a string (its ``prompt_tokens``
-    when given, else ceil(characters / ``chars_per_token``)); ``max_tokens`` the output length;
-    ``arrival_s`` kept when present."""
-    from magicpig.bench.serve import load_trace as load_work
-
-    return [TraceItem(_prompt_length(w, chars_per_token), w.max_tokens, w.arrival_s) for w in load_work(path)]
-
-
-def _prompt_length(item: Any, chars_per_token: float) -> int:
-    if isinstance(item.prompt, list):
-        return len(item.prompt)
-    if item.prompt_tokens is not None:
-        return item.prompt_tokens
-    return max(1, math.ceil(len(item.prompt) / chars_per_token))
-
-
-def paced(items: Sequence[TraceItem], request_rate: float, burstiness: float = 1.0, seed: int = 0,
-          ignore_trace_arrivals: bool = False) -> list[TraceItem]:
-    """The items with their own arrivals when all have one (and they are not ignored), else
-    with gamma arrivals at ``request_rate`` requests/s."""
-    if not ignore_trace_arrivals and all(it.arrival_s is not None for it in items):
-        return list(items)
-    from magicpig.bench.serve import arrival_times
-
-    arrivals = arrival_times(len(items), request_rate, burstiness, seed)
-    return [TraceItem(it.prompt_tokens, it.output_tokens, a) for it, a in zip(items, arrivals)]
-
-
 # ----------------------------------------------------------------------------- requests
 @dataclass(eq=False)  # identity equality: the scheduler finds requests with ``in`` / ``remove``
 class SimRequest(Request):
@@ -297,39 +203,18 @@ class SimResult:
     metrics: dict[str, Any]
 
 
-def _stats_ms(name: str, values_s: Sequence[float]) -> dict[str, Optional[float]]:
-    keys = [f"{stat}_{name}_ms" for stat in ("mean", "p95", "p99")]
-    if not len(values_s):
-        return dict.fromkeys(keys)
-    ms = np.asarray(values_s, dtype=np.float64) * 1000.0
-    return dict(zip(keys, (float(np.mean(ms)), float(np.percentile(ms, 95)), float(np.percentile(ms, 99)))))
-
-
-def _tpot(r: SimRequest) -> float:
-    return (r.token_times[-1] - r.token_times[0]) / (len(r.token_times) - 1) if len(r.token_times) > 1 else 0.0
-
-
 def compute_metrics(requests: Sequence[SimRequest], slo_ttft_s: float, slo_tbt_s: float) -> dict[str, Any]:
-    """The run's metrics (module docstring): latencies in ms, throughputs per second."""
+    """The run's metrics (:func:`magicpig.perf.metrics.serving_metrics`, the load generator's
+    own): latencies in ms, throughputs per second of the run (last finish - first arrival);
+    a request is good when its TTFT <= ``slo_ttft_s`` and its TPOT <= ``slo_tbt_s``."""
     done = [r for r in requests if r.finish_time is not None]
     start = min((r.arrival for r in requests), default=0.0)
     duration = max((r.finish_time for r in done), default=start) - start
-    per_s = (lambda x: x / duration) if duration > 0 else (lambda x: 0.0)
-    ttft = [r.token_times[0] - r.arrival for r in done]
-    good = sum(t <= slo_ttft_s and _tpot(r) <= slo_tbt_s for r, t in zip(done, ttft))
-    out_tokens = sum(len(r.token_times) for r in done)
-    m: dict[str, Any] = {
-        "num_requests": len(requests), "completed": len(done), "duration_s": duration,
-        "total_input_tokens": sum(r.num_prompt_tokens for r in done), "total_output_tokens": out_tokens,
-        "request_throughput": per_s(len(done)), "output_throughput": per_s(out_tokens),
-        "good_requests": good, "goodput": per_s(good), "good_fraction": good / len(done) if done else 0.0,
-        "slo_ttft_s": slo_ttft_s, "slo_tbt_s": slo_tbt_s,
-    }
-    samples = {"ttft": ttft, "tbt": [b - a for r in done for a, b in zip(r.token_times, r.token_times[1:])],
-               "tpot": [_tpot(r) for r in done if len(r.token_times) > 1],
-               "e2e": [r.finish_time - r.arrival for r in done]}
-    for name in LATENCIES:
-        m.update(_stats_ms(name, samples[name]))
+    timed = [RequestTimes(r.arrival, r.token_times) for r in done]
+    m = serving_metrics(timed, duration, {"ttft": slo_ttft_s * 1e3, "tpot": slo_tbt_s * 1e3},
+                        [r.num_prompt_tokens for r in done])
+    m.update({"num_requests": len(requests), "goodput": m["request_goodput"], "slo_ttft_s": slo_ttft_s,
+              "slo_tbt_s": slo_tbt_s})
     return m
 
 
@@ -510,8 +395,8 @@ TABLE_COLUMNS = (  # (header, metric key, format)
     ("policy", "policy", "s"), ("method", "method", "s"), ("rate", "request_rate", "g"),
     ("req/s", "request_throughput", ".2f"), ("tok/s", "output_throughput", ".0f"), ("goodput", "goodput", ".2f"),
     ("TTFT mean", "mean_ttft_ms", ".0f"), ("TTFT p95", "p95_ttft_ms", ".0f"), ("TTFT p99", "p99_ttft_ms", ".0f"),
-    ("TBT mean", "mean_tbt_ms", ".1f"), ("TBT p95", "p95_tbt_ms", ".1f"), ("TBT p99", "p99_tbt_ms", ".1f"),
-    ("E2E p95", "p95_e2e_ms", ".0f"), ("preempt", "preemptions", "d"), ("peak run", "peak_running", "d"),
+    ("ITL mean", "mean_itl_ms", ".1f"), ("ITL p95", "p95_itl_ms", ".1f"), ("ITL p99", "p99_itl_ms", ".1f"),
+    ("E2EL p95", "p95_e2el_ms", ".0f"), ("preempt", "preemptions", "d"), ("peak run", "peak_running", "d"),
 )
 
 
@@ -550,7 +435,7 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: Union[str, Path]) -> None:
 
     fig = Figure(figsize=(15, 4.2))
     FigureCanvasAgg(fig)
-    panels = (("p95_ttft_ms", "P95 TTFT (ms)"), ("p95_tbt_ms", "P95 TBT (ms)"), ("goodput", "goodput (req/s)"))
+    panels = (("p95_ttft_ms", "P95 TTFT (ms)"), ("p95_itl_ms", "P95 ITL (ms)"), ("goodput", "goodput (req/s)"))
     series = sorted({(r["policy"], r["method"]) for r in rows})
     for i, (key, label) in enumerate(panels):
         ax = fig.add_subplot(1, 3, i + 1)

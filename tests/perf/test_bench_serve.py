@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 from magicpig.bench import serve as bench
-from magicpig.bench.serve import (RequestRecord, WorkItem, arrival_times, choose_arrivals, compute_metrics,
-                                  format_summary, load_trace, parse_error_body, parse_goodput, parse_sse_lines,
-                                  random_workload, record_from_stream)
+from magicpig.bench.serve import (RequestRecord, compute_metrics, format_summary, parse_error_body, parse_goodput,
+                                  parse_sse_lines, record_from_stream)
+from magicpig.perf.workloads import WorkItem, arrival_times, choose_arrivals, random_workload
+from magicpig.perf.workloads import load_work as load_trace
 
 
 def rec(start, chunks, end, out, prompt=10, success=True, usage=True, error=""):

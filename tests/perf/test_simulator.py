@@ -203,7 +203,8 @@ def test_import_pulls_in_no_torch():
 RUN_KEYS = {"policy", "method", "request_rate", "num_requests", "completed", "duration_s", "total_input_tokens",
             "total_output_tokens", "request_throughput", "output_throughput", "good_requests", "goodput",
             "good_fraction", "slo_ttft_s", "slo_tbt_s", "steps", "preemptions", "peak_running", "peak_blocks_used",
-            "total_blocks"} | {f"{s}_{m}_ms" for s in ("mean", "p95", "p99") for m in ("ttft", "tbt", "tpot", "e2e")}
+            "total_blocks", "completed", "total_token_throughput", "goodput_slos_ms", "request_goodput"} | {
+                f"{s}_{m}_ms" for s in ("mean", "median", "std", "p95", "p99") for m in ("ttft", "tpot", "itl", "e2el")}
 
 
 def test_cli_sweep_writes_json_and_plot(tmp_path, capsys):
