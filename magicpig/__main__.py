@@ -1,5 +1,5 @@
 import sys
 
-from magicpig.cli import main
+from magicpig.cli.main import main
 
 sys.exit(main())

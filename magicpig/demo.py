@@ -58,7 +58,8 @@ def _fmt_bytes(n: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry of `magicpig demo` (see --help)."""
-    from magicpig.eval.usage import OneLineParser, report, user_error_types
+    from magicpig.core.argtypes import OneLineParser
+    from magicpig.eval.usage import report, user_error_types
 
     parser = OneLineParser(prog="magicpig demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=6000, help="prompt length in tokens (default 6000)")

@@ -5,6 +5,8 @@ oracle_sampling, streaming, retrieval) differ only in which middle keys a decode
 and how it weights them. Sinks, the local window and the merge by log-sum-exp are the same for
 all of them and live in the model runtime. A method holds the middle K/V of one attention
 layer for many sequences and answers "given q, return (out, lse) over the keys you chose".
+The methods themselves and the registry of their names (``make_method``) are in
+:mod:`magicpig.attention.registry`; this module imports none of them.
 """
 
 from __future__ import annotations
@@ -122,34 +124,3 @@ class MiddleAttention(ABC):
     def nbytes(self, seq_id: int | None = None) -> int:
         """Bytes held (for one sequence, or all)."""
         return 0
-
-
-_METHODS: dict[str, Callable[..., MiddleAttention]] = {}
-
-
-def register_method(name: str) -> Callable[[type], type]:
-    """Class decorator: make a MiddleAttention available as ``MagicPIGConfig(method=name)``."""
-
-    def deco(cls: type) -> type:
-        _METHODS[name] = cls
-        return cls
-
-    return deco
-
-
-def make_method(
-    config: MagicPIGConfig, layer: int, num_kv_heads: int, head_dim: int
-) -> MiddleAttention:
-    """Build the middle attention named by ``config.method`` for one layer."""
-    _load_builtin_methods()
-    if config.method not in _METHODS:
-        raise ValueError(
-            f"method={config.method!r} has no implementation; available: {sorted(_METHODS)}"
-        )
-    return _METHODS[config.method](config, layer, num_kv_heads, head_dim)
-
-
-def _load_builtin_methods() -> None:
-    # Imported lazily: those modules register their classes and import this one.
-    import magicpig.attention.baselines  # noqa: F401
-    import magicpig.attention.sampled  # noqa: F401

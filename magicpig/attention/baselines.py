@@ -22,7 +22,8 @@ import math
 
 import torch
 
-from magicpig.attention.base import MiddleAttention, register_method
+from magicpig.attention.base import MiddleAttention
+from magicpig.attention.reference import dense_attention
 from magicpig.config import MagicPIGConfig
 
 QUEST_PAGE_SIZE = 16
@@ -52,8 +53,6 @@ def _masked_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention of q [Hq, d] over k, v [Hkv, n, d] restricted to mask [Hq, n]."""
-    from magicpig.attention.reference import dense_attention
-
     out, lse = dense_attention(
         q[None], k[None], v[None], mask=None if mask is None else mask[None]
     )
@@ -149,7 +148,6 @@ class _TorchMiddle(MiddleAttention):
         return torch.einsum("hgd,hnd->hgn", q.reshape(hkv, -1, d), keys).reshape(q.shape[0], n)
 
 
-@register_method("dense")
 class DenseMiddle(_TorchMiddle):
     """Exact attention over every middle key (the reference the others are measured against)."""
 
@@ -165,7 +163,6 @@ def _top_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
     return mask
 
 
-@register_method("topk")
 class TopKMiddle(_TorchMiddle):
     """Exact top-k keys by q . k per query head, k = budget_keys(n, config.budget)."""
 
@@ -203,7 +200,6 @@ def _bounds_from_min_max(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor
     return torch.maximum(qe * kmin, qe * kmax).sum(-1)
 
 
-@register_method("quest")
 class QuestMiddle(_TorchMiddle):
     """Quest: 16-token pages ranked by their key min/max upper bound; top pages fill the budget.
 
@@ -233,7 +229,6 @@ class QuestMiddle(_TorchMiddle):
         return page_mask.repeat_interleave(QUEST_PAGE_SIZE, dim=1)[:, :n]
 
 
-@register_method("oracle_sampling")
 class OracleSamplingMiddle(_TorchMiddle):
     """Sampling from the true attention distribution (the theoretical bound of sampling).
 
@@ -266,7 +261,6 @@ class OracleSamplingMiddle(_TorchMiddle):
         return out, lse, (counts > 0).sum(-1)
 
 
-@register_method("streaming")
 class StreamingMiddle(_TorchMiddle):
     """StreamingLLM: sinks + window only, so the middle contributes nothing (lse = -inf).
 
@@ -319,7 +313,6 @@ class StreamingMiddle(_TorchMiddle):
         )
 
 
-@register_method("retrieval")
 class RetrievalMiddle(_TorchMiddle):
     """RetrievalAttention-style approximate top-k from a faiss inner-product index.
 

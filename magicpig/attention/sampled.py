@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from magicpig.attention.base import MiddleAttention, PendingAppend, PendingAttention, register_method
+from magicpig.attention.base import MiddleAttention, PendingAppend, PendingAttention
 from magicpig.config import MagicPIGConfig, max_cpu_threads
 from magicpig.lsh import hash_codes, layer_projection
 from magicpig.store import CPUStore
@@ -40,7 +40,6 @@ def _make_store(config: MagicPIGConfig, num_kv_heads: int, head_dim: int) -> CPU
     )
 
 
-@register_method("magicpig")
 class SampledMiddle(MiddleAttention):
     """LSH-sampled attention over the centred middle keys of one layer."""
 

@@ -1,10 +1,11 @@
-"""One-line usage errors shared by the commands (``magicpig demo``, ``eval``, ``bench``).
+"""One-line usage errors shared by the commands (``magicpig demo``, ``eval``, ``serve``, ``profile``).
 
 User mistakes (a bad argument, an unknown model, an unusable cache or output folder) end in one
 line on stderr, ``magicpig <command>: <message>``, and exit status 2. The commands check their
 arguments and resolve the model's config before loading any weights. Only that phase turns
 exceptions (:func:`user_error_types`) into such lines, so an internal bug later on still shows
-its traceback.
+its traceback. The parser itself (:class:`magicpig.core.argtypes.OneLineParser`) and the checked
+argparse types are in :mod:`magicpig.core.argtypes`.
 """
 
 from __future__ import annotations
@@ -13,9 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from magicpig.config import OneLineParser
-
-__all__ = ["OneLineParser", "UsageError", "check_device", "check_out_dir", "report", "resolve_model_args",
+__all__ = ["DTYPES", "UsageError", "check_device", "check_out_dir", "report", "resolve_model_args",
            "user_error_types"]
 
 # What LongContextModel.from_pretrained accepts as a dtype name.

@@ -201,12 +201,19 @@ def _check_unicode(text: str) -> None:
         ) from None
 
 
-def as_loaded(model: "LoadedModel | str | os.PathLike | None") -> "LoadedModel":
-    """A :class:`LoadedModel` as it is, or one loaded by name or path (:func:`load_model`)."""
+def as_loaded(model: "LoadedModel | str | os.PathLike | None",
+              device: str | torch.device | None = None) -> "LoadedModel":
+    """A :class:`LoadedModel` as it is, or one loaded by name or path (:func:`load_model`) on
+    ``device``. With ``device`` given, a LoadedModel on another device is a ValueError (a
+    caller that measures one device, e.g. the CPU profiler)."""
     if isinstance(model, LoadedModel):
+        if device is not None:
+            want, have = torch.device(device), model.model.device
+            if have.type != want.type or (want.index is not None and have.index != want.index):
+                raise ValueError(f"model: on {have}; expected a model loaded on {want}")
         return model
     if model is None or isinstance(model, (str, os.PathLike)):
-        return load_model(model)
+        return load_model(model) if device is None else load_model(model, device=device)
     raise TypeError(f"model={model!r}: expected a name or path or a LoadedModel")
 
 

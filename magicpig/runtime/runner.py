@@ -27,7 +27,8 @@ from typing import Callable
 
 import torch
 
-from magicpig.attention.base import MiddleAttention, PendingAppend, make_method
+from magicpig.attention.base import MiddleAttention, PendingAppend
+from magicpig.attention.registry import make_method
 from magicpig.config import MagicPIGConfig
 from magicpig.core.kv_budget import (
     DTYPE_BYTES, KVLayout, blocks_for, blocks_in_budget, cpu_bytes_per_token, device_cache_bytes,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from magicpig.config import MagicPIGConfig
-from magicpig.eval import cli
+from magicpig.cli import eval as cli
 from magicpig.eval.runner import (
     EvalItem,
     Generated,

@@ -120,7 +120,7 @@ def test_model_calibration_predicts_the_measured_cost():
     assert 0.01 < measured < 0.2
     assert measured == pytest.approx(predicted, rel=0.15)  # agreement seen: within 3%
     # Recording used a session-local method: the registered topk class is untouched.
-    from magicpig.attention.base import make_method
+    from magicpig.attention.registry import make_method
     from magicpig.attention.baselines import TopKMiddle
 
     assert type(make_method(cfg.replace(method="topk"), 1, 3, 64)) is TopKMiddle
@@ -131,7 +131,7 @@ def test_pick_kl_command_prints_a_parseable_choice_near_the_target(capsys):
     predicted cost is the target's."""
     import re
 
-    from magicpig.eval import cli
+    from magicpig.cli import eval as cli
     from magicpig.eval.runner import parse_method
 
     assert cli.main(["pick-kl", "--cost", "0.05", "--length", "1024", "--steps", "2",
@@ -236,6 +236,6 @@ def test_long_context_model_and_engine_resolve_an_unset_config(tmp_path, monkeyp
     assert engine.config.lsh_resolved and engine.config.K == choice.K
     engine.close()
     with pytest.raises(ValueError, match="K and L are unset"):
-        from magicpig.attention.base import make_method
+        from magicpig.attention.registry import make_method
 
         make_method(MagicPIGConfig(), 1, 3, 64)

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 from magicpig.cache import FetchError
+from magicpig.core.argtypes import OneLineParser
 from magicpig.eval.usage import (
     DTYPES,
-    OneLineParser,
     UsageError,
     check_device,
     check_out_dir,
@@ -37,10 +36,9 @@ from magicpig.eval.usage import (
 )
 from magicpig.config import MAX_K, MAX_L, MAX_SEED, check_float, check_int
 from magicpig.eval import longbench, ruler
-from magicpig.eval.metrics import RULER_METRICS, longbench_score
+from magicpig.eval.groups import longbench_groups, ruler_groups
 from magicpig.eval.workers import parse_shard
 from magicpig.eval.runner import (
-    EvalItem,
     MethodSpec,
     ModelAdapter,
     load_model,
@@ -168,54 +166,6 @@ def _rank_kl(args: argparse.Namespace, model: Any) -> list:
     print(f"calibration: {cos.numel()} (query, key) pairs from {args.steps} decode steps at {len(ids)} tokens")
     m_range = (args.min_collisions[0], args.min_collisions[-1])
     return ranked_options(cos, args.cost, tuple(args.k_range), m_range, args.max_tables, args.cost / 4)
-
-
-def ruler_groups(tokenizer: Any, tasks: list[str], lengths: list[int], samples: int, seed: int,
-                 max_context: int | None, qa_shuffle: str = "official") -> list:
-    """(group key, item maker, count) per (length, task) of a RULER run."""
-    groups = []
-    for length in lengths:
-        for task in tasks:
-            groups.append((("ruler", task, length),
-                           partial(_ruler_items, tokenizer, task, length, samples, seed, max_context, qa_shuffle),
-                           samples))
-    return groups
-
-
-def _ruler_items(tokenizer: Any, task: str, length: int, samples: int, seed: int,
-                 max_context: int | None, qa_shuffle: str = "official") -> list[EvalItem]:
-    items = []
-    for i in range(samples):
-        s = ruler.generate_sample(task, length, i, tokenizer, seed=seed, max_total=max_context,
-                                    qa_shuffle=qa_shuffle)
-        metric = RULER_METRICS[s.metric]
-
-        def score(pred: str, answers: list[str] = s.answers, metric: Any = metric) -> float:
-            return metric(ruler.postprocess_prediction(pred), answers)
-
-        items.append(EvalItem("ruler", task, length, i, s.prompt, s.answers, s.tokens_to_generate, score,
-                              info={"target_tokens": s.target_tokens}))
-    return items
-
-
-def longbench_groups(tokenizer: Any, data_dir: str, tasks: list[str], samples: int, max_length: int) -> list:
-    groups = []
-    for task in tasks:
-        count = sum(1 for _ in longbench.read_records(data_dir, task))
-        groups.append((("longbench", task, max_length),
-                       partial(_longbench_items, tokenizer, data_dir, task, samples, max_length), min(samples, count)))
-    return groups
-
-
-def _longbench_items(tokenizer: Any, data_dir: str, task: str, samples: int, max_length: int) -> list[EvalItem]:
-    items = []
-    for s in longbench.load_samples(data_dir, task, tokenizer, max_length, limit=samples):
-        def score(pred: str, s: longbench.LongBenchSample = s) -> float:
-            return longbench_score(s.metric, pred, s.answers, s.all_classes, s.first_line)
-
-        items.append(EvalItem("longbench", task, max_length, s.index, s.prompt, s.answers,
-                              s.tokens_to_generate, score, info={"words": s.length}))
-    return items
 
 
 def main(argv: list[str] | None = None, adapter: ModelAdapter | None = None) -> int:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from magicpig.attention.base import make_method
+from magicpig.attention.registry import make_method
 from magicpig.attention.baselines import (
     QUEST_PAGE_SIZE,
     RETRIEVAL_EXACT_BELOW,

@@ -14,9 +14,10 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from magicpig.eval.usage import OneLineParser, UsageError, report
+from magicpig.core.argtypes import OneLineParser
+from magicpig.eval.usage import UsageError, report
 
-_REPO = Path(__file__).resolve().parent.parent
+_REPO = Path(__file__).resolve().parents[2]  # magicpig/cli/main.py -> the checkout
 _BENCHMARKS = {"cpu-attention": "bench_cpu_attention.py", "engine": "bench_engine.py", "generate": "bench_generate.py",
                "decode": "bench_decode.py", "hashing": "bench_hashing.py", "prefill-memory": "bench_prefill_memory.py",
                "prefill-overlap": "bench_prefill_overlap.py", "exact-keys": "bench_exact_keys.py"}
@@ -132,7 +133,9 @@ def _engine_policy(args, model_dir, config):
         raise UsageError("--policy nexus needs --profile NAME_OR_PATH (a cost-model profile of this device; "
                          "shipped: h100_llama31_8b)")
     from magicpig.model.loading import load_config
-    from magicpig.perf.cost_model import CostModel, ModelShape, load_profile
+    from magicpig.perf.cost_model import CostModel
+    from magicpig.perf.profile import load_profile
+    from magicpig.perf.shape import ModelShape
     from magicpig.core.policies import PolicyConfig
 
     profile = load_profile(args.profile)
@@ -223,7 +226,7 @@ def _demo(argv: list[str]) -> int:
 
 
 def _eval(argv: list[str]) -> int:
-    from magicpig.eval.cli import main
+    from magicpig.cli.eval import main
 
     return main(argv)
 
