@@ -1,25 +1,8 @@
 """The simulator against the real engine, step by step (issue 13 point 6; docs/SCHEDULING.md).
 
-One trace (token-id prompts, gamma arrivals) is served by the real :class:`Engine` in this
-process, in real time (a request joins the queue at the first step boundary after its arrival,
-as in ``magicpig serve``, whose HTTP path adds nothing measurable: docs/SCHEDULING.md), and by
-:func:`magicpig.perf.simulator.simulate` with the same scheduler, policy, budgets and arrivals
-and with each request's output length set to what the engine generated (greedy decoding may stop
-at an end-of-sequence token; the simulator cannot know that).
-
-Two comparisons per request rate:
-
-* **end to end**: mean TTFT (first token - arrival) and mean TBT (gaps between a request's
-  tokens, pooled over requests: vLLM's ITL) of the engine against the simulator's;
-* **step replay**: every step the engine ran, priced by the cost model exactly as the simulator
-  prices a step of that composition (the sum of the chunks' ``prefill_time`` and the decode
-  batch's ``decode_time``, whole device). Its error, by kind of step (decodes only, prefill
-  only, both), is the cost model's own; what the end-to-end error has beyond it comes from the
-  two timelines drifting apart (which prompt lands in which step).
+What is measured and how: magicpig/perf/sim_check.py (the library this script calls).
 
     python scripts/check_simulator.py --rates 0.1 0.2 0.4 --policy chunked --json check.json
-
-Times are wall-clock on this machine: run it on a quiet machine (nothing else on the cores).
 """
 
 from __future__ import annotations
@@ -27,7 +10,7 @@ from __future__ import annotations
 import sys
 from typing import Optional, Sequence
 
-from magicpig.config import POSITIVE_FLOAT, POSITIVE_INT, OneLineParser
+from magicpig.core.argtypes import POSITIVE_FLOAT, POSITIVE_INT, OneLineParser
 from magicpig.perf.sim_check import run
 
 

@@ -32,9 +32,8 @@ from typing import Any, Callable, Iterable, Optional, Union
 
 import httpx
 
-from magicpig.config import (
-    NONNEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, OneLineParser, argtype, check_float, check_int,
-)
+from magicpig.config import check_float, check_int
+from magicpig.core.argtypes import NONNEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, OneLineParser, argtype
 from magicpig.perf.metrics import GOODPUT_METRICS, LATENCY_METRICS, check_slos, serving_metrics, tpot
 from magicpig.perf.workloads import (  # noqa: F401 - the workload vocabulary this CLI speaks
     Prompt, WorkItem, arrival_times, choose_arrivals, load_work, random_workload, short_repr,

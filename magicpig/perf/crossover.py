@@ -18,11 +18,11 @@ Assumptions (also written into the JSON's "assumptions"):
 
 * Host-bandwidth variant of the profile at B bytes/s: ``host_memory_bandwidth = B``; the
   store's ``row_s`` and ``append_s`` (both priced as bytes / host bandwidth in
-  ``cost_model._gpu_store``) multiplied by 300e9 / B; ``call_s`` (50 us), ``entry_s`` (core
+  ``gpus._gpu_store``) multiplied by 300e9 / B; ``call_s`` (50 us), ``entry_s`` (core
   time of the bucket walk), threads, the PCIe link (40 GB/s) and everything on the device kept.
 * Requests: prompt lengths lognormal around the stated mean (sigma of the log 0.25, mean-
   preserving, clipped to [mean / 2, min(1.5 x mean, 131072 - output)]); outputs fixed; the same
-  lengths (seeded) at every rate; Poisson arrivals (``bench.arrival_times``, the same draws
+  lengths (seeded) at every rate; Poisson arrivals (``workloads.arrival_times``, the same draws
   scaled by 1 / rate).
 * SLO: TTFT <= 30 s and TPOT <= 100 ms; a rate is within the SLO when >= 90% of the requests
   meet both. Rate search: from a start below the prefill capacity, x1.5 up until a rate fails
@@ -52,7 +52,9 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from magicpig.perf.workloads import arrival_times
-from magicpig.perf.cost_model import CostModel, DeviceProfile, build_gpu_profile
+from magicpig.perf.cost_model import CostModel
+from magicpig.perf.gpus import build_gpu_profile
+from magicpig.perf.profile import DeviceProfile
 from magicpig.core.kv_budget import blocks_for
 from magicpig.core.policies import PolicyConfig
 from magicpig.perf.simulator import TraceItem, memory_layout, simulate

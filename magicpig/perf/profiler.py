@@ -28,7 +28,8 @@ How the profile is fitted (using the cost model's own FLOP and byte formulas)
    ``o`` and one per-sequence decode cost ``c`` (``sequence_overhead_s``) shared by all shares,
    minimise the squared log error of ``CostModel.prefill_time`` and
    ``CostModel.decode_time(..., "dense")`` over the dense prefill (compute-bound) and dense
-   decode (memory-bound) points (Levenberg-Marquardt on log F_x, log B_x, log o, log c, and log a,
+   decode (memory-bound) points (bounded non-linear least squares, ``magicpig.perf.fit``'s
+   :func:`~magicpig.perf.fit.bounded_least_squares`, on log F_x, log B_x, log o, log c, and log a,
    the attention kernel's FLOP rate relative to the matmuls', from three or more prompt sizes:
    the attention's FLOPs grow with the square of the prompt, the matmuls' linearly). A dense
    decode step is then o + bytes / B_x + batch * c: the decode points at two or more batch sizes
@@ -59,7 +60,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, NoReturn, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -70,17 +71,11 @@ from magicpig.core.kv_budget import blocks_for
 from magicpig.runtime.runner import DEFAULT_BLOCK_SIZE, ModelRunner
 from magicpig.runtime.standalone import StandaloneRunner
 from magicpig.runtime.calibration import resolve_lsh
-from magicpig.perf.cost_model import (
-    CostModel,
-    DeviceProfile,
-    ModelShape,
-    Saturation,
-    solve_linear,
-    StoreProfile,
-    fit_saturation,
-    fit_store_attend,
-    load_profile,
-)
+from magicpig.core.argtypes import OneLineParser
+from magicpig.perf.cost_model import CostModel
+from magicpig.perf.fit import bounded_least_squares, fit_saturation, fit_store_attend
+from magicpig.perf.profile import DeviceProfile, Saturation, StoreProfile, load_profile
+from magicpig.perf.shape import ModelShape
 
 PROG = "magicpig profile"
 PROFILE_METHODS = ("magicpig", "dense")
@@ -332,40 +327,6 @@ def model_seconds(cost: CostModel, p: Point, share: Optional[float] = None) -> f
     return cost.decode_time([p.tokens] * p.batch, p.method, x, sampled_fraction=fraction)
 
 
-def _least_squares(residuals: Callable[[list[float]], list[float]], theta: list[float],
-                   bounds: list[tuple[float, float]], iters: int = 200) -> list[float]:
-    """Levenberg-Marquardt on sum(residuals(theta)^2) with forward-difference Jacobians,
-    each parameter clipped to its bounds."""
-    clip = lambda t: [min(max(v, lo), hi) for v, (lo, hi) in zip(t, bounds)]  # noqa: E731
-    theta, lam = clip(theta), 1e-3
-    r = residuals(theta)
-    cost = sum(v * v for v in r)
-    for _ in range(iters):
-        jac = []
-        for i in range(len(theta)):
-            step = theta[:]
-            step[i] += 1e-6
-            jac.append([(b - a) / 1e-6 for a, b in zip(r, residuals(step))])  # column i
-        jtj = [[sum(x * y for x, y in zip(ci, cj)) for cj in jac] for ci in jac]
-        jtr = [sum(x * y for x, y in zip(ci, r)) for ci in jac]
-        improved = False
-        while lam < 1e12 and not improved:
-            damped = [[v * (1 + lam) if i == j else v for j, v in enumerate(row)] for i, row in enumerate(jtj)]
-            delta = solve_linear([[v + (1e-12 if i == j else 0.0) for j, v in enumerate(row)] for i, row in
-                            enumerate(damped)], [-v for v in jtr])
-            trial = clip([t + d for t, d in zip(theta, delta)]) if delta else theta
-            r_trial = residuals(trial)
-            c_trial = sum(v * v for v in r_trial)
-            if c_trial < cost:
-                improved = cost - c_trial > 1e-15 * max(cost, 1e-300)
-                theta, r, cost, lam = trial, r_trial, c_trial, max(lam / 10, 1e-9)
-                break
-            lam *= 10
-        if not improved:
-            break
-    return theta
-
-
 def _totals(cost: CostModel, p: Point) -> tuple[float, float]:
     """(FLOPs, bytes) of a point by the cost model: its time with unbounded bandwidth at 1
     FLOP/s, and with unbounded FLOP/s at 1 byte/s (no overhead)."""
@@ -393,8 +354,9 @@ def fit_rates(points: Sequence[Point], shape: ModelShape, cores: int,
               config: Optional[MagicPIGConfig] = None) -> RateFit:
     """Per-share FLOP/s and bytes/s, one per-step overhead [s] and one per-sequence decode cost
     [s] minimising the squared log error of the cost model over the points with role "fit"
-    (Levenberg-Marquardt in log space: log F_x, log B_x per share, log of the overhead; when
-    the dense decode fit points have two or more batch sizes, log of the per-sequence cost, else
+    (:func:`magicpig.perf.fit.bounded_least_squares` in log space: log F_x, log B_x per share,
+    log of the overhead; when the dense decode fit points have two or more batch sizes, log of
+    the per-sequence cost, else
     that cost is 0; when the prefill fit points have three or more prompt sizes, log of the
     attention kernel's efficiency relative to the matmuls, else 1; when the decode points have
     batch 1 and two or more larger batches, log of the multi-row weight-read efficiency, else 1)."""
@@ -449,7 +411,7 @@ def fit_rates(points: Sequence[Point], shape: ModelShape, cores: int,
             out += [math.log(model_seconds(cost, p, 1.0) / p.seconds) for p in fit_points if p.share == x]
         return out
 
-    theta = _least_squares(residuals, start, bounds)
+    theta = bounded_least_squares(residuals, start, bounds)
     return RateFit({x: math.exp(theta[1 + 2 * i]) for i, x in enumerate(shares)},
                    {x: math.exp(theta[2 + 2 * i]) for i, x in enumerate(shares)},
                    math.exp(theta[0]), sum(v * v for v in residuals(theta)), per_seq(theta),
@@ -815,15 +777,8 @@ def _check_table(profile: DeviceProfile, shape: ModelShape, config: MagicPIGConf
 
 
 # ------------------------------------------------------------------------------ command
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line on stderr (``magicpig profile: message``), exit 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Measure this machine's CPU running the model and write a cost-model "
+    p = OneLineParser(prog=PROG, description="Measure this machine's CPU running the model and write a cost-model "
                                        "profile (kind 'cpu') fitted to it.")
     p.add_argument("--model", default=None, help="model name or path (default: smollm2-135m-instruct)")
     p.add_argument("--out", default=None, metavar="PATH",

@@ -42,7 +42,8 @@ from magicpig.runtime.calibration import resolve_lsh
 from magicpig.model.loaded import load_model
 from magicpig.perf.metrics import RequestTimes, latency_stats
 from magicpig.perf.workloads import arrival_times
-from magicpig.perf.cost_model import CostModel, load_profile
+from magicpig.perf.cost_model import CostModel
+from magicpig.perf.profile import load_profile
 from magicpig.core.policies import PolicyConfig
 from magicpig.perf.simulator import TraceItem, mixed_step_seconds, simulate
 

@@ -54,7 +54,7 @@ and sigma of the log (mu = ln(mean) - sigma^2 / 2, so the unclipped mean is the 
 rounded, prompts clipped to [1, max_context - 1] and outputs to [1, max_context - prompt].
 The sigmas are choices, not fits: long_data prompt sigma 0.8 / output 0.6; arxiv 0.5 / 0.5;
 ShareGPT 1.0 / 1.0 (heavy-tailed chat). ``mixed`` draws each request from ShareGPT with
-probability 0.6, else long_data. Arrivals: a gamma process (``bench.arrival_times``: first at
+probability 0.6, else long_data. Arrivals: a gamma process (``workloads.arrival_times``: first at
 0, mean gap 1 / rate, burstiness 1 = Poisson). Lengths and arrivals use separate random
 streams, so the same seed gives the same requests at every rate (only the gaps scale).
 
@@ -76,16 +76,14 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-
-from magicpig.config import (
-    NONNEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, OneLineParser, check_float, check_int,
-)
-from magicpig.perf.cost_model import METHODS, CostModel, ModelShape, load_profile
-from magicpig.core.kv_budget import (
-    KVBudget, KVLayout, blocks_for, blocks_in_budget, cpu_bytes_per_token, device_cache_bytes,
-)
+from magicpig.config import check_float, check_int
+from magicpig.core.argtypes import NONNEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, OneLineParser
+from magicpig.perf.cost_model import METHODS, CostModel
+from magicpig.perf.profile import load_profile
+from magicpig.perf.shape import ModelShape
+from magicpig.core.kv_budget import KVBudget, KVLayout, blocks_in_budget, cpu_bytes_per_token, device_cache_bytes
 from magicpig.core.policies import POLICIES, PolicyConfig, PrefillChunk, SchedulePlan
-from magicpig.core.request import Request, Status
+from magicpig.core.request import Request
 from magicpig.core.sampling_params import SamplingParams
 from magicpig.core.scheduler import Scheduler
 from magicpig.perf.metrics import RequestTimes, serving_metrics
@@ -100,7 +98,6 @@ DEFAULT_RATES = (2.0, 4.0, 6.0)
 DEFAULT_NUM_REQUESTS = 100
 
 
-# ----------------------------------------------------------------------------- workloads
 # ----------------------------------------------------------------------------- requests
 @dataclass(eq=False)  # identity equality: the scheduler finds requests with ``in`` / ``remove``
 class SimRequest(Request):

@@ -302,7 +302,8 @@ def test_static_split_runs_one_chunk_at_its_fixed_share():
 
 @pytest.fixture(scope="module")
 def h100():
-    from magicpig.perf.cost_model import CostModel, load_profile
+    from magicpig.perf.cost_model import CostModel
+    from magicpig.perf.profile import load_profile
 
     profile = load_profile("h100_llama31_8b")
     return CostModel(profile, profile.model)

@@ -1,6 +1,7 @@
-"""The lane cost model (magicpig/perf/cost_model.py): saturation curves and their fits, the
-store fit, prefill and decode step times, the decode-share search, the shipped H100 profile
-against SGLang's H800 figures, the JSON round trip and input checks. Pure Python, no torch."""
+"""The lane cost model (magicpig/perf/cost_model.py, with shape.py, profile.py, fit.py and
+gpus.py): saturation curves and their fits, the store fit, prefill and decode step times, the
+decode-share search, the shipped H100 profile against SGLang's H800 figures, the JSON round
+trip and input checks. No torch."""
 
 from __future__ import annotations
 
@@ -14,21 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from magicpig.config import MagicPIGConfig
-from magicpig.perf.cost_model import (
-    SGLANG_ERROR_BOUND,
-    SGLANG_H800_DECODE,
-    CostModel,
-    DeviceProfile,
-    ModelShape,
-    Saturation,
-    StoreProfile,
-    build_gpu_profile,
-    fit_saturation,
-    fit_store_attend,
-    load_profile,
-    main,
-    sglang_comparison,
-)
+from magicpig.perf.cost_model import CostModel
+from magicpig.perf.fit import fit_saturation, fit_store_attend
+from magicpig.perf.gpus import SGLANG_ERROR_BOUND, SGLANG_H800_DECODE, build_gpu_profile, main, sglang_comparison
+from magicpig.perf.profile import DeviceProfile, Saturation, StoreProfile, load_profile
+from magicpig.perf.shape import ModelShape
 
 H100 = load_profile("h100_llama31_8b")
 SHAPE = ModelShape.llama31_8b()

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from magicpig.config import MagicPIGConfig
-from magicpig.perf.cost_model import CostModel, DeviceProfile, ModelShape, Saturation, StoreProfile, load_profile
+from magicpig.perf.cost_model import CostModel
+from magicpig.perf.profile import DeviceProfile, Saturation, StoreProfile, load_profile
+from magicpig.perf.shape import ModelShape
 from magicpig.perf.profiler import (
     Point,
     StoreLog,

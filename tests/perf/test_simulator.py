@@ -15,7 +15,8 @@ import sys
 
 import pytest
 
-from magicpig.perf.cost_model import CostModel, load_profile
+from magicpig.perf.cost_model import CostModel
+from magicpig.perf.profile import load_profile
 from magicpig.core.policies import POLICIES, PolicyConfig
 from magicpig.perf.simulator import (GIB, TraceItem, draw_lengths, load_trace, main, memory_layout, paced, simulate,
                                       synthetic_trace)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from magicpig.perf.cost_model import build_gpu_profile
+from magicpig.perf.gpus import build_gpu_profile
 from magicpig.core.kv_budget import blocks_for
 from magicpig.perf.simulator import memory_layout
 
