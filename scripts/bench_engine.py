@@ -10,7 +10,7 @@ min_collisions=4: the accurate setting for SmolLM2, docs/RESULTS.md), side by si
     its arrival time (the clock is checked between steps; an idle engine sleeps until the next
     arrival). TTFT = first RequestOutput - arrival; TPOT = (E2E - TTFT) / (tokens - 1).
   * static (what a user without the engine does, the baseline): fixed batches of M in arrival
-    order, each decoded until its longest row is done (magicpig/perf/bench_engine.py).
+    order, each decoded until its longest row is done (magicpig/bench/engine.py).
 Prints output tokens/s, mean/P99 TTFT and TPOT of both paths, engine/static throughput, and
 where the time went (prefill, session setup, decode; static rows decoded past their end).
 
@@ -27,7 +27,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 
-from magicpig.perf.bench_engine import QUICK, bench  # noqa: E402
+from magicpig.bench.engine import QUICK, bench  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

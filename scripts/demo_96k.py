@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not any(a == "--tokens" or a.startswith("--tokens=") for a in argv):
         argv += ["--tokens", "96000"]
-    if not any(a == "--model" or a.startswith("--model=") for a in argv):
+    asks_help = any(a in ("-h", "--help") for a in argv)
+    if not asks_help and not any(a == "--model" or a.startswith("--model=") for a in argv):
         print("demo_96k: pass --model (a local HF directory, .gguf file or cached hub id of a "
               "long-context Llama-family model, e.g. meta-llama/Llama-3.1-8B-Instruct)", file=sys.stderr)
         return 2

@@ -134,7 +134,8 @@ def arrival_times(n: int, rate: float | None, seed: int) -> list[float]:
 
 # -------------------------------------------------------------------- engine
 def run_engine(model: Any, config: Any, work: Workload, arrivals: list[float], max_num_seqs: int) -> Run:
-    from magicpig import Engine, SamplingParams
+    from magicpig.core.sampling_params import SamplingParams
+    from magicpig.engine.engine import Engine
 
     n = len(work.ids)
     first, finish = [math.nan] * n, [math.nan] * n

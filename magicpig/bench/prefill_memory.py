@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     rows = {}
     for path in PATHS:
-        cmd = [sys.executable, "-m", "magicpig.perf.bench_prefill_memory", "--child", path,
+        cmd = [sys.executable, "-m", "magicpig.bench.prefill_memory", "--child", path,
                "--tokens", str(args.tokens), "--device", args.device]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rows[path] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -140,5 +140,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return run(parse_args(argv))
 
 
-if __name__ == "__main__":  # the children: python -m magicpig.perf.bench_prefill_memory --child PATH ...
+if __name__ == "__main__":  # the children: python -m magicpig.bench.prefill_memory --child PATH ...
     sys.exit(main())

@@ -13,7 +13,9 @@
 * :class:`InterleavedLanes`: one lane after the other on the calling thread (the fallback, and
   a CPU whose torch has one thread pool for the process).
 
-:func:`make_lanes` picks one and says which in ``lanes.description``.
+:func:`make_lanes` picks one and says which in ``lanes.description``. The worker thread and the
+per-thread torch counts are :mod:`magicpig.runtime.cores`' (the host's cores, as the decode
+benchmark's store lane uses them).
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ import functools
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
+
+from magicpig.runtime.cores import WorkerLane, split_threads, with_threads
 
 HOPPER_SM_GRANULARITY = 8
 
@@ -68,7 +71,7 @@ class _TwoThreads:
     calling thread (the engine's), so that both always run at once."""
 
     def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="magicpig-prefill-lane")
+        self._pool = WorkerLane("magicpig-prefill-lane")
 
     def _both(self, prefill: Callable[[], Any], decode: Callable[[], Any]) -> tuple[Any, Any, LaneTimes]:
         t0 = time.perf_counter()
@@ -80,7 +83,7 @@ class _TwoThreads:
         return p, d, LaneTimes(tp, td, time.perf_counter() - t0)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        self._pool.close()
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -102,20 +105,9 @@ class ThreadLanes(_TwoThreads):
     def run(self, prefill: Work, decode: Work, prefill_share: Optional[float]) -> tuple[Any, Any, LaneTimes]:
         if not (prefill and decode) or prefill_share is None:
             return InterleavedLanes().run(prefill, decode, prefill_share)
-        k = min(self.cores - 1, max(1, round(prefill_share * self.cores)))
-        return self._both(_with_threads(prefill, k), _with_threads(decode, self.cores - k))
-
-
-def _with_threads(fn: Callable[[], Any], threads: int) -> Callable[[], Any]:
-    def run() -> Any:
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)  # this thread's own count (see per_thread_counts_honoured)
-        try:
-            return fn()
-        finally:
-            torch.set_num_threads(before)
-
-    return run
+        k, rest = split_threads(prefill_share, self.cores)
+        # each count is its thread's own (see per_thread_counts_honoured)
+        return self._both(with_threads(prefill, k), with_threads(decode, rest))
 
 
 class GreenContextLanes(_TwoThreads):

@@ -1,23 +1,17 @@
-"""scripts/bench_decode.py (issue 14 point 1) on a tiny run: 2 layers of Llama-3.1-8B shapes,
-contexts 64 (no middle: magicpig is exact) and 1024, batches 1 and 2 (2: the ping-pong).
-Checks the JSON's completeness and arithmetic, and that the methods' first-step logits agree
-where they must."""
+"""The decode benchmark (magicpig.perf.bench_decode, scripts/bench_decode.py; issue 14 point 1)
+on a tiny run: 2 layers of Llama-3.1-8B shapes, contexts 64 (no middle: magicpig is exact) and
+1024, batches 1 and 2 (2: the ping-pong). Checks the JSON's completeness and arithmetic, and
+that the methods' first-step logits agree where they must."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
+import os
 
 import pytest
 import torch
 
-_PATH = Path(__file__).resolve().parents[1] / "scripts" / "bench_decode.py"
-_spec = importlib.util.spec_from_file_location("bench_decode", _PATH)
-bench = importlib.util.module_from_spec(_spec)
-sys.modules["bench_decode"] = bench  # its dataclasses look their module up there
-_spec.loader.exec_module(bench)
+from magicpig.perf import bench_decode as bench
 
 CONTEXTS, BATCHES = (64, 1024), (1, 2)
 
@@ -25,11 +19,11 @@ CONTEXTS, BATCHES = (64, 1024), (1, 2)
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     path = tmp_path_factory.mktemp("bench_decode") / "decode.json"
-    affinity, threads = bench.os.sched_getaffinity(0), torch.get_num_threads()
+    affinity, threads = os.sched_getaffinity(0), torch.get_num_threads()
     results = bench.main(["--contexts", *map(str, CONTEXTS), "--batches", *map(str, BATCHES), "--layers", "2",
                           "--vocab", "512", "--warmup", "1", "--repeats", "2", "--json", str(path)])
     # the benchmark pins the calling thread and sets torch's thread count; it must give both back
-    assert bench.os.sched_getaffinity(0) == affinity and torch.get_num_threads() == threads
+    assert os.sched_getaffinity(0) == affinity and torch.get_num_threads() == threads
     with open(path) as f:
         return {(r.context, r.batch): r for r in results}, json.load(f)
 

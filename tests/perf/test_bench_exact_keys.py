@@ -1,15 +1,12 @@
-"""scripts/bench_exact_keys.py (`magicpig bench exact-keys`) on a small case: its figures are
-side by side and the exact head reads no key the sample does not."""
+"""The exact-head benchmark (magicpig.perf.bench_exact_keys: scripts/bench_exact_keys.py,
+`magicpig bench exact-keys`) on a small case: its figures are side by side and the exact head
+reads no key the sample does not."""
 
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-
-import bench_exact_keys  # noqa: E402
+from magicpig.perf import bench_exact_keys
 
 
 def test_figures_side_by_side_and_the_head_reads_no_extra_key(tmp_path, capsys):
