@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 
-from magicpig.demo import main as demo_main
+from magicpig.cli.demo import main as demo_main
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ from typing import Any
 
 from magicpig.cache import FetchError
 from magicpig.core.argtypes import OneLineParser
-from magicpig.eval.usage import (
+from magicpig.cli.args import (
     DTYPES,
     UsageError,
     check_device,

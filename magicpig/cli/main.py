@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from magicpig.core.argtypes import OneLineParser
-from magicpig.eval.usage import UsageError, report
+from magicpig.cli.args import UsageError, report
 
 _REPO = Path(__file__).resolve().parents[2]  # magicpig/cli/main.py -> the checkout
 _BENCHMARKS = {"cpu-attention": "bench_cpu_attention.py", "engine": "bench_engine.py", "generate": "bench_generate.py",
@@ -150,7 +150,7 @@ def _serve(argv: list[str]) -> int:
     import os
 
     from magicpig.config import MagicPIGConfig, check_float, check_int
-    from magicpig.eval.usage import check_device, resolve_model_args, user_error_types
+    from magicpig.cli.args import check_device, resolve_model_args, user_error_types
 
     args = _serve_parser().parse_args(argv)
     try:
@@ -201,7 +201,7 @@ def _ruler_workload(args) -> list:
 
 
 def _profile(argv: list[str]) -> int:
-    from magicpig.eval.usage import user_error_types
+    from magicpig.cli.args import user_error_types
     from magicpig.perf.profiler import main as profile
 
     try:
@@ -220,7 +220,7 @@ def _simulate(argv: list[str]) -> int:
 
 
 def _demo(argv: list[str]) -> int:
-    from magicpig.demo import main
+    from magicpig.cli.demo import main
 
     return main(argv)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import magicpig
-from magicpig.eval.usage import UsageError, check_out_dir
+from magicpig.cli.args import UsageError, check_out_dir
 
 # (arguments, what the message must name); {out}, {file}, {tiny}, {ro} are filled in below.
 CASES = {
