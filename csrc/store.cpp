@@ -514,170 +514,254 @@ AttendParams Store::params() const {
   return p;
 }
 
-void Store::attend(const int64_t* seq_ids, int B, int Hq, const float* queries, const int32_t* query_codes,
-                   float* out, float* lse, int32_t* ncand) const {
-  check_attend(B, Hq);
-  check_codes("query_codes", query_codes, checked_product("query_codes", {B, Hq, L}), K);
-  // Each distinct sequence once (a second shared lock of the same mutex by this thread could
-  // deadlock behind a waiting writer), in ascending id order (see Locking), held to the end:
-  // the tasks below read the blocks on other threads, and their list depends on the lengths.
-  std::vector<int64_t> ids(seq_ids, seq_ids + B);
-  std::sort(ids.begin(), ids.end());
-  ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
-  std::vector<std::shared_ptr<Sequence>> held;
-  held.reserve(ids.size());
-  for (int64_t id : ids) held.push_back(find(id));
-  std::vector<std::shared_lock<std::shared_mutex>> locks;
-  locks.reserve(ids.size());
-  for (size_t i = 0; i < ids.size(); ++i) {
-    locks.emplace_back(held[i]->mutex);
-    if (held[i]->removed) unknown(ids[i]);
+// One attend call, planned then run (as FlashInfer plans a batch once and runs it): the
+// constructor locks the batch's sequences and lists the tasks, run_blocks() runs the kernel on
+// every (row, KV head, head group, block) task in parallel into per-task partial results,
+// merge() combines each (row, query head)'s blocks by log-sum-exp, with the exact head when
+// exact_keys > 0 (and the carried head with carry_head). The store's results do not depend on
+// how the work is split here: each task's partial is the kernel's, merged in block order.
+class AttendRun {
+ public:
+  AttendRun(const Store& store, const int64_t* seq_ids, int B, int Hq, const float* queries,
+            const int32_t* query_codes)
+      : st_(store), B_(B), Hq_(Hq), H_(store.num_kv_heads), d_(store.head_dim), G_(Hq / store.num_kv_heads),
+        nsub_((G_ + kMaxGroup - 1) / kMaxGroup), E_(store.exact_keys), queries_(queries), codes_(query_codes),
+        P_(store.params()), kern_(active_kernels()) {
+    lock_sequences(seq_ids);
+    collect_tasks();
+    allocate_partials();
+    query_norms();
   }
-  const int H = num_kv_heads, d = head_dim;
-  const int G = Hq / H;
-  const int nsub = (G + kMaxGroup - 1) / kMaxGroup;
-  std::vector<const Sequence*> seqs(B);
-  for (int b = 0; b < B; ++b)
-    seqs[b] = held[std::lower_bound(ids.begin(), ids.end(), seq_ids[b]) - ids.begin()].get();
 
+  void run_blocks() {
+    const int64_t n = static_cast<int64_t>(tasks_.size());
+    const int nt = st_.threads();
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+    for (int64_t i = 0; i < n; ++i) run_task(i);
+  }
+
+  // The work of this attend (index entries walked, rows read, tail tokens scanned, tasks).
+  std::vector<int64_t> stats() const {
+    std::vector<int64_t> total(4, 0);
+    const int64_t n = static_cast<int64_t>(tasks_.size());
+    for (int64_t i = 0; i < n; ++i)
+      for (int j = 0; j < 3; ++j) total[j] += work_[i * 3 + j];
+    total[3] = n;
+    return total;
+  }
+
+  void merge(float* out, float* lse, int32_t* ncand) {
+    index_tasks();
+    std::vector<int64_t> carried = st_.carry_head ? read_heads(seqs_, Hq_, E_) : std::vector<int64_t>();
+    std::vector<int64_t> next_heads(carried.size(), -1);
+    std::vector<HeadEntry> entries;
+    std::vector<float> value_row(E_ > 0 ? d_ : 0);
+    for (int b = 0; b < B_; ++b)
+      for (int hq = 0; hq < Hq_; ++hq) {
+        const int64_t row = static_cast<int64_t>(b) * Hq_ + hq;
+        ncand[row] = gather_head(b, hq, carried, next_heads, entries, value_row.data());
+        lse[row] = combine(b, hq, entries, value_row.data(), out + row * d_);
+      }
+    if (st_.carry_head) write_heads(seqs_, Hq_, E_, next_heads);
+  }
+
+ private:
   struct Task {
     int b, h, sub, block;
   };
-  std::vector<Task> tasks;
-  for (int b = 0; b < B; ++b)
-    for (int h = 0; h < H; ++h)
-      for (int sub = 0; sub < nsub; ++sub)
-        for (int blk = 0; blk < static_cast<int>(seqs[b]->heads[h].size()); ++blk) tasks.push_back({b, h, sub, blk});
-  const int64_t nt_tasks = static_cast<int64_t>(tasks.size());
-  std::vector<float> acc(nt_tasks * kMaxGroup * d, 0.0f);
-  std::vector<float> mx(nt_tasks * kMaxGroup, -std::numeric_limits<float>::infinity());
-  std::vector<float> sums(nt_tasks * kMaxGroup, 0.0f);
-  std::vector<int32_t> counts(nt_tasks * kMaxGroup, 0);
-  std::vector<int64_t> work(nt_tasks * 3, 0);
-  const int E = exact_keys;  // per task and head: the block's best E candidates (see Partial)
-  const size_t top_size = E > 0 ? static_cast<size_t>(nt_tasks) * kMaxGroup * E : 0;
-  std::vector<float> top_raw(top_size), top_score(top_size);
-  std::vector<int32_t> top_id(top_size), top_n(E > 0 ? nt_tasks * kMaxGroup : 0, 0);
-  std::vector<float> qnorm(static_cast<size_t>(B) * Hq);
-  for (int64_t i = 0; i < static_cast<int64_t>(B) * Hq; ++i) {
-    double s = 0;
-    for (int k = 0; k < d; ++k) s += static_cast<double>(queries[i * d + k]) * queries[i * d + k];
-    qnorm[i] = static_cast<float>(std::sqrt(s));
+
+  // Each distinct sequence once (a second shared lock of the same mutex by this thread could
+  // deadlock behind a waiting writer), in ascending id order (see Locking), held to the end:
+  // the tasks read the blocks on other threads, and their list depends on the lengths.
+  void lock_sequences(const int64_t* seq_ids) {
+    std::vector<int64_t> ids(seq_ids, seq_ids + B_);
+    std::sort(ids.begin(), ids.end());
+    ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+    held_.reserve(ids.size());
+    for (int64_t id : ids) held_.push_back(st_.find(id));
+    locks_.reserve(ids.size());
+    for (size_t i = 0; i < ids.size(); ++i) {
+      locks_.emplace_back(held_[i]->mutex);
+      if (held_[i]->removed) unknown(ids[i]);
+    }
+    seqs_.resize(B_);
+    for (int b = 0; b < B_; ++b)
+      seqs_[b] = held_[std::lower_bound(ids.begin(), ids.end(), seq_ids[b]) - ids.begin()].get();
   }
-  const Kernels& kern = active_kernels();
-  const AttendParams P = params();
-  const int nt = threads();
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-  for (int64_t i = 0; i < nt_tasks; ++i) {
-    const Task& tk = tasks[i];
-    const Block& blk = seqs[tk.b]->heads[tk.h][tk.block];
+
+  void collect_tasks() {
+    for (int b = 0; b < B_; ++b)
+      for (int h = 0; h < H_; ++h)
+        for (int sub = 0; sub < nsub_; ++sub)
+          for (int blk = 0; blk < static_cast<int>(seqs_[b]->heads[h].size()); ++blk) tasks_.push_back({b, h, sub, blk});
+  }
+
+  // Per task and head of its group: the kernel's running output, max and sum, candidates, and
+  // with an exact head the block's best E candidates (kernels_impl.h, Partial).
+  void allocate_partials() {
+    const int64_t n = static_cast<int64_t>(tasks_.size());
+    acc_.assign(n * kMaxGroup * d_, 0.0f);
+    mx_.assign(n * kMaxGroup, -std::numeric_limits<float>::infinity());
+    sums_.assign(n * kMaxGroup, 0.0f);
+    counts_.assign(n * kMaxGroup, 0);
+    work_.assign(n * 3, 0);
+    const size_t top_size = E_ > 0 ? static_cast<size_t>(n) * kMaxGroup * E_ : 0;
+    top_raw_.resize(top_size);
+    top_score_.resize(top_size);
+    top_id_.resize(top_size);
+    top_n_.assign(E_ > 0 ? n * kMaxGroup : 0, 0);
+  }
+
+  void query_norms() {
+    qnorm_.resize(static_cast<size_t>(B_) * Hq_);
+    for (int64_t i = 0; i < static_cast<int64_t>(B_) * Hq_; ++i) {
+      double s = 0;
+      for (int k = 0; k < d_; ++k) s += static_cast<double>(queries_[i * d_ + k]) * queries_[i * d_ + k];
+      qnorm_[i] = static_cast<float>(std::sqrt(s));
+    }
+  }
+
+  void run_task(int64_t i) {
+    const Task& tk = tasks_[i];
+    const Block& blk = seqs_[tk.b]->heads[tk.h][tk.block];
     BlockView v;
     v.len = blk.len;
     v.csr_len = blk.csr_len;
-    const int64_t row_bytes = static_cast<int64_t>(d) * kv_itemsize(dtype);
+    const int64_t row_bytes = static_cast<int64_t>(d_) * kv_itemsize(st_.dtype);
     v.keys = blk.kv.data();
     v.values = blk.kv.data() + row_bytes;
     v.row_stride = 2 * row_bytes;
     v.norms = blk.norms.data();
     v.offsets = blk.offsets.data();
     v.ids = blk.ids.data();
-    v.hi = K > low_bits_ ? blk.hi.data() : nullptr;
+    v.hi = st_.K > P_.low_bits ? blk.hi.data() : nullptr;
     v.tail_codes = blk.tail.data();
-    const int head0 = tk.h * G + tk.sub * kMaxGroup;
+    const int head0 = tk.h * G_ + tk.sub * kMaxGroup;
     QueryGroup q;
-    q.G = std::min(kMaxGroup, G - tk.sub * kMaxGroup);
-    q.q = queries + (static_cast<int64_t>(tk.b) * Hq + head0) * d;
-    q.codes = query_codes + (static_cast<int64_t>(tk.b) * Hq + head0) * L;
-    q.qnorm = qnorm.data() + static_cast<int64_t>(tk.b) * Hq + head0;
-    Partial part{acc.data() + i * kMaxGroup * d, mx.data() + i * kMaxGroup, sums.data() + i * kMaxGroup,
-                 counts.data() + i * kMaxGroup, work.data() + i * 3};
-    if (E > 0) {
-      const int64_t top0 = i * kMaxGroup * E;
-      part.top_raw = top_raw.data() + top0;
-      part.top_score = top_score.data() + top0;
-      part.top_id = top_id.data() + top0;
-      part.top_n = top_n.data() + i * kMaxGroup;
+    q.G = std::min(kMaxGroup, G_ - tk.sub * kMaxGroup);
+    q.q = queries_ + (static_cast<int64_t>(tk.b) * Hq_ + head0) * d_;
+    q.codes = codes_ + (static_cast<int64_t>(tk.b) * Hq_ + head0) * st_.L;
+    q.qnorm = qnorm_.data() + static_cast<int64_t>(tk.b) * Hq_ + head0;
+    Partial part{acc_.data() + i * kMaxGroup * d_, mx_.data() + i * kMaxGroup, sums_.data() + i * kMaxGroup,
+                 counts_.data() + i * kMaxGroup, work_.data() + i * 3};
+    if (E_ > 0) {
+      const int64_t top0 = i * kMaxGroup * E_;
+      part.top_raw = top_raw_.data() + top0;
+      part.top_score = top_score_.data() + top0;
+      part.top_id = top_id_.data() + top0;
+      part.top_n = top_n_.data() + i * kMaxGroup;
     }
     Scratch scratch = thread_scratch();
-    kern.attend_block(v, q, P, scratch, part);
+    kern_.attend_block(v, q, P_, scratch, part);
   }
-  {
-    std::vector<int64_t> total(4, 0);
-    for (int64_t i = 0; i < nt_tasks; ++i)
-      for (int j = 0; j < 3; ++j) total[j] += work[i * 3 + j];
-    total[3] = nt_tasks;
-    std::lock_guard<std::mutex> g(stats_mutex_);
-    attend_stats_ = total;
-  }
-  // Merge the blocks of each (row, head) by log-sum-exp.
-  std::vector<int64_t> first_task(static_cast<size_t>(B) * H * nsub, -1), ntask(static_cast<size_t>(B) * H * nsub, 0);
-  for (int64_t i = 0; i < nt_tasks; ++i) {
-    const int64_t key = (static_cast<int64_t>(tasks[i].b) * H + tasks[i].h) * nsub + tasks[i].sub;
-    if (first_task[key] < 0) first_task[key] = i;
-    ++ntask[key];
-  }
-  const float ninf = -std::numeric_limits<float>::infinity();
-  const int64_t row_bytes = static_cast<int64_t>(d) * kv_itemsize(dtype);
-  std::vector<HeadEntry> entries;
-  std::vector<float> value_row(E > 0 ? d : 0);
-  std::vector<int64_t> carried = carry_head ? read_heads(seqs, Hq, E) : std::vector<int64_t>();
-  std::vector<int64_t> next_heads(carried.size(), -1);
-  for (int b = 0; b < B; ++b) {
-    for (int hq = 0; hq < Hq; ++hq) {
-      const int h = hq / G, sub = (hq % G) / kMaxGroup, g = (hq % G) % kMaxGroup;
-      const int64_t key = (static_cast<int64_t>(b) * H + h) * nsub + sub;
-      float* o = out + (static_cast<int64_t>(b) * Hq + hq) * d;
-      float M = ninf;
-      int32_t count = 0;
-      for (int64_t i = first_task[key]; i >= 0 && i < first_task[key] + ntask[key]; ++i) {
-        M = std::max(M, mx[i * kMaxGroup + g]);
-        count += counts[i * kMaxGroup + g];
-      }
-      entries.clear();
-      if (E > 0) {  // the blocks' kept candidates, left out of their sums (kernels_impl.h, offer_chunk)
-        for (int64_t i = first_task[key]; i >= 0 && i < first_task[key] + ntask[key]; ++i) {
-          const int64_t t = i * kMaxGroup + g;
-          for (int e = 0; e < top_n[t]; ++e)
-            entries.push_back({top_raw[t * E + e], top_score[t * E + e], i, top_id[t * E + e], 0.0f});
-        }
-        const int64_t row_head = (static_cast<int64_t>(b) * Hq + hq) * E;
-        if (carry_head)
-          count += add_carried(carried.data() + row_head, *seqs[b], h, first_task[key], ntask[key],
-                               queries + (static_cast<int64_t>(b) * Hq + hq) * d, P, kern, value_row.data(), entries);
-        M = std::max(M, rank_head(entries, E));
-        if (carry_head)  // rank_head sorted the head first
-          for (size_t e = 0; e < std::min(entries.size(), static_cast<size_t>(E)); ++e)
-            next_heads[row_head + e] = tasks[entries[e].task].block * static_cast<int64_t>(kBlockTokens) + entries[e].id;
-      }
-      ncand[static_cast<int64_t>(b) * Hq + hq] = count;
-      std::fill(o, o + d, 0.0f);
-      if (!(M > ninf)) {
-        lse[static_cast<int64_t>(b) * Hq + hq] = ninf;
-        continue;
-      }
-      double S = 0;
-      for (int64_t i = first_task[key]; i < first_task[key] + ntask[key]; ++i) {
-        const float m_i = mx[i * kMaxGroup + g];
-        if (!(m_i > ninf)) continue;
-        const float w = std::exp(m_i - M);
-        S += static_cast<double>(w) * sums[i * kMaxGroup + g];
-        const float* a = acc.data() + (i * kMaxGroup + g) * d;
-        for (int k = 0; k < d; ++k) o[k] += w * a[k];
-      }
-      for (const HeadEntry& e : entries) {  // every term added, none subtracted
-        if (!(e.exponent > ninf)) continue;  // a carried key outside the head: no term
-        const float w = std::exp(e.exponent - M);
-        const Block& blk = seqs[b]->heads[h][tasks[e.task].block];
-        kern.load_row(blk.kv.data() + row_bytes, dtype, e.id, d, 2 * row_bytes, value_row.data());
-        for (int k = 0; k < d; ++k) o[k] += w * value_row[k];
-        S += w;
-      }
-      const float inv = static_cast<float>(1.0 / S);
-      for (int k = 0; k < d; ++k) o[k] *= inv;
-      lse[static_cast<int64_t>(b) * Hq + hq] = M + static_cast<float>(std::log(S));
+
+  // The tasks of each (row, KV head, head group) are consecutive, in block order.
+  void index_tasks() {
+    first_task_.assign(static_cast<size_t>(B_) * H_ * nsub_, -1);
+    ntask_.assign(static_cast<size_t>(B_) * H_ * nsub_, 0);
+    for (int64_t i = 0; i < static_cast<int64_t>(tasks_.size()); ++i) {
+      const int64_t key = (static_cast<int64_t>(tasks_[i].b) * H_ + tasks_[i].h) * nsub_ + tasks_[i].sub;
+      if (first_task_[key] < 0) first_task_[key] = i;
+      ++ntask_[key];
     }
   }
-  if (carry_head) write_heads(seqs, Hq, E, next_heads);
+
+  int64_t group_key(int b, int hq) const {
+    return (static_cast<int64_t>(b) * H_ + hq / G_) * nsub_ + (hq % G_) / kMaxGroup;
+  }
+
+  // One (row, query head): the largest block maximum (max_), the keys read, and with an exact
+  // head the blocks' kept candidates (plus the carried head) ranked into `entries`, their
+  // positions recorded for the next attend's carried head.
+  int32_t gather_head(int b, int hq, const std::vector<int64_t>& carried, std::vector<int64_t>& next_heads,
+                      std::vector<HeadEntry>& entries, float* value_row) {
+    const int g = (hq % G_) % kMaxGroup;
+    const int64_t key = group_key(b, hq), first = first_task_[key], n = ntask_[key];
+    float M = -std::numeric_limits<float>::infinity();
+    int32_t count = 0;
+    for (int64_t i = first; i >= 0 && i < first + n; ++i) {
+      M = std::max(M, mx_[i * kMaxGroup + g]);
+      count += counts_[i * kMaxGroup + g];
+    }
+    entries.clear();
+    if (E_ > 0) {  // the blocks' kept candidates, left out of their sums (kernels_impl.h, offer_chunk)
+      for (int64_t i = first; i >= 0 && i < first + n; ++i) {
+        const int64_t t = i * kMaxGroup + g;
+        for (int e = 0; e < top_n_[t]; ++e)
+          entries.push_back({top_raw_[t * E_ + e], top_score_[t * E_ + e], i, top_id_[t * E_ + e], 0.0f});
+      }
+      const int64_t row_head = (static_cast<int64_t>(b) * Hq_ + hq) * E_;
+      if (st_.carry_head)
+        count += add_carried(carried.data() + row_head, *seqs_[b], hq / G_, first, n,
+                             queries_ + (static_cast<int64_t>(b) * Hq_ + hq) * d_, P_, kern_, value_row, entries);
+      M = std::max(M, rank_head(entries, E_));
+      if (st_.carry_head)  // rank_head sorted the head first
+        for (size_t e = 0; e < std::min(entries.size(), static_cast<size_t>(E_)); ++e)
+          next_heads[row_head + e] = tasks_[entries[e].task].block * static_cast<int64_t>(kBlockTokens) + entries[e].id;
+    }
+    max_ = M;
+    return count;
+  }
+
+  // The (row, query head)'s output o [d] from its blocks' partials and the entries, weighted
+  // by exp(. - max_); returns its log-sum-exp (-inf with o = 0 when it has no candidate).
+  float combine(int b, int hq, const std::vector<HeadEntry>& entries, float* value_row, float* o) const {
+    const float ninf = -std::numeric_limits<float>::infinity();
+    const int g = (hq % G_) % kMaxGroup;
+    const int64_t key = group_key(b, hq), first = first_task_[key], n = ntask_[key];
+    const float M = max_;
+    std::fill(o, o + d_, 0.0f);
+    if (!(M > ninf)) return ninf;
+    double S = 0;
+    for (int64_t i = first; i < first + n; ++i) {
+      const float m_i = mx_[i * kMaxGroup + g];
+      if (!(m_i > ninf)) continue;
+      const float w = std::exp(m_i - M);
+      S += static_cast<double>(w) * sums_[i * kMaxGroup + g];
+      const float* a = acc_.data() + (i * kMaxGroup + g) * d_;
+      for (int k = 0; k < d_; ++k) o[k] += w * a[k];
+    }
+    const int64_t row_bytes = static_cast<int64_t>(d_) * kv_itemsize(st_.dtype);
+    for (const HeadEntry& e : entries) {  // every term added, none subtracted
+      if (!(e.exponent > ninf)) continue;  // a carried key outside the head: no term
+      const float w = std::exp(e.exponent - M);
+      const Block& blk = seqs_[b]->heads[hq / G_][tasks_[e.task].block];
+      kern_.load_row(blk.kv.data() + row_bytes, st_.dtype, e.id, d_, 2 * row_bytes, value_row);
+      for (int k = 0; k < d_; ++k) o[k] += w * value_row[k];
+      S += w;
+    }
+    const float inv = static_cast<float>(1.0 / S);
+    for (int k = 0; k < d_; ++k) o[k] *= inv;
+    return M + static_cast<float>(std::log(S));
+  }
+
+  const Store& st_;
+  const int B_, Hq_, H_, d_, G_, nsub_, E_;
+  const float* queries_;
+  const int32_t* codes_;
+  const AttendParams P_;
+  const Kernels& kern_;
+  std::vector<std::shared_ptr<Sequence>> held_;
+  std::vector<std::shared_lock<std::shared_mutex>> locks_;
+  std::vector<const Sequence*> seqs_;
+  std::vector<Task> tasks_;
+  std::vector<float> acc_, mx_, sums_, qnorm_, top_raw_, top_score_;
+  std::vector<int32_t> counts_, top_id_, top_n_;
+  std::vector<int64_t> work_, first_task_, ntask_;
+  float max_ = 0.0f;  // gather_head's maximum, read by combine for the same (row, head)
+};
+
+void Store::attend(const int64_t* seq_ids, int B, int Hq, const float* queries, const int32_t* query_codes,
+                   float* out, float* lse, int32_t* ncand) const {
+  check_attend(B, Hq);
+  check_codes("query_codes", query_codes, checked_product("query_codes", {B, Hq, L}), K);
+  AttendRun run(*this, seq_ids, B, Hq, queries, query_codes);
+  run.run_blocks();
+  {
+    std::lock_guard<std::mutex> g(stats_mutex_);
+    attend_stats_ = run.stats();
+  }
+  run.merge(out, lse, ncand);
 }
 
 }  // namespace magicpig

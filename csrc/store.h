@@ -106,6 +106,8 @@ struct Sequence {
   mutable std::vector<int64_t> last_head;
 };
 
+class AttendRun;
+
 class Store {
  public:
   // table: Hermite table of log u over t = log p in [t_lo, 0] (see AttendParams).
@@ -150,6 +152,7 @@ class Store {
   int num_threads;  // 0: OpenMP default (all cores); at most max_threads() (checks.h)
 
  private:
+  friend class AttendRun;  // one attend call's plan and run (store.cpp)
   // The sequence (kept alive by the pointer even if removed meanwhile) or out_of_range; takes
   // the map lock only for the lookup.
   std::shared_ptr<Sequence> find(int64_t seq_id) const;

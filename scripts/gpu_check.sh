@@ -28,7 +28,7 @@ $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cu
 
 step "CUDA-only tests"
 # Triton kernels compiled for real (no interpreter), green-context lanes, the device path.
-TRITON_INTERPRET=0 timeout 300 $PY -m pytest -q -x tests/test_kernels.py tests/test_lanes.py tests/test_generate.py \
+TRITON_INTERPRET=0 timeout 300 $PY -m pytest -q -x tests/store/test_kernels.py tests/engine/test_lanes.py tests/runtime/test_generate.py \
   -k "not slow" -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -5
 tests_rc=${PIPESTATUS[0]}
 

@@ -26,7 +26,7 @@ import torch
 from magicpig.config import MagicPIGConfig, check_int, resolve_config
 from magicpig.core.kv_budget import KVBudget
 from magicpig.core.policies import SPLIT_POLICIES, DecodeCost, PolicyConfig, PrefillChunk, SchedulePlan
-from magicpig.core.request import Request, Status, next_request_id
+from magicpig.core.request import Request, next_request_id
 from magicpig.core.sampling_params import SamplingParams
 from magicpig.core.scheduler import Scheduler
 from magicpig.engine.lanes import InterleavedLanes, LaneTimes, make_lanes

@@ -31,7 +31,7 @@ from magicpig.attention.base import MiddleAttention, PendingAppend
 from magicpig.attention.registry import make_method
 from magicpig.config import MagicPIGConfig
 from magicpig.core.kv_budget import (
-    DTYPE_BYTES, KVLayout, blocks_for, blocks_in_budget, cpu_bytes_per_token, device_cache_bytes,
+    KVLayout, blocks_for, blocks_in_budget, cpu_bytes_per_token, device_cache_bytes,
     kv_bytes_per_token, slot_tokens,
 )
 from magicpig.core.request import SequenceKV

@@ -14,8 +14,10 @@ import importlib.machinery
 import importlib.metadata
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-ON_SYS_PATH = (ROOT, ROOT / "tests", ROOT / "scripts")
+ROOT = Path(__file__).resolve().parents[2]
+# pytest puts each test folder first on sys.path too (its default "prepend" import mode)
+ON_SYS_PATH = (ROOT, ROOT / "tests", ROOT / "scripts", *sorted(p for p in (ROOT / "tests").iterdir()
+                                                            if p.is_dir() and p.name != "data" and not p.name.startswith((".", "_"))))
 OWN = {"magicpig"}  # the distribution this repository is
 
 

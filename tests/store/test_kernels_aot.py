@@ -88,7 +88,7 @@ def _python(code: str, tmp_path: Path, *args: str, interpret: bool = False) -> s
     """Run ``code`` with tmp_path importable, a fresh Triton cache and TRITON_INTERPRET as asked."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
-    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(Path(__file__).resolve().parents[1]),
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(Path(__file__).resolve().parents[2]),
                                          env.get("PYTHONPATH", "")])
     if interpret:
         env["TRITON_INTERPRET"] = "1"
