@@ -147,14 +147,12 @@ class BlockAllocator:
 class KVLayout:
     """The pools' sizes. block_size: tokens per dense block (0: the model has no dense layer).
     num_blocks: dense blocks. num_slots: sequence slots (the most running requests).
-    has_slots: the model has sparse layers, whose sinks+window live in a slot. cpu_bytes_total:
-    the CPU-store budget. cpu_bytes_per_token: a request's store bytes per token (0: no store).
+    cpu_bytes_total: the CPU-store budget. cpu_bytes_per_token: a request's store bytes per token (0: no store).
     slot_bytes / block_bytes: device bytes of one slot / one block (for messages and sizing)."""
 
     block_size: int
     num_blocks: int
     num_slots: int
-    has_slots: bool
     cpu_bytes_total: int
     cpu_bytes_per_token: int
     slot_bytes: int = 0

@@ -51,6 +51,7 @@ class Scheduler:
         self.chunked_prefill = chunked_prefill
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self._headroom = 0  # blocks admissions may still take this step (set by schedule)
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -64,9 +65,8 @@ class Scheduler:
     # ------------------------------------------------------------------ the step
     def schedule(self) -> SchedulePlan:
         plan = SchedulePlan()
-        self._make_room_for_decodes(plan)
+        self._headroom = self._make_room_for_decodes(plan)
         ready = [r for r in self.running if not r.is_prefilling]
-        self._headroom = self.kv.free_blocks - sum(self.kv.growth(r.kv, r.num_computed_tokens + 1) for r in ready)
         self.policy_impl.plan(self, plan, ready)
         for req in plan.decodes:  # the decodes' next tokens get their blocks now
             self.kv.grow(req.kv, req.num_computed_tokens + 1)
@@ -94,13 +94,15 @@ class Scheduler:
         return [r for r in self.running if r.is_prefilling] + list(self.waiting)
 
     # ----------------------------------------------------------- the mechanism
-    def _make_room_for_decodes(self, plan: SchedulePlan) -> None:
-        """Preempt the newest running requests until every other decode's next token has a block."""
+    def _make_room_for_decodes(self, plan: SchedulePlan) -> int:
+        """Preempt the newest running requests until every other decode's next token has a
+        block; returns the blocks left free once those decodes have theirs (admissions' headroom)."""
         while self.running:
             need = sum(self.kv.growth(r.kv, r.num_computed_tokens + 1) for r in self.running if not r.is_prefilling)
             if need <= self.kv.free_blocks:
-                return
+                return self.kv.free_blocks - need
             self._preempt(self.running.pop(), plan)
+        return self.kv.free_blocks
 
     def _preempt(self, req: Request, plan: SchedulePlan) -> None:
         """Back to the front of the queue with nothing held: its KV state is dropped (the next

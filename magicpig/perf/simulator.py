@@ -176,7 +176,7 @@ def memory_layout(cost: CostModel, method: str, max_num_seqs: int, block_size: i
 
 def kv_budget(layout: MemoryLayout, max_num_seqs: int) -> KVBudget:
     """The ledger over a layout: the engine's own bookkeeping, with no tensors behind it."""
-    return KVBudget(KVLayout(layout.block_size, layout.total_blocks, max_num_seqs, layout.slot_bytes > 0,
+    return KVBudget(KVLayout(layout.block_size, layout.total_blocks, max_num_seqs,
                              layout.cpu_bytes_total, layout.cpu_bytes_per_token, layout.slot_bytes,
                              layout.block_bytes))
 

@@ -76,13 +76,11 @@ def kv_layout(model: LlamaModel, config: MagicPIGConfig, max_num_seqs: int, devi
     """The ledger's pools for a runner of ``model`` and ``config`` in these budgets:
     ``max_num_seqs`` slots, the rest of ``device_bytes`` in dense blocks."""
     slot, block = cache_bytes(model, config, block_size)
-    a = model.args
-    has_dense = bool(dense_layer_set(config, a.num_layers))
+    has_dense = bool(dense_layer_set(config, model.args.num_layers))
     return KVLayout(
         block_size=block_size if has_dense else 0,
         num_blocks=blocks_in_budget(device_bytes, max_num_seqs, slot, block),
         num_slots=max_num_seqs,
-        has_slots=len(dense_layer_set(config, a.num_layers)) < a.num_layers,
         cpu_bytes_total=cpu_bytes,
         cpu_bytes_per_token=store_bytes_per_token(model, config),
         slot_bytes=slot, block_bytes=block,

@@ -24,7 +24,7 @@ class StandaloneRunner:
                  block_size: int = DEFAULT_BLOCK_SIZE, **runner_kwargs: Any):
         self.runner = ModelRunner(model, config, max_num_seqs, num_blocks, block_size, **runner_kwargs)
         self.kv = KVBudget(KVLayout(block_size if self.runner.dense else 0, num_blocks, max_num_seqs,
-                                    bool(self.runner.sparse), cpu_bytes_total=0, cpu_bytes_per_token=0))
+                                    cpu_bytes_total=0, cpu_bytes_per_token=0))
         self.requests: dict[int, Request] = {}
 
     def admit(self, ids: list[int], max_new_tokens: int = 64) -> SequenceKV:

@@ -42,7 +42,7 @@ def make(max_num_seqs=8, max_prefill_tokens=10_000, waiting=(), running=(), poli
     reserved = sum(cpu_bytes_per_token * r.max_tokens for r in running)
     num_blocks = total_blocks if total_blocks is not None else free_blocks + held
     cpu_total = cpu_bytes_total if cpu_bytes_total is not None else cpu_bytes_free + reserved
-    kv = KVBudget(KVLayout(block_size, num_blocks, free_slots + len(running), True, cpu_total, cpu_bytes_per_token))
+    kv = KVBudget(KVLayout(block_size, num_blocks, free_slots + len(running), cpu_total, cpu_bytes_per_token))
     s = Scheduler(kv, max_num_seqs, max_prefill_tokens, policy, chunked_prefill=chunked, cost=cost, clock=clock)
     for r in running:
         kv.admit(r)
