@@ -107,6 +107,9 @@ PYBIND11_MODULE(_C, m) {
            py::arg("dtype"), py::arg("num_threads"), py::arg("table"), py::arg("t_lo"), py::arg("h"),
            py::arg("log_u_floor"), py::arg("exact_keys") = 0, py::arg("carry_head") = false)
       .def("add_sequence", &Store::add_sequence)
+      // Without the GIL: waits for an append to the source.
+      .def("fork", &Store::fork, py::arg("seq_id"), py::arg("tokens"), py::call_guard<py::gil_scoped_release>(),
+           "A new sequence seeing the first `tokens` tokens of seq_id, sharing its blocks (zero copy)")
       // Without the GIL: these wait for the append to the sequence they read (remove_sequence
       // also for its attends), which may take long; holding the GIL would stall every thread.
       .def("remove_sequence", &Store::remove_sequence, py::arg("seq_id"),
@@ -137,6 +140,20 @@ PYBIND11_MODULE(_C, m) {
             s.append(seq_id, k, v, c, t);
           },
           py::arg("seq_id"), py::arg("keys"), py::arg("values"), py::arg("key_codes"), py::arg("t"))
+      .def(
+          "read",
+          [](const Store& s, int64_t seq_id, int64_t start, int64_t end, py::buffer& keys, py::buffer& values) {
+            s.check_read(start, end);  // before sizing the buffers from end - start
+            const int64_t items = checked_product("keys", {s.num_kv_heads, end - start, s.head_dim});
+            const int kv_bytes = magicpig::kv_itemsize(s.dtype);
+            const std::string what = "num_kv_heads * (end - start) * head_dim of the store dtype";
+            void* k = checked_ptr(keys, "keys", items, kv_bytes, what, true);
+            void* v = checked_ptr(values, "values", items, kv_bytes, what, true);
+            py::gil_scoped_release release;
+            s.read(seq_id, start, end, k, v);
+          },
+          py::arg("seq_id"), py::arg("start"), py::arg("end"), py::arg("keys"), py::arg("values"),
+          "The stored K/V rows of tokens [start, end) into keys, values [Hkv, end - start, d] of the store dtype")
       .def(
           "attend",
           [](const Store& s, const py::buffer& seq_ids, int B, int Hq, const py::buffer& queries,

@@ -12,8 +12,11 @@ inline int kv_itemsize(KvDtype t) { return t == KvDtype::fp32 ? 4 : 2; }
 // One block of up to 65535 consecutive middle tokens of one (sequence, KV head).
 // Tokens [0, csr_len) are indexed by per-table bucket lists (CSR); tokens [csr_len, len) are a
 // short unsorted tail whose codes are scanned directly (recent appends, merged in batches).
+// The attending sequence sees tokens [0, visible) only: a block shared with the sequence it was
+// forked from may hold more (the CSR may list them; the kernel drops them).
 struct BlockView {
   int32_t len = 0;
+  int32_t visible = 0;  // <= len
   int32_t csr_len = 0;
   // K and V rows are interleaved, [len][2][d] of the store's kv dtype, so one candidate's
   // key and value are 2*d*itemsize contiguous bytes (one DRAM page, adjacent cache lines).

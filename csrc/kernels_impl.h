@@ -215,7 +215,10 @@ inline int find_candidates(const BlockView& B, const QueryGroup& Q, const Attend
       }
     }
   }
-  // Gather the union in ascending order and clear the marks on the way.
+  // Gather the union in ascending order and clear the marks on the way. Tokens past `visible`
+  // (a fork's view of a shared block) are dropped here, once per candidate, not in the bucket
+  // walk above: there it would cost a compare per entry walked, for every block.
+  const int visible = B.visible;
   int n = 0;
   int32_t per_head[magicpig::kMaxGroup] = {0};
   for (int sw = 0; sw < 16; ++sw) {
@@ -231,6 +234,7 @@ inline int find_candidates(const BlockView& B, const QueryGroup& Q, const Attend
         bits &= bits - 1;
         const uint8_t h = heads[id];
         heads[id] = 0;
+        if (id >= visible) continue;  // never taken for a block seen in full
         S.cand[n] = static_cast<uint16_t>(id);
         S.cand_heads[n] = h;
         ++n;
@@ -238,8 +242,9 @@ inline int find_candidates(const BlockView& B, const QueryGroup& Q, const Attend
       }
     }
   }
-  // The unsorted tail: compare codes directly (ids after the CSR part, so order is kept).
-  const int tail = B.len - B.csr_len;
+  // The unsorted tail: compare codes directly (ids after the CSR part, so order is kept), up to
+  // the tokens seen (a fork may see fewer than the CSR holds: no tail then).
+  const int tail = visible > B.csr_len ? visible - B.csr_len : 0;
   for (int j = 0; j < tail; ++j) {
     const int32_t* kc = B.tail_codes + static_cast<int64_t>(j) * L;
     uint8_t h = 0;

@@ -5,6 +5,7 @@
 #include <time.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <new>
 #include <cmath>
@@ -12,6 +13,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <unordered_set>
 
 #include "checks.h"
 #include "dispatch.h"
@@ -91,12 +93,14 @@ int add_carried(const int64_t* carried, const Sequence& seq, int h, int64_t firs
     const int64_t pos = carried[e];
     const int64_t blk = pos / kBlockTokens;
     const int32_t id = static_cast<int32_t>(pos % kBlockTokens);
-    if (pos < 0 || blk >= ntask || id >= seq.heads[h][blk].len) continue;  // none (or not this sequence's)
+    // none, or not a token this sequence sees (a shared block's tokens past `visible` are another's)
+    if (pos < 0 || blk >= ntask || id >= seq.heads[h][blk].visible) continue;
     const int64_t task = first + blk;
     bool is_entry = false;
     for (size_t i = 0; i < kept && !is_entry; ++i) is_entry = entries[i].task == task && entries[i].id == id;
     if (is_entry) continue;
-    const float raw = kern.key_dot(seq.heads[h][blk].kv.data(), P.dtype, id, P.d, 2 * row_bytes, q, row) * P.scale;
+    const Block& b = *seq.heads[h][blk].block;
+    const float raw = kern.key_dot(b.kv.data(), P.dtype, id, P.d, 2 * row_bytes, q, row) * P.scale;
     ++read;
     if (std::isnan(raw)) continue;  // a NaN query (trusted path): nothing to rank
     entries.push_back({raw, -std::numeric_limits<float>::infinity(), task, id, 0.0f});
@@ -194,22 +198,47 @@ int Store::threads() const { return resolve_threads(num_threads); }
 // Locking. seqs_mutex_ guards only the map and is never held while waiting for a sequence's
 // mutex, so a long append (exclusive on its sequence) delays no attend of other sequences, nor
 // add/remove of others. Only attend holds more than one sequence lock, all shared and taken in
-// ascending id order; appends and removals hold one, so no cycle of waits can form. A caller
-// may look a sequence up just before its removal and lock it just after: the shared_ptr keeps
-// the object valid and `removed` (set under the exclusive lock) makes it answer like an unknown
-// id, so a removal is ordered before every use that has not yet locked the sequence.
+// ascending id order; appends, forks, reads and removals hold one, so no cycle of waits can
+// form. A caller may look a sequence up just before its removal and lock it just after: the
+// shared_ptr keeps the object valid and `removed` (set under the exclusive lock) makes it answer
+// like an unknown id, so a removal is ordered before every use that has not yet locked it.
+//
+// Shared blocks. A block is written only by an append to the one sequence that references it,
+// seeing it in full (writable_tail); every other block is immutable, so an attend or read of a
+// fork locks only the fork, though the source appends meanwhile. The use_count test is race
+// free: the count rises above 1 only by a fork of a sequence that references the block, which
+// takes that sequence's lock shared. When the appending sequence is the only one (count 1),
+// that fork would be of the appending sequence itself, whose exclusive lock the append holds.
+// A count read as 2 while another referencing sequence is being removed only starts a new block
+// early. A count of 1 read after such a removal follows the removal's release decrement (the
+// acquire fence in writable_tail), and the removal waited for that sequence's readers: so the
+// append's writes come after every read of the block by others.
 namespace {
 
 [[noreturn]] void unknown(int64_t seq_id) { throw std::out_of_range("unknown seq_id " + std::to_string(seq_id)); }
 
-int64_t sequence_bytes(const Sequence& s) {
+// Whether an append may write into the sequence's last block of every head: one exists, is not
+// full, is referenced by this sequence only and is seen in full by it. Under the exclusive lock
+// (see Locking); the heads' blocks are forked together, so they agree but for a removal under way.
+bool writable_tail(const Sequence& seq) {
+  if (seq.heads.empty() || seq.heads[0].empty() || seq.heads[0].back().visible == kBlockTokens) return false;
+  bool sole = true;
+  for (const auto& blocks : seq.heads) {
+    const BlockRef& last = blocks.back();
+    sole = sole && last.block.use_count() == 1 && last.visible == last.block->len;
+  }
+  std::atomic_thread_fence(std::memory_order_acquire);  // pairs with a sharer's release of its reference
+  return sole;
+}
+
+// What a sequence holds besides its blocks: the object, its block references, its carried head.
+int64_t sequence_overhead(const Sequence& s) {
   int64_t total = sizeof(Sequence);
   {
     std::lock_guard<std::mutex> g(s.head_mutex);
     total += static_cast<int64_t>(s.last_head.capacity() * sizeof(int64_t));
   }
-  for (const auto& blocks : s.heads)
-    for (const Block& b : blocks) total += static_cast<int64_t>(b.nbytes());
+  for (const auto& blocks : s.heads) total += static_cast<int64_t>(blocks.capacity() * sizeof(BlockRef));
   return total;
 }
 
@@ -231,6 +260,31 @@ int64_t Store::add_sequence() {
   return id;
 }
 
+int64_t Store::fork(int64_t seq_id, int64_t tokens) {
+  auto copy = std::make_shared<Sequence>();
+  copy->heads.resize(num_kv_heads);
+  {
+    const auto src = find(seq_id);
+    std::shared_lock lock(src->mutex);  // an append to the source waits; its attends go on
+    if (src->removed) unknown(seq_id);
+    check_range("Store.fork", "tokens", tokens, 0, src->length);
+    for (int h = 0; h < num_kv_heads; ++h) {
+      int64_t left = tokens;  // the source's blocks in order, the last one cut at `tokens`
+      for (size_t i = 0; left > 0; ++i) {
+        const BlockRef& ref = src->heads[h][i];
+        const int32_t seen = static_cast<int32_t>(std::min<int64_t>(ref.visible, left));
+        copy->heads[h].push_back({ref.block, seen});
+        left -= seen;
+      }
+    }
+    copy->length = tokens;
+  }
+  std::unique_lock lock(seqs_mutex_);
+  const int64_t id = next_id_++;
+  seqs_.emplace(id, std::move(copy));
+  return id;
+}
+
 void Store::remove_sequence(int64_t seq_id) {
   std::shared_ptr<Sequence> s;
   {
@@ -241,10 +295,11 @@ void Store::remove_sequence(int64_t seq_id) {
     seqs_.erase(it);
   }
   // Waits for the attends and the append using it, then frees its memory here (not whenever
-  // the last stale pointer goes), so the memory is back when this returns.
+  // the last stale pointer goes), so the memory is back when this returns; blocks that forks
+  // (or their source) still reference stay with them.
   std::unique_lock lock(s->mutex);
   s->removed = true;
-  std::vector<std::vector<Block>>().swap(s->heads);
+  std::vector<std::vector<BlockRef>>().swap(s->heads);
 }
 
 bool Store::has_sequence(int64_t seq_id) const {
@@ -263,7 +318,10 @@ int64_t Store::nbytes(int64_t seq_id) const {
   const auto s = find(seq_id);
   std::shared_lock lock(s->mutex);
   if (s->removed) unknown(seq_id);
-  return sequence_bytes(*s);
+  int64_t total = sequence_overhead(*s);
+  for (const auto& blocks : s->heads)
+    for (const BlockRef& ref : blocks) total += static_cast<int64_t>(ref.block->nbytes());
+  return total;
 }
 
 int64_t Store::nbytes() const {
@@ -274,9 +332,14 @@ int64_t Store::nbytes() const {
     for (const auto& kv : seqs_) all.push_back(kv.second);
   }
   int64_t total = static_cast<int64_t>(sizeof(Store) + table_.size() * sizeof(float));
+  std::unordered_set<const Block*> counted;  // a block shared by forks is held once
   for (const auto& s : all) {  // one sequence lock at a time (see Locking)
     std::shared_lock lock(s->mutex);
-    if (!s->removed) total += sequence_bytes(*s);
+    if (s->removed) continue;
+    total += sequence_overhead(*s);
+    for (const auto& blocks : s->heads)
+      for (const BlockRef& ref : blocks)
+        if (counted.insert(ref.block.get()).second) total += static_cast<int64_t>(ref.block->nbytes());
   }
   return total;
 }
@@ -297,16 +360,19 @@ void Store::append(int64_t seq_id, const void* keys, const void* values, const i
   double copy_s = 0, index_s = 0, index_cpu = 0;
   while (pos < t) {
     const double t0 = omp_get_wtime();
-    std::vector<Block>& first = seq.heads[0];
-    if (first.empty() || first.back().len == kBlockTokens)
-      for (auto& blocks : seq.heads) blocks.emplace_back();
+    // A full last block, or one shared with a fork or seen in part, is left as it is (copy-on-
+    // write at block granularity: the new tokens start a block of their own).
+    if (!writable_tail(seq))
+      for (auto& blocks : seq.heads) blocks.push_back({std::make_shared<Block>(), 0});
+    const std::vector<BlockRef>& first = seq.heads[0];
     const int64_t bi = static_cast<int64_t>(first.size()) - 1;
-    const int64_t take = std::min<int64_t>(kBlockTokens - first.back().len, t - pos);
-    const Block& last = first.back();
+    const Block& last = *first.back().block;
+    const int64_t take = std::min<int64_t>(kBlockTokens - last.len, t - pos);
     const bool merge = last.len - last.csr_len + take >= kTailMerge || last.len + take == kBlockTokens;
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int h = 0; h < num_kv_heads; ++h) {
-      Block& b = seq.heads[h][bi];
+      BlockRef& ref = seq.heads[h][bi];
+      Block& b = *ref.block;
       const int64_t need = b.len + take;
       if (need > b.cap) {
         // Exact for bulk appends, geometric for token-by-token ones (amortised copies).
@@ -332,6 +398,7 @@ void Store::append(int64_t seq_id, const void* keys, const void* values, const i
         std::memcpy(b.tail.data() + tail_len * L, codes + src * L, take * L * sizeof(int32_t));
       }
       b.len = static_cast<int32_t>(need);
+      ref.visible = b.len;
     }
     seq.length += take;
     const double t1 = omp_get_wtime();
@@ -346,6 +413,36 @@ void Store::append(int64_t seq_id, const void* keys, const void* values, const i
 
 void Store::check_append(int64_t t) const {
   check_range("Store.append", "t", t, 0, std::numeric_limits<int64_t>::max());
+}
+
+void Store::check_read(int64_t start, int64_t end) const {
+  check_range("Store.read", "start", start, 0, std::numeric_limits<int64_t>::max());
+  check_range("Store.read", "end", end, start, std::numeric_limits<int64_t>::max());
+}
+
+void Store::read(int64_t seq_id, int64_t start, int64_t end, void* keys, void* values) const {
+  check_read(start, end);
+  const auto held = find(seq_id);
+  std::shared_lock lock(held->mutex);
+  if (held->removed) unknown(seq_id);
+  check_range("Store.read", "end", end, start, held->length);
+  const int64_t row_bytes = static_cast<int64_t>(head_dim) * kv_itemsize(dtype);
+  const int64_t n = end - start;
+  for (int h = 0; h < num_kv_heads; ++h) {
+    uint8_t* kdst = static_cast<uint8_t*>(keys) + h * n * row_bytes;
+    uint8_t* vdst = static_cast<uint8_t*>(values) + h * n * row_bytes;
+    int64_t first = 0;  // the sequence's position of the block's token 0 (blocks need not be full)
+    for (const BlockRef& ref : held->heads[h]) {
+      const int64_t lo = std::max(start, first), hi = std::min(end, first + ref.visible);
+      const uint8_t* rows = ref.block->kv.data();  // [token][2][d]: key row, then value row
+      for (int64_t p = lo; p < hi; ++p) {
+        std::memcpy(kdst + (p - start) * row_bytes, rows + (p - first) * 2 * row_bytes, row_bytes);
+        std::memcpy(vdst + (p - start) * row_bytes, rows + ((p - first) * 2 + 1) * row_bytes, row_bytes);
+      }
+      first += ref.visible;
+      if (first >= end) break;
+    }
+  }
 }
 
 // Query heads in groups of G = Hq / num_kv_heads; groups above kMaxGroup are split into
@@ -415,7 +512,7 @@ ColPool& col_pool() {
 
 void Store::merge_block(Sequence& seq, int64_t bi, const int32_t* new_codes, int64_t head_stride, int64_t count,
                         double& cpu_seconds) {
-  const Block& b0 = seq.heads[0][bi];
+  const Block& b0 = *seq.heads[0][bi].block;
   const int64_t old_len = b0.csr_len;
   const int64_t T_old = b0.len - b0.csr_len - count;  // rows waiting in the stored tail
   const int64_t T = T_old + count;
@@ -434,7 +531,7 @@ void Store::merge_block(Sequence& seq, int64_t bi, const int32_t* new_codes, int
   Buf<uint8_t>& col = pool_lock.owns_lock() ? pool.buf : own;
   if (col.capacity() < col_bytes) col.reset(col_bytes);
   for (int h = 0; h < num_kv_heads; ++h) {
-    Block& b = seq.heads[h][bi];
+    Block& b = *seq.heads[h][bi].block;  // writable (append checked writable_tail)
     Buf<uint16_t> offs;
     Buf<uint16_t> ids;
     Buf<uint8_t> his;
@@ -623,9 +720,11 @@ class AttendRun {
 
   void run_task(int64_t i) {
     const Task& tk = tasks_[i];
-    const Block& blk = seqs_[tk.b]->heads[tk.h][tk.block];
+    const BlockRef& ref = seqs_[tk.b]->heads[tk.h][tk.block];
+    const Block& blk = *ref.block;
     BlockView v;
     v.len = blk.len;
+    v.visible = ref.visible;
     v.csr_len = blk.csr_len;
     const int64_t row_bytes = static_cast<int64_t>(d_) * kv_itemsize(st_.dtype);
     v.keys = blk.kv.data();
@@ -725,7 +824,7 @@ class AttendRun {
     for (const HeadEntry& e : entries) {  // every term added, none subtracted
       if (!(e.exponent > ninf)) continue;  // a carried key outside the head: no term
       const float w = std::exp(e.exponent - M);
-      const Block& blk = seqs_[b]->heads[hq / G_][tasks_[e.task].block];
+      const Block& blk = *seqs_[b]->heads[hq / G_][tasks_[e.task].block].block;
       kern_.load_row(blk.kv.data() + row_bytes, st_.dtype, e.id, d_, 2 * row_bytes, value_row);
       for (int k = 0; k < d_; ++k) o[k] += w * value_row[k];
       S += w;

@@ -6,6 +6,12 @@
 // byte of high code bits when K > low_bits). Appends go to an unsorted tail of codes that
 // queries scan directly; the tail is merged into the CSR when it reaches kTailMerge tokens or
 // the block fills, so appends are retrievable at once and the CSR is rebuilt rarely.
+//
+// Blocks are shared between a sequence and its forks (Store::fork, for prefix caching): a
+// sequence holds per head a list of block references, each with the number of the block's
+// tokens it sees. A block referenced by more than one sequence, or seen only in part, is
+// immutable; an append to a sequence whose last block is such a block starts a new one
+// (copy-on-write at block granularity, with nothing to copy).
 #pragma once
 
 #include <cstdint>
@@ -91,17 +97,26 @@ struct Block {
   }
 };
 
-// Locking (see store.cpp): a sequence's own mutex guards its length and blocks; the store's
-// map mutex guards only the map and the id counter, and is never held while waiting for a
-// sequence. So an append to one sequence (exclusive on it) blocks no attend of others.
+// One sequence's view of a block: the first `visible` of its tokens. A fork's last shared block
+// may be seen in part (the source had appended more to it), and such a block stays so: the
+// tokens past `visible` are another sequence's (or were, if that one is gone).
+struct BlockRef {
+  std::shared_ptr<Block> block;
+  int32_t visible = 0;  // <= block->len
+};
+
+// Locking (see store.cpp): a sequence's own mutex guards its length and block references; the
+// store's map mutex guards only the map and the id counter, and is never held while waiting for
+// a sequence. So an append to one sequence (exclusive on it) blocks no attend of others.
 struct Sequence {
-  mutable std::shared_mutex mutex;  // attend: shared; append and removal: exclusive
+  mutable std::shared_mutex mutex;  // attend, fork and read: shared; append and removal: exclusive
   bool removed = false;  // set by remove_sequence: holders of a stale pointer must not use it
-  int64_t length = 0;
-  std::vector<std::vector<Block>> heads;  // [Hkv][block]
-  // With carry_head: the exact head of the last attend, per query head the token positions of
-  // its keys ([Hq][exact_keys], -1 where it held fewer). Attends hold `mutex` shared and write
-  // this, so it has its own lock.
+  int64_t length = 0;    // the sum of `visible` over one head's blocks
+  std::vector<std::vector<BlockRef>> heads;  // [Hkv][block]
+  // With carry_head: the exact head of the last attend, per query head its keys as
+  // block * kBlockTokens + id ([Hq][exact_keys], -1 where it held fewer; the token's position
+  // when every earlier block is full, which a fork's need not be). A fork starts without one.
+  // Attends hold `mutex` shared and write this, so it has its own lock.
   mutable std::mutex head_mutex;
   mutable std::vector<int64_t> last_head;
 };
@@ -120,6 +135,11 @@ class Store {
         bool carry_head = false);
 
   int64_t add_sequence();
+  // A new sequence seeing the first `tokens` tokens of seq_id (0 <= tokens <= its length,
+  // invalid_argument otherwise), then whatever is appended to it. Zero copy: it references the
+  // source's blocks, which neither sequence writes again (see BlockRef). Takes the source's
+  // lock shared, so it waits only for an append to the source.
+  int64_t fork(int64_t seq_id, int64_t tokens);
   void remove_sequence(int64_t seq_id);
   bool has_sequence(int64_t seq_id) const;
   int64_t length(int64_t seq_id) const;
@@ -127,6 +147,11 @@ class Store {
   // The caller guarantees the buffer sizes (bindings.cpp checks them); t, the codes and seq_id
   // are checked here (invalid_argument / out_of_range).
   void append(int64_t seq_id, const void* keys, const void* values, const int32_t* codes, int64_t t);
+  // The stored K and V rows of tokens [start, end) into keys, values [Hkv, end - start, d] of the
+  // store's dtype (the caller sizes them; bindings.cpp checks). invalid_argument naming start
+  // or end unless 0 <= start <= end <= length.
+  void read(int64_t seq_id, int64_t start, int64_t end, void* keys, void* values) const;
+  void check_read(int64_t start, int64_t end) const;  // the checks that need no sequence
   // queries fp32 [B, Hq, d]; query_codes int32 [B, Hq, L]; out fp32 [B, Hq, d];
   // lse fp32 [B, Hq]; ncand int32 [B, Hq]: keys read (the candidates, plus with carry_head the
   // carried keys its blocks did not keep). Sizes as for append; B, Hq, codes and ids checked.
@@ -141,8 +166,12 @@ class Store {
   // summed over threads); for the benchmark.
   std::vector<int64_t> last_attend_stats() const;
   std::vector<double> last_append_seconds() const;
-  // Total = sizeof(Store) + the table + the sum of nbytes(seq_id) over live sequences.
+  // Total: sizeof(Store) + the table + each live sequence's own overhead (the Sequence, its
+  // block references, its carried head) + every block referenced by a live sequence, counted
+  // once however many sequences share it. Back to the empty store's figure once all are removed.
   int64_t nbytes() const;
+  // One sequence: its overhead + every block it references, shared ones included in full (so
+  // the sum over sequences exceeds the total when blocks are shared).
   int64_t nbytes(int64_t seq_id) const;
   int threads() const;
 

@@ -99,6 +99,21 @@ class MiddleAttention(ABC):
     def length(self, seq_id: int) -> int:
         """Number of middle tokens held for ``seq_id``."""
 
+    def fork(self, seq_id: int, tokens: int) -> int:
+        """A new sequence holding the first ``tokens`` middle tokens of ``seq_id`` (0 <= tokens
+        <= length(seq_id)), then whatever is appended to it; returns its id. Appends to either
+        sequence afterwards leave the other unchanged, and removing either leaves the other
+        intact. For prefix caching: requests sharing a prompt prefix fork the sequence that holds
+        its middle. A method that cannot serve it raises NotImplementedError."""
+        raise NotImplementedError(f"{type(self).__name__}.fork: this method cannot fork a sequence")
+
+    def read(self, seq_id: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The held keys and values of middle tokens [start, end) of ``seq_id`` (0 <= start <=
+        end <= length(seq_id)), two CPU tensors [Hkv, end - start, d] as the method holds them
+        (its dtype). For streaming a cached prefix's middle back to the device. A method that
+        does not keep the middle's K/V raises NotImplementedError."""
+        raise NotImplementedError(f"{type(self).__name__}.read: this method does not keep the middle's K/V")
+
     @abstractmethod
     def attend(
         self, seq_ids: list[int], queries: torch.Tensor

@@ -24,7 +24,7 @@ import torch
 
 from magicpig.attention.base import MiddleAttention
 from magicpig.attention.reference import dense_attention
-from magicpig.config import MagicPIGConfig
+from magicpig.config import MagicPIGConfig, check_int
 
 QUEST_PAGE_SIZE = 16
 # Below this many middle keys the retrieval baseline searches exactly: an ANN graph over a
@@ -95,6 +95,22 @@ class _TorchMiddle(MiddleAttention):
     def length(self, seq_id: int) -> int:
         self._check_seq(seq_id)
         return self._keys[seq_id].shape[1]
+
+    def fork(self, seq_id: int, tokens: int) -> int:
+        """A new sequence with a copy of the first ``tokens`` keys and values (a copy, not a view:
+        a view would keep the source's whole tensors alive after its removal). Per-sequence
+        caches (Quest's pages, retrieval's indexes) are keyed by id, so the fork builds its own."""
+        tokens = check_int("tokens", tokens, 0, self.length(seq_id))
+        new = self.add_sequence()
+        self._keys[new] = self._keys[seq_id][:, :tokens].clone()
+        self._values[new] = self._values[seq_id][:, :tokens].clone()
+        return new
+
+    def read(self, seq_id: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of tokens [start, end) as held (float32), copied."""
+        start = check_int("start", start, 0)
+        end = check_int("end", end, start, self.length(seq_id))
+        return self._keys[seq_id][:, start:end].clone(), self._values[seq_id][:, start:end].clone()
 
     def nbytes(self, seq_id: int | None = None) -> int:
         ids = list(self._keys) if seq_id is None else [seq_id]
@@ -264,7 +280,8 @@ class OracleSamplingMiddle(_TorchMiddle):
 class StreamingMiddle(_TorchMiddle):
     """StreamingLLM: sinks + window only, so the middle contributes nothing (lse = -inf).
 
-    Only the middle length is tracked; no K/V is kept.
+    Only the middle length is tracked; no K/V is kept: fork works (a length), read raises
+    NotImplementedError.
     """
 
     def __init__(self, config: MagicPIGConfig, layer: int, num_kv_heads: int, head_dim: int):
@@ -288,6 +305,17 @@ class StreamingMiddle(_TorchMiddle):
     def length(self, seq_id: int) -> int:
         self._check_seq(seq_id)
         return self._lengths[seq_id]
+
+    def fork(self, seq_id: int, tokens: int) -> int:
+        """A new sequence of ``tokens`` middle tokens (only the length is tracked)."""
+        new = super().fork(seq_id, tokens)  # checks tokens; copies the (empty) K/V
+        self._lengths[new] = int(tokens)
+        return new
+
+    def read(self, seq_id: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Not served: StreamingLLM keeps no middle K/V (NotImplementedError)."""
+        self._check_seq(seq_id)
+        raise NotImplementedError("StreamingMiddle.read: streaming keeps no middle K/V to read back")
 
     def _attend_one(
         self, seq_id: int, q: torch.Tensor, kv_of: torch.Tensor

@@ -70,6 +70,19 @@ class SampledMiddle(MiddleAttention):
         self.store.remove_sequence(seq_id)
         self._lengths.pop(seq_id, None)
 
+    def fork(self, seq_id: int, tokens: int) -> int:
+        """The store's fork (C++: the prefix's blocks are shared, not copied). Pending async
+        appends to ``seq_id`` are held by then (the store waits for them)."""
+        self.length(seq_id)  # KeyError for a sequence of another layer, as every method here
+        new = self.store.fork(seq_id, tokens)
+        self._lengths[new] = int(tokens)
+        return new
+
+    def read(self, seq_id: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The store's K/V of tokens [start, end), in its kv_dtype on the CPU."""
+        self.length(seq_id)
+        return self.store.read(seq_id, start, end)
+
     def length(self, seq_id: int) -> int:
         if seq_id not in self._lengths:
             raise KeyError(f"seq_id={seq_id!r} is not a registered sequence of this layer")

@@ -224,6 +224,33 @@ class NumbaStore:
         self._seqs[sid] = _Sequence(self.H, self.d, self.L, self.low_bits)
         return sid
 
+    def fork(self, seq_id: int, tokens: int) -> int:
+        """A new sequence holding a deep copy of the first ``tokens`` tokens of seq_id (the CSR
+        rebuilt over them; no carried head, as a fresh sequence). Only the C++ backend shares
+        the prefix's memory: here a fork costs a copy of it."""
+        src = self._seqs[seq_id]
+        if not 0 <= tokens <= src.n:
+            raise ValueError(f"tokens={tokens}: expected an integer in [0, {src.n}]")
+        sid = self.add_sequence()
+        s = self._seqs[sid]
+        s.keys, s.values = src.keys[:, :tokens].copy(), src.values[:, :tokens].copy()
+        s.norms, s.codes = src.norms[:, :tokens].copy(), src.codes[:, :tokens].copy()
+        s.n = tokens
+        if tokens:
+            self._build(s)
+        return sid
+
+    def read(self, seq_id: int, start: int, end: int, keys: np.ndarray, values: np.ndarray) -> None:
+        """Tokens [start, end) into keys, values [H, end - start, d] of the store dtype (bf16 as
+        uint16 bits): the fp32 copies held are the rounded values, so converting back is exact."""
+        s = self._seqs[seq_id]
+        if not 0 <= start <= end <= s.n:
+            raise ValueError(f"start={start}, end={end}: expected 0 <= start <= end <= {s.n}")
+        for src, dst in ((s.keys, keys), (s.values, values)):
+            t = torch.from_numpy(np.ascontiguousarray(src[:, start:end])).to(_TORCH_DTYPE[self.dtype])
+            raw = t.view(torch.int16).numpy().view(np.uint16) if self.dtype == 0 else t.numpy()
+            dst.reshape(raw.shape)[...] = raw
+
     def remove_sequence(self, seq_id: int) -> None:
         del self._seqs[seq_id]
 
@@ -255,10 +282,14 @@ class NumbaStore:
         s.codes[:, n0:n1] = codes.reshape(self.H, t, self.L)
         s.n = n1
         if s.n - s.csr_len >= TAIL_MERGE:
-            s.offsets = np.empty((self.H, self.L, (1 << self.low_bits) + 1), np.int32)
-            s.ids = np.empty((self.H, self.L, s.n), np.int32)
-            self._threads(lambda: _build_csr(s.codes, s.n, self.low_bits, s.offsets, s.ids))
-            s.csr_len = s.n
+            self._build(s)
+
+    def _build(self, s: _Sequence) -> None:
+        """The CSR over all of s's tokens (its tail emptied)."""
+        s.offsets = np.empty((self.H, self.L, (1 << self.low_bits) + 1), np.int32)
+        s.ids = np.empty((self.H, self.L, s.n), np.int32)
+        self._threads(lambda: _build_csr(s.codes, s.n, self.low_bits, s.offsets, s.ids))
+        s.csr_len = s.n
 
     def _threads(self, fn):
         if self.num_threads:

@@ -227,13 +227,61 @@ class CPUStore:
         finally:  # interrupted or not, the id is gone from _live: free it (C++ attends hold a lock)
             self._impl.remove_sequence(sid)
 
+    def fork(self, seq_id: int, tokens: int) -> int:
+        """A new sequence holding the first ``tokens`` tokens of ``seq_id`` (0 <= tokens <=
+        length(seq_id)), then whatever is appended to it; returns its id. The two are
+        independent from here on: appends to either leave what the other sees unchanged, and
+        removing either leaves the other intact. For prefix caching: requests that share a
+        prompt prefix fork the sequence holding it. The C++ backend shares the prefix's memory
+        (zero copy, reference-counted blocks; copy-on-write at block granularity, so appends to
+        the source after the fork start a new block); the numba backend copies it. Pending
+        :meth:`append_async` / :meth:`attend_async` calls on ``seq_id`` finish first."""
+        sid = self._settled("seq_id", seq_id)
+        tokens = check_int("tokens", tokens, 0, int(self._impl.length(sid)))
+        new = int(self._impl.fork(sid, tokens))
+        self._live.add(new)
+        return new
+
+    def read(self, seq_id: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored keys and values of tokens [start, end) of ``seq_id``: two CPU tensors
+        [num_kv_heads, end - start, head_dim] in the store's dtype (bf16 / fp16 / fp32), the
+        values exactly as held (the appended ones rounded to kv_dtype). 0 <= start <= end <=
+        length(seq_id). For streaming a cached prefix's middle back to the device (an exact
+        prefill over it). Pending async calls on ``seq_id`` finish first."""
+        sid = self._settled("seq_id", seq_id)
+        length = int(self._impl.length(sid))
+        start = check_int("start", start, 0, length)
+        end = check_int("end", end, start, length)
+        shape = (self.num_kv_heads, end - start, self.head_dim)
+        keys = torch.empty(shape, dtype=_TORCH_DTYPE[self.kv_dtype])
+        values = torch.empty(shape, dtype=_TORCH_DTYPE[self.kv_dtype])
+        self._impl.read(sid, start, end, self._raw(keys), self._raw(values))
+        return keys, values
+
+    def _raw(self, t: torch.Tensor) -> np.ndarray:
+        """A numpy view of a contiguous store-dtype tensor (bf16 as its uint16 bits)."""
+        return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
+
+    def _settled(self, name: str, seq_id: object) -> int:
+        """seq_id checked, once its pending async calls are done (so its length is the
+        caller's: an append_async started before counts)."""
+        self._check_seq(name, seq_id)
+        sid = int(seq_id)
+        with self._pending_lock:
+            pending = [f for f, ids in self._pending.items() if sid in ids]
+        concurrent.futures.wait(pending)
+        return sid
+
     def length(self, seq_id: int) -> int:
         """Tokens held for ``seq_id``."""
         self._check_seq("seq_id", seq_id)
         return int(self._impl.length(int(seq_id)))
 
     def nbytes(self, seq_id: Optional[int] = None) -> int:
-        """Bytes actually held (K/V, norms, bucket lists, tails), for one sequence or in total."""
+        """Bytes actually held (K/V, norms, bucket lists, tails), for one sequence or in total.
+        With forks (C++ backend): the total counts each shared block once; one sequence's figure
+        counts every block it references, shared ones in full (so per-sequence figures may add
+        up to more than the total). The numba backend copies on fork: nothing is shared."""
         if seq_id is None:
             return int(self._impl.nbytes())
         self._check_seq("seq_id", seq_id)
