@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from magicpig.core.prefix_cache import CacheNode, PrefixCache, PrefixMatch
+
 if TYPE_CHECKING:  # only read here
     from magicpig.core.request import Request, SequenceKV
 
@@ -86,13 +88,18 @@ class BlockAllocator:
     with ``room`` for its expected length, and the rest of that room is reserved for its growth
     (other sequences are placed elsewhere, and take reserved blocks only when nothing else is
     free); a growing sequence gets the block after its last when that is not in use. A sequence
-    in one run is read in place by the attention; only a fragmented one is gathered."""
+    in one run is read in place by the attention; only a fragmented one is gathered.
+
+    A block may be held by several owners (requests sharing a cached prefix, and the prefix
+    cache itself): ``share`` adds a holder, ``free`` drops one, and the block is free again when
+    its last holder drops it (vLLM's block ref_cnt)."""
 
     def __init__(self, num_blocks: int):
         self.num_blocks = num_blocks
         self._state = bytearray(num_blocks)  # FREE / USED / RESERVED; bytearray.find scans in C
         self._num_free = num_blocks  # FREE + RESERVED
         self._reservations: dict[int, int] = {}  # first block of a sequence -> end of its room
+        self._extra: dict[int, int] = {}  # block -> holders beyond the first (only shared blocks)
 
     @property
     def num_free(self) -> int:
@@ -130,16 +137,34 @@ class BlockAllocator:
         self._num_free -= len(blocks)
         return blocks
 
-    def free(self, blocks: list[int]) -> None:
-        """Return a sequence's blocks (and drop what is left of its reservation)."""
+    def share(self, blocks: list[int]) -> None:
+        """One more holder of each of ``blocks`` (in use)."""
         for b in blocks:
+            assert self._state[b] == USED, f"block {b} is not in use"
+            self._extra[b] = self._extra.get(b, 0) + 1
+
+    def holders(self, block: int) -> int:
+        return 0 if self._state[block] != USED else 1 + self._extra.get(block, 0)
+
+    def free(self, blocks: list[int]) -> None:
+        """Drop one holder of each block; a block whose last holder goes is free again (and
+        what is left of a reservation starting at it is dropped)."""
+        for b in blocks:
+            extra = self._extra.get(b, 0)
+            if extra:
+                if extra == 1:
+                    del self._extra[b]
+                else:
+                    self._extra[b] = extra - 1
+                continue
+            assert self._state[b] == USED, f"block {b} freed twice"
             self._state[b] = FREE
-        self._num_free += len(blocks)
-        end = self._reservations.pop(blocks[0], None) if blocks else None
-        if end is not None:
-            for b in range(blocks[0], end):
-                if self._state[b] == RESERVED:
-                    self._state[b] = FREE
+            self._num_free += 1
+            end = self._reservations.pop(b, None)
+            if end is not None:
+                for r in range(b, end):
+                    if self._state[r] == RESERVED:
+                        self._state[r] = FREE
 
 
 # --------------------------------------------------------------------------------- the ledger
@@ -161,13 +186,26 @@ class KVLayout:
 
 class KVBudget:
     """The ledger: grants a request its slot, blocks and CPU-store reservation, grows its block
-    table, and takes everything back when it finishes or is preempted."""
+    table, and takes everything back when it finishes or is preempted.
 
-    def __init__(self, layout: KVLayout):
+    With a :class:`PrefixCache` (``cache``) it is also the prefix cache's memory: a request
+    admitted on a cached prefix shares that prefix's blocks (one more holder each) and reserves
+    CPU bytes for its own tokens only; ``cache_request`` turns a request's full blocks into a
+    cache node (the blocks gain the node as a holder, and the CPU bytes of the node's tokens
+    move from the request's reservation to the cache); nodes nobody uses stay until an
+    admission needs their memory (``evict_one``, least recently used first). Evicted nodes
+    collect in ``evicted`` until the scheduler hands them to the runner."""
+
+    def __init__(self, layout: KVLayout, cache: PrefixCache | None = None):
         self.layout = layout
         self.allocator = BlockAllocator(layout.num_blocks)
         self._free_slots = list(range(layout.num_slots - 1, -1, -1))
         self._cpu_reserved: dict[int, int] = {}  # id(request) -> bytes reserved
+        if cache is not None and layout.block_size and cache.block_size != layout.block_size:
+            raise ValueError(f"cache block_size={cache.block_size}: must equal the dense blocks' {layout.block_size}")
+        self.cache = cache
+        self.cached_cpu_bytes = 0  # CPU-store bytes of the cache nodes' own tokens
+        self.evicted: list[CacheNode] = []
 
     # ------------------------------------------------------------------------ what is free
     @property
@@ -180,25 +218,38 @@ class KVBudget:
 
     @property
     def cpu_bytes_free(self) -> int:
-        return self.layout.cpu_bytes_total - sum(self._cpu_reserved.values())
+        return self.layout.cpu_bytes_total - sum(self._cpu_reserved.values()) - self.cached_cpu_bytes
+
+    def cached_blocks(self) -> int:
+        """Device blocks held by the prefix cache's nodes."""
+        return sum(len(n.own_blocks) for n in self.cache.nodes.values()) if self.cache else 0
+
+    def reclaimable(self) -> tuple[int, int]:
+        """(blocks, CPU bytes) of cache nodes no running request uses: free for the taking."""
+        idle = [n for n in self.cache.nodes.values() if n.refs == 0] if self.cache else []
+        return sum(len(n.own_blocks) for n in idle), sum(n.cpu_bytes for n in idle)
 
     def pressure(self) -> float:
-        """The larger used fraction of the block pool and the CPU-store budget."""
+        """The larger used fraction of the block pool and the CPU-store budget (memory the
+        prefix cache could give back counts as free)."""
         L = self.layout
-        used = [1 - self.free_blocks / L.num_blocks if L.num_blocks and L.block_size else 0.0,
-                1 - self.cpu_bytes_free / L.cpu_bytes_total if L.cpu_bytes_total else 0.0]
+        blocks, cpu = self.reclaimable()
+        used = [1 - (self.free_blocks + blocks) / L.num_blocks if L.num_blocks and L.block_size else 0.0,
+                1 - (self.cpu_bytes_free + cpu) / L.cpu_bytes_total if L.cpu_bytes_total else 0.0]
         return max(used)
 
     # --------------------------------------------------------------------------- per request
     def blocks_for(self, tokens: int) -> int:
         return blocks_for(tokens, self.layout.block_size)
 
-    def cpu_bytes(self, req: "Request") -> int:
-        """CPU-store bytes held back for a request from admission to finish."""
-        return self.layout.cpu_bytes_per_token * req.max_tokens
+    def cpu_bytes(self, req: "Request", cached: int = 0) -> int:
+        """CPU-store bytes held back for a request from admission to finish (its tokens beyond
+        the ``cached`` prefix it shares)."""
+        return self.layout.cpu_bytes_per_token * (req.max_tokens - cached)
 
-    def admission_blocks(self, req: "Request") -> int:
-        return admission_blocks(req, self.layout.block_size)
+    def admission_blocks(self, req: "Request", cached: int = 0) -> int:
+        """Free blocks its admission takes (those of a ``cached`` prefix are shared)."""
+        return admission_blocks(req, self.layout.block_size) - self.blocks_for(cached)
 
     def growth(self, kv: "SequenceKV", tokens: int) -> int:
         """Blocks ``kv`` still needs to hold ``tokens`` tokens."""
@@ -219,17 +270,38 @@ class KVBudget:
                     f"cpu_memory_bytes={L.cpu_bytes_total}")
         return None
 
-    def admit(self, req: "Request") -> None:
-        """Grant a waiting request its slot, the blocks of its prefill (placed where its whole
-        length fits in one run if it can) and its CPU-store reservation. The caller checked
-        that they are free."""
+    def match(self, req: "Request") -> PrefixMatch:
+        """The longest cached prefix of what the request's admission would prefill (no hit
+        without a cache, or for a request that does not use it)."""
+        if self.cache is None or not req.cacheable:
+            return PrefixMatch()
+        tokens = req.tokens_to_prefill()
+        req.block_hashes = self.cache.hashes(tokens, req.block_hashes[: len(tokens) // self.cache.block_size])
+        return self.cache.match(req.block_hashes, len(tokens))
+
+    def admit(self, req: "Request", match: PrefixMatch | None = None) -> None:
+        """Grant a waiting request its slot, the blocks of its prefill (those of a matched
+        cached prefix shared, the rest placed where its whole length fits in one run if it can)
+        and its CPU-store reservation; its KV state starts after the cached prefix. The caller
+        checked that they are free."""
         kv = req.kv
         assert not kv.blocks and kv.slot < 0 and id(req) not in self._cpu_reserved, "admitted twice"
         if not self._free_slots:
             raise RuntimeError(f"all {self.layout.num_slots} sequence slots are in use")
+        cached = match.tokens if match is not None else 0
+        shared = match.node.block_table[: self.blocks_for(cached)] if cached else []
         kv.slot = self._free_slots.pop()
-        kv.blocks = self.allocator.allocate(self.blocks_for(req.prefill_length), room=self.blocks_for(req.max_tokens))
-        self._cpu_reserved[id(req)] = self.cpu_bytes(req)
+        self.allocator.share(shared)
+        own = self.blocks_for(req.prefill_length) - len(shared)
+        kv.blocks = shared + self.allocator.allocate(own, room=self.blocks_for(req.max_tokens) - len(shared))
+        self._cpu_reserved[id(req)] = self.cpu_bytes(req, cached)
+        if self.cache is not None and req.cacheable:
+            self.cache.record_query(req.prefill_length, cached)
+        req.num_cached_tokens = cached
+        if cached:
+            self.cache.acquire(match.node)
+            kv.prefix, kv.cached, kv.length = match.node, cached, cached
+            kv.cache_refs.append(match.node)
 
     def grow(self, kv: "SequenceKV", tokens: int) -> None:
         """Extend the block table to hold ``tokens`` tokens (the blocks after its last where free)."""
@@ -238,7 +310,8 @@ class KVBudget:
             kv.blocks += self.allocator.allocate(more, after=kv.blocks[-1] if kv.blocks else None)
 
     def free(self, req: "Request") -> None:
-        """Take back everything the request holds (idempotent)."""
+        """Drop everything the request holds (idempotent): blocks it shares stay with their
+        other holders, cache nodes it used lose its reference."""
         kv = req.kv
         self.allocator.free(kv.blocks)
         kv.blocks = []
@@ -246,3 +319,58 @@ class KVBudget:
             self._free_slots.append(kv.slot)
             kv.slot = -1
         self._cpu_reserved.pop(id(req), None)
+        for node in kv.cache_refs:
+            self.cache.release(node)
+        kv.cache_refs = []
+
+    # ------------------------------------------------------------------------ the cache
+    def cache_request(self, req: "Request") -> CacheNode | None:
+        """Cache the full blocks of the tokens the request holds K/V of (its prompt once
+        prefilled; prompt and output when it finishes). Returns the new node (the runner then
+        keeps its store state), or None when nothing new was cached. The request holds a
+        reference on the node until it is freed."""
+        if self.cache is None or not req.cacheable:
+            return None
+        n = req.num_computed_tokens
+        bs = self.cache.block_size
+        req.block_hashes = self.cache.hashes(req.all_token_ids[:n], req.block_hashes[: n // bs])
+        node = self.cache.insert(req.block_hashes[: n // bs], req.kv.blocks if self.layout.block_size else [],
+                                 self.layout.cpu_bytes_per_token)
+        if node is None:
+            return None
+        self.allocator.share(node.own_blocks)
+        reserved = self._cpu_reserved.get(id(req), 0)
+        self._cpu_reserved[id(req)] = reserved - min(reserved, node.cpu_bytes)  # now the cache's
+        self.cached_cpu_bytes += node.cpu_bytes
+        self.cache.acquire(node)
+        req.kv.cache_refs.append(node)
+        return node
+
+    def evict_one(self, keep: CacheNode | None = None) -> int | None:
+        """Evict the least recently used node nobody uses (never ``keep`` or its ancestors);
+        returns the blocks it gave back, or None when nothing can go."""
+        node = self.cache.lru(keep) if self.cache is not None else None
+        return None if node is None else self._evict(node)
+
+    def _evict(self, node: CacheNode) -> int:
+        before = self.free_blocks
+        self.cache.remove(node)
+        self.allocator.free(node.own_blocks)
+        self.cached_cpu_bytes -= node.cpu_bytes
+        self.evicted.append(node)
+        return self.free_blocks - before
+
+    def uncache(self, node: CacheNode, kv: "SequenceKV") -> None:
+        """Undo ``cache_request`` of a node just made from ``kv`` (its store state could not be
+        kept): ``kv`` drops its reference and the node goes."""
+        kv.cache_refs.remove(node)
+        self.cache.release(node)
+        self._evict(node)
+        self.evicted.remove(node)
+
+    def clear_cache(self) -> int:
+        """Evict every node nobody uses (vLLM's reset_prefix_cache); returns how many went."""
+        count = 0
+        while self.evict_one() is not None:
+            count += 1
+        return count

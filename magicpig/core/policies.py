@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, Sequence
 from magicpig.config import check_float, check_int
 
 if TYPE_CHECKING:  # only read here
+    from magicpig.core.prefix_cache import CacheNode
     from magicpig.core.request import Request, SequenceKV
     from magicpig.core.scheduler import Scheduler
 
@@ -50,12 +51,15 @@ class PrefillChunk:
 class SchedulePlan:
     """One step. prefill_share: the prefill lane's fraction of the device for a split policy
     (decode gets the rest), None for one mixed batch. preempted: requests sent back to the
-    queue this step; released: their dropped KV states (the runner frees their store entries)."""
+    queue this step; released: their dropped KV states (the runner frees their store entries);
+    evicted: prefix-cache nodes evicted for this step's admissions (the runner drops their
+    store state)."""
 
     chunks: list[PrefillChunk] = field(default_factory=list)
     decodes: list["Request"] = field(default_factory=list)
     preempted: list["Request"] = field(default_factory=list)
     released: list["SequenceKV"] = field(default_factory=list)
+    evicted: list["CacheNode"] = field(default_factory=list)
     prefill_share: Optional[float] = None
 
     @property

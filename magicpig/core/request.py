@@ -14,9 +14,12 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from magicpig.core.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # only read here
+    from magicpig.core.prefix_cache import CacheNode
 
 _ids = itertools.count()  # the one request-id counter
 
@@ -39,7 +42,9 @@ class SequenceKV:
     tokens in the slot / in the middle once its prompt is complete (fill + middle == length on
     sparse layers). store_ids: its id in each sparse layer's middle attention (the runner's).
     cost_sum / cost_steps: fraction of middle keys read, summed over the decode steps that had
-    a middle."""
+    a middle. prefix / cached: the cached prefix it starts from (its first ``cached`` tokens are
+    ``prefix``'s; the runner forks its store entries from it), None / 0 without one.
+    cache_refs: the cache nodes it holds a reference on (its prefix and the nodes it cached)."""
 
     length: int = 0
     blocks: list[int] = field(default_factory=list)
@@ -49,6 +54,9 @@ class SequenceKV:
     store_ids: dict[int, int] = field(default_factory=dict)
     cost_sum: float = 0.0
     cost_steps: int = 0
+    prefix: Optional["CacheNode"] = None
+    cached: int = 0
+    cache_refs: list["CacheNode"] = field(default_factory=list)
 
     @property
     def computation_cost(self) -> float:
@@ -58,7 +66,10 @@ class SequenceKV:
 @dataclass(eq=False)
 class Request:
     """One generation request. ``prompt_ids``: the encoded prompt; ``output_ids``: the
-    generated ids; ``kv``: where its KV state lives (empty while it waits)."""
+    generated ids; ``kv``: where its KV state lives (empty while it waits). cacheable: whether
+    it reads and feeds the prefix cache; block_hashes: the keys of its full blocks computed so
+    far (prefix_cache.block_hashes); num_cached_tokens: prompt tokens its last admission found
+    cached (not prefilled again)."""
 
     request_id: str
     prompt_ids: list[int]
@@ -75,6 +86,9 @@ class Request:
     num_preemptions: int = 0
     # Middle reads of the KV states dropped by preemptions (the re-prefilled state starts at 0).
     released_cost: tuple[float, int] = (0.0, 0)
+    cacheable: bool = True
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_cached_tokens: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -98,6 +112,10 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
 
     def tokens_to_prefill(self) -> list[int]:
         """What a (re)admission prefills: the prompt and, after a preemption, every generated

@@ -25,6 +25,7 @@ from collections import deque
 from typing import Callable, Iterable, Optional
 
 from magicpig.core.kv_budget import KVBudget
+from magicpig.core.prefix_cache import CacheNode, PrefixMatch
 from magicpig.core.policies import (  # noqa: F401 - the scheduler's vocabulary, re-exported
     POLICIES, SPLIT_POLICIES, DecodeCost, PolicyConfig, PrefillChunk, SchedulePlan, make_policy,
 )
@@ -70,7 +71,13 @@ class Scheduler:
         self.policy_impl.plan(self, plan, ready)
         for req in plan.decodes:  # the decodes' next tokens get their blocks now
             self.kv.grow(req.kv, req.num_computed_tokens + 1)
+        plan.evicted, self.kv.evicted = self.kv.evicted, []
         return plan
+
+    def cache(self, req: Request) -> Optional[CacheNode]:
+        """Offer a request's computed full blocks to the prefix cache (its prompt once
+        prefilled, its whole sequence when it finishes): the new node, or None."""
+        return self.kv.cache_request(req)
 
     def update_from_output(self, finished: Iterable[Request]) -> list[SequenceKV]:
         """After a step: the finished requests leave the queues and the ledger; returns their
@@ -120,11 +127,21 @@ class Scheduler:
         """Prefill chunks in ``order`` while they fit: a waiting request is admitted only when
         its slot, blocks and CPU reservation fit; stops at the first that does not (no
         overtaking within an order). Whole prompts without chunked prefill (the first of a
-        step may exceed the budget, else it would wait forever). ``one``: a single chunk."""
+        step may exceed the budget, else it would wait forever). ``one``: a single chunk.
+
+        With the prefix cache, a waiting request whose next uncached block is being prefilled
+        by another request right now waits for it (and is passed over this step): once that
+        prefill completes, its blocks are cached and this one prefills only its own tokens
+        (SGLang's in-batch prefix sharing; without it, questions about one document arriving
+        together would all prefill the document)."""
+        in_flight = self._in_flight_blocks(order)
         for req in order:
             if budget <= 0 or (one and plan.chunks):
                 return
-            done = req.num_computed_tokens
+            match = self.kv.match(req) if req.status is Status.WAITING else PrefixMatch()
+            if req.status is Status.WAITING and self._waits_for(req, match, in_flight):
+                continue
+            done = req.num_computed_tokens + match.tokens  # a cached prefix is not prefilled again
             left = req.prefill_length - done
             if self.chunked_prefill:
                 n = min(left, budget)
@@ -132,19 +149,46 @@ class Scheduler:
                 return
             else:
                 n = left
-            if req.status is Status.WAITING and not self._admit(req):
+            if req.status is Status.WAITING and not self._admit(req, match):
                 return
             plan.chunks.append(PrefillChunk(req, done, n, done + n == req.prefill_length))
             budget -= n
+            in_flight.update(self._prompt_blocks(req))
 
-    def _admit(self, req: Request) -> bool:
-        """Grant a waiting request its memory if it fits beside what this step holds back."""
-        blocks = self.kv.admission_blocks(req)
-        if (self.kv.free_slots <= 0 or len(self.running) >= self.max_num_seqs
-                or blocks > self._headroom or self.kv.cpu_bytes(req) > self.kv.cpu_bytes_free):
+    def _prompt_blocks(self, req: Request) -> list[bytes]:
+        """Keys of the full blocks a request's prefill computes (none without a cache)."""
+        if self.kv.cache is None or not req.cacheable:
+            return []
+        if not req.block_hashes:
+            self.kv.match(req)  # computes them
+        return req.block_hashes[: req.prefill_length // self.kv.cache.block_size]
+
+    def _in_flight_blocks(self, order: list[Request]) -> set[bytes]:
+        """Blocks running prefills are computing (cached once their prompts complete)."""
+        return {key for r in self.running if r.is_prefilling for key in self._prompt_blocks(r)}
+
+    def _waits_for(self, req: Request, match: PrefixMatch, in_flight: set[bytes]) -> bool:
+        if not in_flight:
             return False
+        nxt = match.tokens // self.kv.cache.block_size
+        return nxt < len(req.block_hashes) and (nxt + 1) * self.kv.cache.block_size < req.prefill_length \
+            and req.block_hashes[nxt] in in_flight
+
+    def _admit(self, req: Request, match: PrefixMatch) -> bool:
+        """Grant a waiting request its memory if it fits beside what this step holds back,
+        evicting cached prefixes nobody uses (least recently used first) when it does not.
+        A cached prefix's blocks and bytes are shared, so they are not asked for again."""
+        if self.kv.free_slots <= 0 or len(self.running) >= self.max_num_seqs:
+            return False
+        blocks = self.kv.admission_blocks(req, match.tokens)
+        cpu = self.kv.cpu_bytes(req, match.tokens)
+        while blocks > self._headroom or cpu > self.kv.cpu_bytes_free:
+            freed = self.kv.evict_one(keep=match.node)
+            if freed is None:
+                return False
+            self._headroom += freed
         self._headroom -= blocks
-        self.kv.admit(req)
+        self.kv.admit(req, match)
         self.waiting.remove(req)
         self.running.append(req)
         req.status = Status.RUNNING
