@@ -29,10 +29,14 @@ from magicpig.runtime.runner import DEFAULT_BLOCK_SIZE, cache_bytes
 
 
 class LongContextModel:
-    """A Llama-family causal LM on the heterogeneous pipeline, with its default config."""
+    """A Llama-family causal LM on the heterogeneous pipeline, with its default config.
+    ``prefix_caching``: whether ``generate`` shares the full blocks prompts have in common
+    (automatic prefix caching, on by default as in vLLM's ``LLM``; each call's cache lives
+    as long as the call)."""
 
     def __init__(self, loaded: LoadedModel, config: MagicPIGConfig | None = None):
         self.loaded = loaded
+        self.prefix_caching = True
         self.lsh_choice: LSHChoice | None = None  # how K, L, m were chosen, when they were
         self.config = resolve_config(config, None, loaded.args.num_layers, loaded.args.max_context)
         self.config = self.resolve_lsh(self.config)
@@ -184,7 +188,8 @@ class LongContextModel:
         blocks = sum(blocks_for(len(p) + params.max_new_tokens + 1, DEFAULT_BLOCK_SIZE) for p in ids)
         budget = 1 if prefilled is None else sum(map(len, ids))
         engine = Engine(self.loaded, config, max_num_seqs=len(ids), max_prefill_tokens=budget, chunked_prefill=False,
-                        device_memory_bytes=max(1, len(ids) * slot_bytes + blocks * block_bytes))
+                        device_memory_bytes=max(1, len(ids) * slot_bytes + blocks * block_bytes),
+                        prefix_caching=self.prefix_caching)
         try:
             rows = [None if prefilled is None else prefilled.select([i]) for i in range(len(ids))]
             index = {engine.submit(p, params, prefilled=row): i for i, (p, row) in enumerate(zip(ids, rows))}

@@ -65,7 +65,7 @@ def _verify_cache() -> int:
 
 def _bench(argv: list[str]) -> int:
     # Not argparse: everything after NAME, --help included, belongs to the benchmark script.
-    names = sorted([*_BENCHMARKS, "serve"])
+    names = sorted([*_BENCHMARKS, "serve", "prefix"])
     usage = f"usage: magicpig bench NAME [ARGS]  (NAME: {', '.join(names)}; NAME --help for its options)"
     if argv and argv[0] in ("-h", "--help"):
         print(usage)
@@ -80,6 +80,10 @@ def _bench(argv: list[str]) -> int:
             return bench_serve(rest, ruler_source=_ruler_workload)
         except (ValueError, TypeError) as err:
             return report("magicpig bench serve", err)
+    if name == "prefix":  # in the package: document QA with and without prefix caching
+        from magicpig.bench.prefix import main as bench_prefix
+
+        return bench_prefix(rest)
     if name not in _BENCHMARKS:
         return report("magicpig bench", UsageError(f"unknown benchmark {name!r}: expected one of {names}"))
     script = _REPO / "scripts" / _BENCHMARKS[name]
@@ -119,6 +123,14 @@ def _serve_parser() -> OneLineParser:
     p.add_argument("--no-chunked-prefill", dest="chunked_prefill", action="store_false",
                    help="prefill each prompt whole in the step that admits it (default: prompts longer than the "
                         "step's budget are prefilled in chunks over several steps)")
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="turn off automatic prefix caching. By default a prompt is cut into blocks of 256 tokens, "
+                        "each named by a hash of its tokens and every block before it; a request reuses the "
+                        "longest chain of blocks an earlier request computed (dense layers' device blocks, and "
+                        "each sparse layer's middle K/V and LSH tables in the CPU store, shared read-only) and "
+                        "prefills only the rest. Finished requests' prompt and output stay cached (a chat's next "
+                        "turn reuses the last) until their memory is needed: then least recently used first. "
+                        "usage.prompt_tokens_details.cached_tokens and /metrics magicpig_prefix_cache_* report it")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
 
@@ -173,7 +185,8 @@ def _serve(argv: list[str]) -> int:
         policy, cost = _engine_policy(args, model_dir, config)
         engine = Engine(loaded, config, max_num_seqs=args.max_num_seqs,
                         max_model_len=args.max_model_len, policy=policy, cost=cost,
-                        max_prefill_tokens=args.max_prefill_tokens, chunked_prefill=args.chunked_prefill)
+                        max_prefill_tokens=args.max_prefill_tokens, chunked_prefill=args.chunked_prefill,
+                        prefix_caching=args.prefix_caching)
     except user_error_types() as err:
         return report("magicpig serve", err)
     from magicpig.serve.server import serve
@@ -234,7 +247,7 @@ def _eval(argv: list[str]) -> int:
 COMMANDS = {
     "demo": (_demo, "needle-in-a-haystack demo on the embedded model (dense vs magicpig)"),
     "eval": (_eval, "RULER / LongBench evaluation of the attention methods"),
-    "bench": (_bench, "benchmarks: " + ", ".join(sorted([*_BENCHMARKS, "serve"])) + " (NAME --help for options)"),
+    "bench": (_bench, "benchmarks: " + ", ".join(sorted([*_BENCHMARKS, "serve", "prefix"])) + " (NAME --help for options)"),
     "serve": (_serve, "OpenAI-compatible HTTP server on the engine (127.0.0.1:8000 by default)"),
     "profile": (_profile, "measure this machine's prefill, decode and CPU-store times into a cost-model profile"),
     "simulate": (_simulate, "discrete-event simulation of the scheduling policies at GPU scale (cost model)"),

@@ -15,6 +15,7 @@ batch at any step. Each step returns a :class:`StepRecord`: its outputs and what
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -25,6 +26,7 @@ import torch
 
 from magicpig.config import MagicPIGConfig, check_int, resolve_config
 from magicpig.core.kv_budget import KVBudget
+from magicpig.core.prefix_cache import PrefixCache
 from magicpig.core.policies import SPLIT_POLICIES, DecodeCost, PolicyConfig, PrefillChunk, SchedulePlan
 from magicpig.core.request import Request, next_request_id
 from magicpig.core.sampling_params import SamplingParams
@@ -72,6 +74,7 @@ class RequestOutput:
     finish_reason: Optional[str] = None
     stats: Optional[GenerationStats] = None
     error: Optional[BaseException] = None
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (not prefilled again)
 
 
 @dataclass
@@ -120,7 +123,11 @@ class Engine:
     ("auto": :func:`make_lanes`; "interleaved": one after the other). chunked_prefill: a prompt
     longer than the step's prefill budget is prefilled over several steps (the default, as in
     vLLM); False prefills each prompt whole in the step that admits it (lower peak memory: the
-    whole-prompt prefill hands each layer's K/V on as soon as it is done).
+    whole-prompt prefill hands each layer's K/V on as soon as it is done). prefix_caching:
+    automatic prefix caching (vLLM's semantics, DESIGN.md §5b; on by default): a request whose
+    prompt starts with full blocks another request computed shares them (dense layers' device
+    blocks, sparse layers' store forks) and prefills only the rest; prefixes nobody uses stay
+    cached until an admission needs their memory.
     """
 
     def __init__(
@@ -137,6 +144,7 @@ class Engine:
         cost: DecodeCost | None = None,
         lanes: str = "auto",
         chunked_prefill: bool = True,
+        prefix_caching: bool = True,
     ):
         if config is not None and not isinstance(config, MagicPIGConfig):  # before a model loads by name
             raise TypeError(f"config={config!r}: expected a MagicPIGConfig or None")
@@ -147,9 +155,10 @@ class Engine:
         # Prompt + new tokens of one request: the model's positions unless a smaller limit is set.
         self.max_model_len = args.max_context if max_model_len is None else check_int(
             "max_model_len", max_model_len, 2, args.max_context)
-        if not isinstance(chunked_prefill, bool):
-            raise TypeError(f"chunked_prefill={chunked_prefill!r}: expected True or False")
-        self.runner, kv = self._make_runner(device_memory_bytes, cpu_memory_bytes, block_size)
+        for name, flag in (("chunked_prefill", chunked_prefill), ("prefix_caching", prefix_caching)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name}={flag!r}: expected True or False")
+        self.runner, kv = self._make_runner(device_memory_bytes, cpu_memory_bytes, block_size, prefix_caching)
         self.scheduler = Scheduler(kv, self.max_num_seqs, check_int("max_prefill_tokens", max_prefill_tokens, 1),
                                    policy, chunked_prefill=chunked_prefill, cost=cost, clock=time.perf_counter)
         # Split policies run their two lanes concurrently where the device allows it.
@@ -159,9 +168,10 @@ class Engine:
         self._live: dict[str, _Live] = {}
         self._aborted: list[RequestOutput] = []  # reported by the next step
 
-    def _make_runner(self, device_bytes: int | None, cpu_bytes: int | None,
-                     block_size: int) -> tuple[ModelRunner, KVBudget]:
-        """A runner and its ledger, the slots and dense blocks fitting the device budget."""
+    def _make_runner(self, device_bytes: int | None, cpu_bytes: int | None, block_size: int,
+                     prefix_caching: bool) -> tuple[ModelRunner, KVBudget]:
+        """A runner and its ledger (with the prefix cache), the slots and dense blocks fitting
+        the device budget."""
         check_int("block_size", block_size, 1, 1 << 16)
         device = self.loaded.model.device
         device_bytes = default_device_budget(device) if device_bytes is None else device_bytes
@@ -170,7 +180,8 @@ class Engine:
         check_int("cpu_memory_bytes", cpu_bytes, 0)
         layout = kv_layout(self.loaded.model, self.config, self.max_num_seqs, device_bytes, cpu_bytes, block_size)
         runner = ModelRunner(self.loaded.model, self.config, self.max_num_seqs, layout.num_blocks, block_size)
-        return runner, KVBudget(layout)
+        cache = PrefixCache(block_size, cache_salt(self.loaded, self.config)) if prefix_caching else None
+        return runner, KVBudget(layout, cache)
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
@@ -204,7 +215,8 @@ class Engine:
         live = _Live(OutputText(out_ids=req.output_ids))
         if params.seed is not None:
             live.generator = torch.Generator(device=self.loaded.model.device).manual_seed(params.seed)
-        if prefilled is not None:
+        if prefilled is not None:  # it starts from its own state: no cached prefix
+            req.cacheable = False
             live.prefilled = _one_prefilled(prefilled, req.prompt_ids)
             req.prefill_seconds = prefilled.prefill_seconds[0] if prefilled.prefill_seconds else 0.0
         self.requests[request_id], self._live[request_id] = req, live
@@ -243,6 +255,8 @@ class Engine:
         plan = self.scheduler.schedule()
         for kv in plan.released:  # preempted: their store entries go now
             self.runner.release(kv)
+        for node in plan.evicted:  # prefixes evicted for this step's admissions
+            self.runner.drop_node(node.node_id)
         self._record_plan(record, plan)
         firsts, chosen = self._run(plan, record)
         record.outputs += self._update(plan, firsts, chosen)
@@ -277,14 +291,36 @@ class Engine:
         for chunk, token in zip(plan.chunks, firsts):
             if token is not None:  # None: part-way, or re-admitted after a preemption
                 outputs.append(self._postprocess(chunk.request, token))
+        for chunk, token in zip(plan.chunks, firsts):
+            if chunk.last and not isinstance(token, BaseException):
+                self._cache(chunk.request)  # its prompt's blocks serve later requests at once
         for out in outputs:
+            out.num_cached_tokens = self.requests[out.request_id].num_cached_tokens
             if out.finished:
-                finished.append(self.requests.pop(out.request_id))
+                req = self.requests.pop(out.request_id)
                 del self._live[out.request_id]
+                if out.finish_reason in ("eos", "stop", "length"):
+                    self._cache(req)  # prompt and output: a chat's next turn starts from it
+                finished.append(req)
         for kv in self.scheduler.update_from_output(finished):
             self.runner.release(kv)
         return outputs
 
+    def _cache(self, req: Request) -> None:
+        """Offer the request's computed blocks to the prefix cache; a new node's store state
+        is the runner's to keep. A failure here only loses the caching (logged), never the
+        request or the engine."""
+        if req.kv.slot < 0:  # finished or preempted this step: nothing held to cache
+            return
+        node = self.scheduler.cache(req)
+        if node is None:
+            return
+        try:
+            self.runner.cache_node(node.node_id, node.end, req.kv)
+        except Exception as err:  # noqa: BLE001
+            log.error("caching the prefix of request %s failed: %r", req.request_id, err, exc_info=err)
+            self.scheduler.kv.uncache(node, req.kv)
+            self.runner.drop_node(node.node_id)
     def _prefill(self, chunk: PrefillChunk) -> Optional[int]:
         """Run one prefill chunk (a lane's work: no scheduler or output state is touched);
         returns the request's first token when the chunk completes its prompt, else None
@@ -379,14 +415,46 @@ class Engine:
         return self.scheduler.kv.allocator.num_used
 
     def cpu_store_bytes(self) -> int:
-        """Bytes the CPU stores hold for requests (0 when none is running)."""
-        return sum(self.runner.cpu_bytes(q.kv) for q in self.scheduler.running)
+        """Bytes the CPU stores hold for running requests and cached prefixes (shared blocks
+        counted once; 0 when they hold nothing)."""
+        return self.runner.store_bytes()
+
+    @property
+    def prefix_cache(self) -> PrefixCache | None:
+        return self.scheduler.kv.cache
+
+    def cache_usage(self) -> dict[str, int]:
+        """The prefix cache's figures: device bytes of its blocks, CPU-store bytes of its own
+        tokens (the ledger's), tokens and nodes cached, and its counters (query / hit tokens,
+        evictions)."""
+        kv, cache = self.scheduler.kv, self.prefix_cache
+        if cache is None:
+            return {}
+        return {"device_bytes": kv.cached_blocks() * kv.layout.block_bytes, "cpu_bytes": kv.cached_cpu_bytes,
+                "tokens": cache.cached_tokens, "nodes": len(cache.nodes), "query_tokens": cache.stats.query_tokens,
+                "hit_tokens": cache.stats.hit_tokens, "evictions": cache.stats.evictions}
+
+    def reset_prefix_cache(self) -> int:
+        """Evict every cached prefix no running request uses (vLLM's reset_prefix_cache);
+        returns how many nodes went."""
+        count = self.scheduler.kv.clear_cache()
+        for node in self.scheduler.kv.evicted:
+            self.runner.drop_node(node.node_id)
+        self.scheduler.kv.evicted = []
+        return count
 
     def close(self) -> None:
         for req in list(self.requests.values()):
             self.abort(req.request_id)
         self.lanes.close()
         self.runner.close()
+
+
+def cache_salt(loaded: LoadedModel, config: MagicPIGConfig) -> bytes:
+    """What a cached block's key depends on besides its tokens: the model, its dtype and the
+    config fields that change what is stored (not the threads, which only change speed)."""
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k != "cpu_threads"}
+    return repr((loaded.source, str(loaded.model.dtype), loaded.args, sorted(fields.items()))).encode()
 
 
 def _resolved(config: MagicPIGConfig) -> MagicPIGConfig:

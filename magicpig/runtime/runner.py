@@ -97,6 +97,20 @@ class SparseLayer:
     method: MiddleAttention
 
 
+@dataclass
+class NodeKV:
+    """What a cached prefix (a prefix-cache node of ``end`` tokens) keeps in the sparse layers,
+    per layer: a read-only fork in its store of the middle tokens ``[S, end)`` (shared with the
+    sequence it came from and every request starting from it: no copy), its sinks' K/V
+    [Hkv, <=S, d] (centred, model dtype, on the device) and its centring mu [Hkv, d]. Requests
+    starting from it take its mu, sinks and as much of the fork as falls before their window."""
+
+    end: int
+    forks: dict[int, int]
+    sinks: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    mu: dict[int, torch.Tensor]
+
+
 class _Part:
     """Per-step indexing data of one micro-batch (rows [r0, r1) of the step's batch)."""
 
@@ -138,6 +152,8 @@ class _PromptKV:
             a, m = self.runner.model.args, self.runner.model
             k = torch.empty(a.num_kv_heads, self.n, a.head_dim, device=m.device, dtype=m.dtype)
             self.buffers[layer] = (k, torch.empty_like(k))
+            if self.kv.cached:
+                self.runner._read_prefix(self.kv, layer, *self.buffers[layer])
         return self.buffers[layer]
 
     def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
@@ -150,7 +166,7 @@ class _PromptKV:
     def read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         if layer in self.runner.dense:
             return self.runner.dense[layer].sequence(self.kv.blocks, end)
-        k, v = self.buffers[layer]
+        k, v = self._buffer(layer)
         return k[:, :end], v[:, :end]
 
     def layer_done(self, layer: int, end: int) -> None:
@@ -206,6 +222,7 @@ class ModelRunner:
         # the middle's bounds and centring need the whole prompt, so they reach the slot and
         # store only when it is complete.
         self._prompt_kv: dict[int, _PromptKV] = {}
+        self._nodes: dict[int, NodeKV] = {}  # the prefix cache's nodes' store state, by node_id
         # A prefill hands each sparse layer's middle to its store's worker thread and goes on
         # with the next layer (the tables are built meanwhile). None: on a GPU, where the
         # worker has the host cores to itself; on a CPU device it would share the cores that
@@ -217,6 +234,7 @@ class ModelRunner:
         # layer shapes, 16k x 4, one batch 336 ms a step against 509 ms split (scripts/bench_decode.py).
         self.ping_pong = self.device.type == "cuda" if ping_pong is None else bool(ping_pong)
         self.store_seconds = 0.0  # decode time spent waiting for the middle attention, in all
+        self._store_base = self._store_total()  # the empty stores' own bytes (tables, objects)
 
     # ------------------------------------------------------------------ capacity
     def blocks_needed(self, tokens: int) -> int:
@@ -229,10 +247,31 @@ class ModelRunner:
         assert kv.slot >= 0 or not self.sparse, "no slot granted"
 
     # ------------------------------------------------------------------- admit
-    def _add_to_stores(self, kv: SequenceKV) -> None:
+    def _add_to_stores(self, kv: SequenceKV, n: int) -> None:
+        """Give ``kv`` (a prompt of ``n`` tokens) its id in every sparse layer's store: an empty
+        sequence, or, on a cached prefix, a fork of the prefix's middle up to where its own
+        window begins (tokens of the prefix inside its window go to its slot instead)."""
+        S, W = self.config.sink_tokens, self.config.window_tokens
+        node = self._nodes[kv.prefix.node_id] if kv.cached else None
+        shared = max(0, min(kv.cached, n - W) - S)
         with self._lock:
             for layer, sp in self.sparse.items():
-                kv.store_ids[layer] = sp.method.add_sequence()
+                kv.store_ids[layer] = sp.method.fork(node.forks[layer], shared) if node else sp.method.add_sequence()
+
+    def _read_prefix(self, kv: SequenceKV, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Fill tokens [0, kv.cached) of a sparse layer's prompt buffers (keys, values
+        [Hkv, n, d]) from the cached prefix: its sinks, and its middle streamed back from the
+        store, un-centred (+mu), so the suffix's prefill attends every earlier token exactly
+        as a full prefill does (up to the store's kv_dtype rounding of the middle)."""
+        node, c = self._nodes[kv.prefix.node_id], kv.cached
+        sink_k, sink_v = node.sinks[layer]
+        mu = node.mu[layer][:, None, :]
+        s = min(c, sink_k.shape[1])
+        keys[:, :s], values[:, :s] = sink_k[:, :s] + mu, sink_v[:, :s]
+        if c > s:
+            mid_k, mid_v = self.sparse[layer].method.read(node.forks[layer], 0, c - s)
+            keys[:, s:c] = mid_k.to(keys.device, keys.dtype) + mu
+            values[:, s:c] = mid_v.to(values.device, values.dtype)
 
     def _place(self, kv: SequenceKV, n: int) -> None:
         """A complete prompt of ``n`` tokens: how it splits between the slot and the middle."""
@@ -250,9 +289,13 @@ class ModelRunner:
             sp.mu[kv.slot] = 0
             return PendingAppend()
         lo, hi = S, n - W
-        # Centre by the mean middle key (fp32 mean): softmax is shift-invariant, and centred
-        # keys spread over the hash buckets far better.
-        sp.mu[kv.slot] = k[:, lo:hi].float().mean(dim=1).to(k.dtype)
+        if kv.cached:  # the shared middle is centred by the prefix's mu: so is the rest
+            sp.mu[kv.slot] = self._nodes[kv.prefix.node_id].mu[layer]
+            lo += sp.method.length(kv.store_ids[layer])  # the fork holds [S, lo) already
+        else:
+            # Centre by the mean middle key (fp32 mean): softmax is shift-invariant, and centred
+            # keys spread over the hash buckets far better.
+            sp.mu[kv.slot] = k[:, lo:hi].float().mean(dim=1).to(k.dtype)
         kc = k - sp.mu[kv.slot][:, None, :]
         sp.cache.fill(kv.slot, kc[:, :S], v[:, :S])
         sp.cache.fill(kv.slot, kc[:, hi:], v[:, hi:], start=S)
@@ -288,7 +331,7 @@ class ModelRunner:
         n = keys[0].shape[1]
         self._check_grant(kv, n)
         assert kv.length == 0 and not kv.store_ids, "add_prefilled starts an empty sequence"
-        self._add_to_stores(kv)
+        self._add_to_stores(kv, n)
         pending: list[PendingAppend] = []
         try:
             for layer in range(self.model.args.num_layers):
@@ -312,8 +355,8 @@ class ModelRunner:
         if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or not 1 <= num_tokens <= n - start:
             raise ValueError(f"num_tokens={num_tokens!r}: expected an int in [1, {n - start}] (tokens left to prefill)")
         self._check_grant(kv, n)
-        if start == 0:
-            self._add_to_stores(kv)
+        if not kv.store_ids:  # its first chunk (after the cached prefix, if any)
+            self._add_to_stores(kv, n)
         sink = self._prompt_kv.get(id(kv)) or _PromptKV(self, kv, n)
         self._prompt_kv[id(kv)] = sink
         try:
@@ -328,6 +371,45 @@ class ModelRunner:
             raise
         self._place(kv, n)
         return logits
+
+    # ------------------------------------------------------------- prefix cache
+    def cache_node(self, node_id: int, end: int, kv: SequenceKV) -> None:
+        """Keep the store state of a new prefix-cache node: tokens [0, end) of ``kv`` (a
+        sequence whose K/V are complete up to at least ``end``). Each sparse layer forks the
+        part of ``kv``'s middle before ``end`` (no copy) and appends to the fork the tokens of
+        [S, end) still in ``kv``'s window; its sinks and mu are copied (a few rows)."""
+        S = self.config.sink_tokens
+        forks, sinks, mus = {}, {}, {}
+        with self._lock:
+            for layer, sp in self.sparse.items():
+                take = max(0, min(end - S, kv.middle))
+                forks[layer] = sp.method.fork(kv.store_ids[layer], take)
+                extra = end - S - take  # tokens [S + middle, end): the window's first ones
+                if extra > 0:
+                    sp.method.append(forks[layer], sp.cache.keys[kv.slot, :, S : S + extra],
+                                     sp.cache.values[kv.slot, :, S : S + extra])
+                sinks[layer] = (sp.cache.keys[kv.slot, :, : min(S, end)].clone(),
+                                sp.cache.values[kv.slot, :, : min(S, end)].clone())
+                mus[layer] = sp.mu[kv.slot].clone()
+        self._nodes[node_id] = NodeKV(end, forks, sinks, mus)
+
+    def drop_node(self, node_id: int) -> None:
+        """Forget an evicted node's store state (idempotent); requests that started from it
+        keep their own forks, which hold what they share of it."""
+        node = self._nodes.pop(node_id, None)
+        if node is None:
+            return
+        with self._lock:
+            for layer, fork in node.forks.items():
+                self.sparse[layer].method.remove_sequence(fork)
+
+    def store_bytes(self) -> int:
+        """Bytes the CPU stores hold for sequences: running requests and cached prefixes,
+        shared blocks counted once (0 when they hold none)."""
+        return self._store_total() - self._store_base
+
+    def _store_total(self) -> int:
+        return sum(sp.method.nbytes() for sp in self.sparse.values())
 
     def release(self, kv: SequenceKV) -> None:
         """Free the sequence's middle K/V and part-way prompt K/V (idempotent). Its blocks and

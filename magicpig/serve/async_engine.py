@@ -48,10 +48,26 @@ class RequestFailedError(RuntimeError):
 
 @dataclass(frozen=True)
 class EngineSnapshot:
+    """The engine's state after its last step. The prefix cache's figures (zero without one):
+    device bytes of its blocks, CPU-store bytes of its tokens, and its counters since start
+    (prompt tokens looked up and found, nodes evicted)."""
+
     running: int = 0
     waiting: int = 0
     blocks_in_use: int = 0
     cpu_store_bytes: int = 0
+    prefix_cache_device_bytes: int = 0
+    prefix_cache_cpu_bytes: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    prefix_cache_evictions: int = 0
+
+    @classmethod
+    def of(cls, e: Engine) -> "EngineSnapshot":
+        c = e.cache_usage()
+        return cls(e.num_running(), e.queue_len(), e.blocks_in_use(), e.cpu_store_bytes(),
+                   c.get("device_bytes", 0), c.get("cpu_bytes", 0), c.get("query_tokens", 0),
+                   c.get("hit_tokens", 0), c.get("evictions", 0))
 
 
 @dataclass
@@ -147,6 +163,11 @@ class AsyncEngine:
         """Abort from any thread (no wait); no-op for a finished or unknown request."""
         if self.alive:
             self._call(self._abort, request_id)
+
+    async def reset_prefix_cache(self) -> int:
+        """Evict every cached prefix no running request uses (on the engine thread); returns
+        how many went."""
+        return await asyncio.wrap_future(self._call(self.engine.reset_prefix_cache))
 
     async def drain(self, grace: float) -> None:
         """Graceful shutdown: admit nothing new, let what runs and waits finish for up to
@@ -250,7 +271,7 @@ class AsyncEngine:
 
     def _publish(self) -> None:
         e = self.engine
-        self.snapshot = EngineSnapshot(e.num_running(), e.queue_len(), e.blocks_in_use(), e.cpu_store_bytes())
+        self.snapshot = EngineSnapshot.of(e)
 
     def _close_engine(self) -> None:
         self._closed = True

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from magicpig.serve.async_engine import EngineSnapshot
@@ -23,6 +24,22 @@ _ITL_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
+class _SnapshotCounter:
+    """A counter whose value is read from the engine's snapshot at scrape time."""
+
+    def __init__(self, name: str, doc: str, read: Callable[[], int], registry: CollectorRegistry):
+        self.name, self.doc, self.read = name, doc, read
+        registry.register(self)
+
+    def collect(self):
+        family = CounterMetricFamily(self.name, self.doc)
+        family.add_metric([], float(self.read()))
+        yield family
+
+    def describe(self):
+        return [CounterMetricFamily(self.name, self.doc)]
+
+
 class ServerMetrics:
     """The server's metrics; ``snapshot`` returns the engine's latest state."""
 
@@ -33,7 +50,20 @@ class ServerMetrics:
         gauge("magicpig_requests_running", "Requests in the decode batch (prefilled, not finished).", "running")
         gauge("magicpig_requests_waiting", "Requests queued for admission.", "waiting")
         gauge("magicpig_device_kv_blocks_in_use", "Dense-layer KV blocks held on the device.", "blocks_in_use")
-        gauge("magicpig_cpu_store_bytes", "Bytes the CPU stores hold for running requests.", "cpu_store_bytes")
+        gauge("magicpig_cpu_store_bytes", "Bytes the CPU stores hold (running requests and cached prefixes, "
+              "shared blocks once).", "cpu_store_bytes")
+        gauge("magicpig_prefix_cache_device_bytes", "Device bytes of the dense-layer blocks the prefix cache holds.",
+              "prefix_cache_device_bytes")
+        gauge("magicpig_prefix_cache_cpu_bytes", "CPU-store bytes of the cached prefixes' own tokens.",
+              "prefix_cache_cpu_bytes")
+        # Counters the engine keeps (since start), exposed as counters: prometheus_client's
+        # custom-collector form would do the same; a counter set from a snapshot cannot be.
+        counter = lambda name, doc, field: _SnapshotCounter(name, doc, lambda: getattr(snapshot(), field), r)  # noqa: E731
+        counter("magicpig_prefix_cache_queries", "Prompt tokens looked up in the prefix cache (vLLM's "
+                "prefix_cache_queries).", "prefix_cache_queries")
+        counter("magicpig_prefix_cache_hits", "Prompt tokens found in the prefix cache, not prefilled again.",
+                "prefix_cache_hits")
+        counter("magicpig_prefix_cache_evictions", "Cached prefixes evicted to make room.", "prefix_cache_evictions")
         self.ttft = Histogram("magicpig_time_to_first_token_seconds", "Time to first token.",
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("magicpig_inter_token_latency_seconds", "Time between outputs of one request.",

@@ -143,10 +143,15 @@ class ChatCompletionRequest(_Sampling):
 
 
 # ------------------------------------------------------------------------ responses
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: Optional[PromptTokensDetails] = None
 
 
 class CompletionChoice(BaseModel):

@@ -6,7 +6,7 @@
 Routes: ``POST /v1/completions`` (text or token ids, no chat template), ``POST
 /v1/chat/completions`` (messages through the model's chat template), both streamed as
 server-sent events when ``stream`` is true; ``GET /v1/models``, ``GET /health``, ``GET
-/metrics``. Every error is OpenAI's error JSON with its status: 400 invalid or unsupported
+/metrics``, ``POST /reset_prefix_cache``. Every error is OpenAI's error JSON with its status: 400 invalid or unsupported
 fields and too-long prompts, 401 API key, 404 unknown model or route, 405 wrong method (with
 ``Allow``), 408 a body that does not arrive in time, 413 body too large, 500 a request whose
 work failed in the engine, 503 full or shutting down (with ``Retry-After``). A client that goes
@@ -46,7 +46,8 @@ from magicpig.engine.engine import Engine
 from magicpig.serve.metrics import CONTENT_TYPE, ServerMetrics
 from magicpig.serve.protocol import (
     AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, CompletionChoice,
-    CompletionRequest, CompletionResponse, ErrorInfo, ErrorResponse, ModelCard, ModelList, UsageInfo,
+    CompletionRequest, CompletionResponse, ErrorInfo, ErrorResponse, ModelCard, ModelList, PromptTokensDetails,
+    UsageInfo,
     _Sampling, finish_reason, new_id,
 )
 from magicpig.engine.engine import RequestOutput
@@ -273,6 +274,12 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
+    @app.post("/reset_prefix_cache", responses={401: _ERRORS[401]})
+    async def reset_prefix_cache() -> Response:
+        """Evict every cached prefix no running request uses (vLLM's route of the same name):
+        their device blocks and CPU-store bytes are free again."""
+        return JSONResponse({"evicted": await state.engine.reset_prefix_cache()})
+
     @app.get("/v1/models", response_model=ModelList, responses={401: _ERRORS[401]})
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(id=state.served_model, max_model_len=state.engine.engine.max_model_len)])
@@ -342,9 +349,11 @@ class _Tracker:
         self.metrics, self.started = metrics, started
         self.last: Optional[float] = None
         self.tokens = 0
+        self.cached_tokens = 0
 
     def seen(self, out: RequestOutput) -> None:
         now = time.perf_counter()
+        self.cached_tokens = out.num_cached_tokens
         if out.new_token_ids:
             if self.last is None:
                 self.metrics.ttft.observe(now - self.started)
@@ -365,7 +374,8 @@ async def _client_gone(request: Request) -> None:
 
 def _usage(stream: RequestStream, tracker: _Tracker) -> UsageInfo:
     return UsageInfo(prompt_tokens=stream.prompt_tokens, completion_tokens=tracker.tokens,
-                     total_tokens=stream.prompt_tokens + tracker.tokens)
+                     total_tokens=stream.prompt_tokens + tracker.tokens,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=tracker.cached_tokens))
 
 
 async def _collect(stream: RequestStream, tracker: _Tracker, request: Request, model: str, request_id: str,

@@ -203,17 +203,29 @@ class Tracker:
         for r in running:  # a prompt part-way through its chunks holds its staging, and only then
             assert (id(r.kv) in runner._prompt_kv) == r.is_prefilling, r.request_id
             self.stats["part-way"] += r.is_prefilling
-        blocks = [b for r in running for b in r.kv.blocks]
-        assert len(blocks) == len(set(blocks)), "two running requests share a block"
-        assert eng.blocks_in_use() == len(blocks), "blocks leaked or double-counted"
+        nodes = ledger.cache.nodes.values() if ledger.cache else []
+        cached = {b for n in nodes for b in n.own_blocks}
+        own = [b for r in running for b in r.kv.blocks if b not in cached]  # shared: only cached blocks
+        assert len(own) == len(set(own)), "two running requests share a block the cache does not hold"
+        assert eng.blocks_in_use() == len(set(own) | cached), "blocks leaked or double-counted"
+        for b in set(own) | cached:  # every holder counted: requests and the cache's nodes
+            holders = sum(b in r.kv.blocks for r in running) + sum(b in n.own_blocks for n in nodes)
+            assert ledger.allocator.holders(b) == holders, f"block {b}"
         for r in running:  # the ledger granted exactly what the prompt, or the tokens computed, need
             held = r.prefill_length if r.is_prefilling else r.num_computed_tokens
             assert len(r.kv.blocks) == runner.blocks_needed(held), (r.request_id, r.kv)
         slots = [r.kv.slot for r in running]
         assert len(slots) == len(set(slots)) and ledger.free_slots + len(running) == eng.max_num_seqs
         if runner.sparse:
-            assert sum(ledger.cpu_bytes(r) for r in running) <= ledger.layout.cpu_bytes_total
-            assert ledger.cpu_bytes_free == ledger.layout.cpu_bytes_total - sum(ledger.cpu_bytes(r) for r in running)
+            # Each running request reserves its own tokens' bytes (beyond its cached prefix), less
+            # what it handed to the cache; the cache's nodes hold theirs; together within budget.
+            reserved = ledger._cpu_reserved
+            assert set(reserved) == {id(r) for r in running}
+            assert all(0 <= reserved[id(r)] <= ledger.cpu_bytes(r, r.kv.cached) for r in running)
+            assert ledger.cached_cpu_bytes == sum(n.cpu_bytes for n in nodes)
+            assert sum(reserved.values()) + ledger.cached_cpu_bytes <= ledger.layout.cpu_bytes_total
+            assert ledger.cpu_bytes_free == \
+                ledger.layout.cpu_bytes_total - sum(reserved.values()) - ledger.cached_cpu_bytes
             self.stats["max middle"] = max([self.stats["max middle"]] + [r.kv.middle for r in running])
         self.stats["max running"] = max(self.stats["max running"], len(running))
         if waiting and runner.sparse:  # does the CPU reservation hold the head of the queue back?
@@ -267,6 +279,7 @@ def test_random_operations_lose_nothing_and_free_everything(model, config):
             assert not eng.has_unfinished(), "the engine did not drain in 300 steps"
             assert not t.pending, f"requests never finished: {sorted(t.pending)}"
             assert all(t.finished[rid] == 1 for rid in t.ids), t.finished
+            eng.reset_prefix_cache()  # what the prefix cache kept goes back too
             assert eng.blocks_in_use() == 0, "blocks leaked"
             assert eng.scheduler.kv.free_blocks == PROPERTY_BLOCKS, "the free list lost or duplicated blocks"
             assert eng.scheduler.kv.free_slots == PROPERTY_SEQS, "sequence slots leaked"
@@ -316,6 +329,7 @@ def test_a_request_that_can_never_fit_is_refused_by_size(model):
         while eng.has_unfinished():
             outs += eng.step().outputs
         assert [(o.request_id, o.finish_reason) for o in outs if o.finished] == [("x", "length")]
+        eng.reset_prefix_cache()
         assert sum(len(o.new_token_ids) for o in outs) == 2 and eng.blocks_in_use() == 0
     finally:
         eng.close()
@@ -344,6 +358,7 @@ def test_a_request_that_fits_exactly_is_not_refused(model):
         outs = []
         while eng.has_unfinished():
             outs += eng.step().outputs
+        eng.reset_prefix_cache()
         assert sum(len(o.new_token_ids) for o in outs) == 2 and eng.blocks_in_use() == 0
     finally:
         eng.close()
@@ -430,6 +445,7 @@ def test_preemption_under_a_tiny_budget_keeps_greedy_results(model):
                 got[o.request_id] += o.new_token_ids
                 if o.finished:
                     reasons[o.request_id] = o.finish_reason
+        eng.reset_prefix_cache()
         assert not eng.has_unfinished() and eng.blocks_in_use() == 0
     finally:
         eng.close()

@@ -92,6 +92,7 @@ def test_engine_lanes_on_threads_give_the_interleaved_tokens(model, method):
                 t = record.lane_times
                 concurrent_steps += t.prefill_s > 0 and t.decode_s > 0
             results[kind] = [tokens[i] for i in ids]
+            engine.reset_prefix_cache()
             assert engine.blocks_in_use() == 0 and engine.cpu_store_bytes() == 0
         finally:
             engine.close()

@@ -98,6 +98,17 @@ def _metrics(srv) -> dict[str, float]:
     return out
 
 
+def _released(srv, key=KEY) -> dict[str, float]:
+    """Once no request runs or waits: evict the prefix cache (it keeps what finished requests
+    computed) and return the metrics, where every byte and block must then be free."""
+    m = _wait_for(srv, lambda m: m["magicpig_requests_running"] == 0 and m["magicpig_requests_waiting"] == 0)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    assert httpx.post(srv.url + "/reset_prefix_cache", headers=headers, timeout=30).status_code == 200
+    m = _metrics(srv)
+    assert m["magicpig_prefix_cache_device_bytes"] == 0 and m["magicpig_prefix_cache_cpu_bytes"] == 0
+    return m
+
+
 def _wait_for(srv, predicate, timeout=60.0) -> dict[str, float]:
     deadline = time.monotonic() + timeout
     while True:
@@ -168,7 +179,38 @@ def test_concurrent_requests_all_complete(server):
     assert len({r.id for r in results.values()}) == len(questions)
     for r in results.values():
         assert r.choices[0].finish_reason in ("stop", "length") and 1 <= r.usage.completion_tokens <= 12
-    _wait_for(server, lambda m: m["magicpig_requests_running"] == 0 and m["magicpig_cpu_store_bytes"] == 0)
+    m = _released(server)
+    assert m["magicpig_cpu_store_bytes"] == 0 and m["magicpig_device_kv_blocks_in_use"] == 0
+
+
+def test_prefix_cache_hits_are_reported_in_usage_and_metrics(server):
+    """The second question about a document prefills only its own tokens: OpenAI's
+    usage.prompt_tokens_details.cached_tokens says how many were cached, streamed or not, and
+    /metrics counts the tokens looked up and found (prometheus_client's parser)."""
+    doc = " ".join(f"Entry {i}: the harbour master logged ship {i * 7 % 31} at dawn." for i in range(60))
+    client = _client(server)
+    before = _metrics(server)
+    first = client.completions.create(model=MODEL, prompt=doc + "\nWhich ship came first?", max_tokens=2,
+                                      temperature=0)
+    second = client.completions.create(model=MODEL, prompt=doc + "\nWhich ship came last?", max_tokens=2,
+                                       temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached == (first.usage.prompt_tokens - 10) // 256 * 256 and cached >= 256
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": doc + "\nAnd the third?"}], max_tokens=2, temperature=0,
+        stream=True, stream_options={"include_usage": True}))
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": doc + "\nAnd the fourth?"}], max_tokens=2, temperature=0)
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == 0  # the chat template: another prefix
+    assert chat.usage.prompt_tokens_details.cached_tokens >= 256
+    after = _metrics(server)
+    hits = after["magicpig_prefix_cache_hits_total"] - before.get("magicpig_prefix_cache_hits_total", 0)
+    queries = after["magicpig_prefix_cache_queries_total"] - before.get("magicpig_prefix_cache_queries_total", 0)
+    assert hits == cached + chat.usage.prompt_tokens_details.cached_tokens
+    assert queries == first.usage.prompt_tokens + second.usage.prompt_tokens + chunks[-1].usage.prompt_tokens \
+        + chat.usage.prompt_tokens
+    assert after["magicpig_prefix_cache_cpu_bytes"] > 0 and after["magicpig_prefix_cache_device_bytes"] > 0
 
 
 def test_models_and_health(server):
@@ -305,7 +347,7 @@ def test_full_waiting_queue_is_503_and_leaving_clients_free_everything(small_ser
     assert running.recv(4096).startswith(b"HTTP/1.1 200")  # it streams; then both clients go away
     waiting.close()
     running.close()
-    m = _wait_for(srv, lambda m: m["magicpig_requests_running"] == 0 and m["magicpig_requests_waiting"] == 0)
+    m = _released(srv, key=None)
     assert m["magicpig_cpu_store_bytes"] == 0 and m["magicpig_device_kv_blocks_in_use"] == 0
     # Neither ran to its 1000 tokens: both were aborted.
     assert _aborts(m) == before + 2
@@ -337,8 +379,9 @@ def test_client_that_goes_away_frees_its_request(server, stream):
     if stream:
         assert sock.recv(4096).startswith(b"HTTP/1.1 200")
     sock.close()
-    _wait_for(server, lambda m: m["magicpig_requests_running"] == 0 and m["magicpig_cpu_store_bytes"] == 0
-              and _aborts(m) == before + 1)
+    _wait_for(server, lambda m: m["magicpig_requests_running"] == 0 and _aborts(m) == before + 1)
+    m = _released(server)
+    assert m["magicpig_cpu_store_bytes"] == 0 and m["magicpig_device_kv_blocks_in_use"] == 0
 
 
 # ------------------------------------------------------------------------- metrics
