@@ -129,3 +129,17 @@ def test_check_out_dir(tmp_path):
     for bad in (tmp_path / "f", tmp_path / "f" / "sub"):
         with pytest.raises(UsageError, match=rf"--out .*{tmp_path / 'f'} is not a directory"):
             check_out_dir("--out", str(bad))
+
+
+def test_serve_help_explains_prefix_caching_and_the_switch_turns_it_off():
+    from magicpig.cli.main import _serve_parser
+
+    parser = _serve_parser()
+    assert parser.parse_args([]).prefix_caching is True
+    assert parser.parse_args(["--no-prefix-caching"]).prefix_caching is False
+    text = " ".join(parser.format_help().split())
+    assert "--no-prefix-caching" in text and "least recently used" in text and "cached_tokens" in text
+    from magicpig.bench.prefix import parse_args
+
+    args = parse_args(["--docs", "3", "--questions", "4", "--json", "x.json"])
+    assert (args.docs, args.questions, args.json, args.methods) == (3, 4, "x.json", ["dense", "magicpig"])

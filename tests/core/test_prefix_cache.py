@@ -260,3 +260,40 @@ def test_random_adds_steps_aborts_and_finishes_leak_nothing_and_never_evict_what
     assert s.kv.free_blocks == num_blocks and s.kv.allocator.num_used == 0
     assert s.kv.cpu_bytes_free == PER_TOKEN * num_blocks * BS
     assert all(r.status is Status.FINISHED for r in live)
+
+
+def test_a_request_on_a_cached_prefix_goes_before_whole_prompts_and_one_being_prefilled_is_awaited():
+    """Questions about a document the cache holds cost only their own tokens: they are planned
+    before a new document that arrived earlier (which still gets the rest of the budget). A
+    question whose document is being prefilled right now waits for it instead of prefilling
+    it a second time."""
+    s = make(max_prefill=20)
+    doc = list(range(500, 540))  # 10 blocks
+    s.add(request("first", doc + [1]))
+    step(s)
+    step(s)  # 20 + 20 + 1 tokens: prefilled and cached after the third step
+    waiting_for_it = request("same-doc", doc + [2])
+    s.add(waiting_for_it)
+    plan = s.schedule()
+    assert [c.request.request_id for c in plan.chunks] == ["first"] and waiting_for_it in s.waiting
+    step_plan_done(s, plan)
+    new_doc = request("new-doc", list(range(900, 940)))
+    s.add(new_doc)
+    hit = request("hit", doc + [3])
+    s.add(hit)
+    plan = s.schedule()
+    order = [c.request.request_id for c in plan.chunks]
+    assert order[:2] == ["same-doc", "hit"] and order[2] == "new-doc"  # the hits first, then the rest of the budget
+    assert [c.num_tokens for c in plan.chunks] == [1, 1, 18]
+
+
+def step_plan_done(s: Scheduler, plan) -> None:
+    """Finish a plan made by ``s.schedule()`` as ``step`` would."""
+    for chunk in plan.chunks:
+        chunk.request.kv.length = chunk.start + chunk.num_tokens
+        if chunk.last:
+            s.cache(chunk.request)
+            chunk.request.output_ids.append(7)
+    for req in plan.decodes:
+        req.kv.length += 1
+        req.output_ids.append(1)
