@@ -97,16 +97,18 @@ class Scheduler:
 
     # ------------------------------------------------------------- the orders
     def fcfs_order(self) -> list[Request]:
-        """Part-way prefills first (they hold memory), then the queue in order; with the prefix
-        cache, the waiting requests that find a cached prefix come before those that find none
-        (each group in order: SGLang's longest-prefix-match idea, coarsened). A hit costs only
-        its own tokens, so it takes little of the step's budget, which the others still share;
-        first come, first served would make it wait behind whole prompts it does not need."""
-        waiting = list(self.waiting)
-        if self.kv.cache is not None:
-            hit = [r.num_preemptions > 0 or self.kv.match(r).tokens > 0 for r in waiting]
-            waiting = [r for r, h in zip(waiting, hit) if h] + [r for r, h in zip(waiting, hit) if not h]
-        return [r for r in self.running if r.is_prefilling] + waiting
+        """Part-way prefills first (they hold memory), then the queue in order. With the prefix
+        cache, waiting requests that find a cached prefix go first, before part-way prefills
+        too, and those that find none last (each group in order: SGLang's longest-prefix-match
+        idea, coarsened). A hit costs only its own tokens, so it takes little of the step's
+        budget, which the others still share; first come, first served would make it wait behind
+        whole prompts it does not need (measured: the questions about a just-cached document
+        waited for the next document's whole prefill)."""
+        part_way, waiting = [r for r in self.running if r.is_prefilling], list(self.waiting)
+        if self.kv.cache is None:
+            return part_way + waiting
+        hit = [r.num_preemptions > 0 or self.kv.match(r).tokens > 0 for r in waiting]
+        return [r for r, h in zip(waiting, hit) if h] + part_way + [r for r, h in zip(waiting, hit) if not h]
 
     # ----------------------------------------------------------- the mechanism
     def _make_room_for_decodes(self, plan: SchedulePlan) -> int:
