@@ -275,9 +275,14 @@ class KVBudget:
         without a cache, or for a request that does not use it)."""
         if self.cache is None or not req.cacheable:
             return PrefixMatch()
-        tokens = req.tokens_to_prefill()
-        req.block_hashes = self.cache.hashes(tokens, req.block_hashes[: len(tokens) // self.cache.block_size])
-        return self.cache.match(req.block_hashes, len(tokens))
+        return self.cache.match(self.block_hashes(req, req.prefill_length), req.prefill_length)
+
+    def block_hashes(self, req: "Request", tokens: int) -> list[bytes]:
+        """Keys of the full blocks of the request's first ``tokens`` tokens (prompt, then
+        output), computed once per request and extended as it grows (``req.block_hashes``)."""
+        bs = self.cache.block_size
+        req.block_hashes = self.cache.hashes(req.all_token_ids[:tokens], req.block_hashes[: tokens // bs])
+        return req.block_hashes[: tokens // bs]
 
     def admit(self, req: "Request", match: PrefixMatch | None = None) -> None:
         """Grant a waiting request its slot, the blocks of its prefill (those of a matched
@@ -331,11 +336,8 @@ class KVBudget:
         reference on the node until it is freed."""
         if self.cache is None or not req.cacheable:
             return None
-        n = req.num_computed_tokens
-        bs = self.cache.block_size
-        req.block_hashes = self.cache.hashes(req.all_token_ids[:n], req.block_hashes[: n // bs])
-        node = self.cache.insert(req.block_hashes[: n // bs], req.kv.blocks if self.layout.block_size else [],
-                                 self.layout.cpu_bytes_per_token)
+        node = self.cache.insert(self.block_hashes(req, req.num_computed_tokens),
+                                 req.kv.blocks if self.layout.block_size else [], self.layout.cpu_bytes_per_token)
         if node is None:
             return None
         self.allocator.share(node.own_blocks)

@@ -144,7 +144,7 @@ class Scheduler:
         prefill completes, its blocks are cached and this one prefills only its own tokens
         (SGLang's in-batch prefix sharing; without it, questions about one document arriving
         together would all prefill the document)."""
-        in_flight = self._in_flight_blocks(order)
+        in_flight = self._in_flight_blocks()
         for req in order:
             if budget <= 0 or (one and plan.chunks):
                 return
@@ -169,11 +169,9 @@ class Scheduler:
         """Keys of the full blocks a request's prefill computes (none without a cache)."""
         if self.kv.cache is None or not req.cacheable:
             return []
-        if not req.block_hashes:
-            self.kv.match(req)  # computes them
-        return req.block_hashes[: req.prefill_length // self.kv.cache.block_size]
+        return self.kv.block_hashes(req, req.prefill_length)
 
-    def _in_flight_blocks(self, order: list[Request]) -> set[bytes]:
+    def _in_flight_blocks(self) -> set[bytes]:
         """Blocks running prefills are computing (cached once their prompts complete)."""
         return {key for r in self.running if r.is_prefilling for key in self._prompt_blocks(r)}
 

@@ -105,7 +105,6 @@ class NodeKV:
     [Hkv, <=S, d] (centred, model dtype, on the device) and its centring mu [Hkv, d]. Requests
     starting from it take its mu, sinks and as much of the fork as falls before their window."""
 
-    end: int
     forks: dict[int, int]
     sinks: dict[int, tuple[torch.Tensor, torch.Tensor]]
     mu: dict[int, torch.Tensor]
@@ -391,7 +390,7 @@ class ModelRunner:
                 sinks[layer] = (sp.cache.keys[kv.slot, :, : min(S, end)].clone(),
                                 sp.cache.values[kv.slot, :, : min(S, end)].clone())
                 mus[layer] = sp.mu[kv.slot].clone()
-        self._nodes[node_id] = NodeKV(end, forks, sinks, mus)
+        self._nodes[node_id] = NodeKV(forks, sinks, mus)
 
     def drop_node(self, node_id: int) -> None:
         """Forget an evicted node's store state (idempotent); requests that started from it
